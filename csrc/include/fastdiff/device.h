@@ -1,0 +1,14 @@
+// Device queries the bindings expose, so Python can report each backend's availability
+// (`fastdiff info`) without the native code ever touching torch.
+#pragma once
+
+namespace fastdiff {
+
+const char* cuda_error_string(int code);
+int cuda_runtime_version();  // e.g. 13000; 0 if unknown
+int cuda_driver_version();   // 0 when no driver is installed
+int cuda_device_count();     // 0 when no device (or no driver)
+// Compute capability of `device` as major*10 + minor, or -1 on error.
+int cuda_device_capability(int device);
+
+}  // namespace fastdiff

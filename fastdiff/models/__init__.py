@@ -1,0 +1,3 @@
+from .gmm import GaussianMixture
+
+__all__ = ["GaussianMixture"]
