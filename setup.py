@@ -70,7 +70,7 @@ def cuda_archs() -> list[str]:
                 ["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"],
                 capture_output=True, text=True, timeout=30, check=True,
             ).stdout
-            archs = sorted({line.strip().replace(".", "") for line in out.splitlines() if line.strip()})
+            archs = sorted({ln.strip().replace(".", "") for ln in out.splitlines() if ln.strip()})
         except (OSError, subprocess.SubprocessError):
             pass
         # Hopper gets the arch-specific target (wgmma/TMA-capable), as the default does.

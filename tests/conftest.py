@@ -1,18 +1,11 @@
-"""Shared test configuration.
+"""Shared test configuration: the tolerance table (as the `tol` fixture; test modules do not
+import conftest, whose name is shared with benchmarks/) and the gpu marker's skip.
 
-The Triton interpreter must be switched on before `triton` is first imported, so it is set
-here, at collection time, whenever no CUDA device is visible: Triton kernels then run on CPU
-tensors (small shapes only; the interpreter cannot do bf16 arithmetic).
+(TRITON_INTERPRET is set in the root conftest.py, before triton can be imported.)
 """
 
-import os
-
+import pytest
 import torch
-
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -27,13 +20,10 @@ TOLERANCES = {
 }
 
 
-def tol(dtype: torch.dtype) -> dict:
-    return TOLERANCES[dtype]
-
-
 @pytest.fixture
-def tolerances():
-    return TOLERANCES
+def tol():
+    """tol(dtype) -> dict(atol=..., rtol=...) for torch.testing.assert_close."""
+    return TOLERANCES.__getitem__
 
 
 def pytest_collection_modifyitems(config, items):

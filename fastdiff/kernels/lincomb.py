@@ -51,9 +51,12 @@ def lincomb_kernel(
         r = row
     valid = (r >= 0) & (r < rows)
     C = COEF + tl.where(valid, r, 0) * (NOUT * NIN)
-    acc0 = tl.zeros([BLOCK], dtype=COEF.dtype.element_ty)
-    acc1 = tl.zeros([BLOCK], dtype=COEF.dtype.element_ty)
-    acc0, acc1 = _madd(acc0, acc1, X0, C, 0, valid, offs, mask, NIN, NOUT)
+    # The sum starts from the first term (not from +0) so a zero result keeps its sign.
+    x = tl.load(X0 + offs, mask=mask, other=0.0).to(COEF.dtype.element_ty)
+    acc0 = tl.where(valid, tl.load(C), float("nan")).to(COEF.dtype.element_ty) * x
+    acc1 = acc0
+    if NOUT > 1:
+        acc1 = tl.where(valid, tl.load(C + NIN), float("nan")).to(COEF.dtype.element_ty) * x
     if NIN > 1:
         acc0, acc1 = _madd(acc0, acc1, X1, C, 1, valid, offs, mask, NIN, NOUT)
     if NIN > 2:

@@ -3,7 +3,8 @@
     out_j = sum_k coef[row, j, k] * in_k        (j < num_out <= 2, k < num_in <= 6)
 
 Accumulation happens in the coefficients' dtype (float32, or float64 for float64 data), in the
-order k = 0, 1, ..., as the kernels do; each output is rounded once to the data dtype.
+order k = 0, 1, ... starting from the first term, as the kernels do; each output is rounded
+once to the data dtype.
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ def lincomb(
         c = coef[row]
     outputs = []
     for j in range(num_out):
-        acc = torch.zeros(inputs[0].shape, dtype=coef.dtype, device=inputs[0].device)
-        for k in range(num_in):
+        acc = c[j, 0] * inputs[0].to(coef.dtype)
+        for k in range(1, num_in):
             acc = acc + c[j, k] * inputs[k].to(coef.dtype)
         outputs.append(acc.to(inputs[0].dtype))
     return outputs

@@ -46,9 +46,11 @@ FD_HD void lincomb_element(const A (&c)[kLincombMaxOut][kLincombMaxIn], const A 
                            int num_in, int num_out, A (&y)[kLincombMaxOut]) {
 #pragma unroll
   for (int j = 0; j < kLincombMaxOut; ++j) {
-    A acc = A(0);
+    // Starting from the first term (not from +0) keeps the sign of a zero result, as the
+    // plain expression c0 * x0 + c1 * x1 + ... does.
+    A acc = c[j][0] * x[0];
 #pragma unroll
-    for (int k = 0; k < kLincombMaxIn; ++k)
+    for (int k = 1; k < kLincombMaxIn; ++k)
       if (k < num_in) acc += c[j][k] * x[k];
     y[j] = j < num_out ? acc : A(0);
   }

@@ -1,0 +1,237 @@
+"""The fused linear combination: every available backend against the reference."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from fastdiff import _native
+from fastdiff.ops import lincomb, unavailable_reason
+from fastdiff.reference.lincomb import lincomb as reference
+
+HAS_CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
+KERNEL_BACKENDS = [b for b in ("cpu", "cuda", "triton") if not unavailable_reason(b, DEVICE)]
+ALL_BACKENDS = ["reference", *KERNEL_BACKENDS]
+INTERPRETED = DEVICE.type == "cpu"  # Triton runs under its interpreter here
+
+
+def skip_unsupported(backend: str, dtype: torch.dtype) -> None:
+    if backend == "triton" and INTERPRETED and dtype == torch.bfloat16:
+        pytest.skip("the Triton interpreter cannot do bf16 arithmetic")
+
+
+def make_inputs(shape, n, dtype, layout="contiguous", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    xs = [torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(n)]
+    xs = [x.to(DEVICE, dtype) for x in xs]
+    if layout == "channels_last":
+        xs = [x.contiguous(memory_format=torch.channels_last) for x in xs]
+    elif layout == "transposed":
+        xs = [x.transpose(0, -1) for x in xs]
+    elif layout == "sliced":  # every other element along the last dim: not dense
+        xs = [torch.cat([x, x], dim=-1)[..., ::2] for x in xs]
+    elif layout == "mixed":  # inputs in different dense layouts
+        xs = [x.contiguous(memory_format=torch.channels_last) if i % 2 else x
+              for i, x in enumerate(xs)]
+    return xs
+
+
+def make_coef(rows, num_out, num_in, dtype, scale=1.0, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    return (scale * torch.randn(rows, num_out, num_in, generator=g, dtype=torch.float64)).to(
+        DEVICE, acc)
+
+
+SHAPES = [(1,), (7,), (131,), (2, 4, 8, 8), (3, 7, 13), (1, 1, 1, 1), (2, 3, 17, 19),
+          (2, 4, 33, 31)]
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_matches_reference(backend, dtype, shape, tol):
+    skip_unsupported(backend, dtype)
+    for num_in, num_out in [(1, 1), (2, 1), (3, 2), (6, 2)]:
+        xs = make_inputs(shape, num_in, dtype)
+        coef = make_coef(5, num_out, num_in, dtype)
+        got = lincomb(xs, coef, 3, backend=backend)
+        want = reference(xs, coef, 3)
+        assert len(got) == num_out
+        for g, w in zip(got, want):
+            assert g.dtype == dtype and g.shape == w.shape
+            torch.testing.assert_close(g, w, **tol(dtype))
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("layout", ["channels_last", "transposed", "sliced", "mixed"])
+def test_layouts(backend, layout, tol):
+    dtype = torch.float32
+    xs = make_inputs((2, 3, 5, 7), 4, dtype, layout)
+    coef = make_coef(2, 2, 4, dtype)
+    got = lincomb(xs, coef, 1, backend=backend)
+    want = reference([x.contiguous() for x in xs], coef, 1)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, **tol(dtype))
+    if layout == "channels_last":  # the result keeps the inputs' layout
+        assert got[0].is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy, inside the Triton interpreter
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_16bit_rounding_is_exact_for_every_bit_pattern(backend, dtype):
+    """All 65536 encodings (subnormals, inf, NaN included), scaled by coefficients that round,
+    underflow and overflow: the kernels' widening and round-to-nearest-even must equal torch's
+    bit for bit (a single product leaves no room for accumulation-order differences)."""
+    skip_unsupported(backend, dtype)
+    bits = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16)
+    x = bits.view(dtype).to(DEVICE)
+    coef = torch.tensor([[[1.0]], [[1 / 3]], [[-7.1e-3]], [[3.3e4]], [[1e-7]]], device=DEVICE)
+    for row in range(coef.shape[0]):
+        got = lincomb([x], coef, row, backend=backend)[0]
+        want = (x.float() * coef[row, 0, 0]).to(dtype)
+        same = (got.view(torch.int16) == want.view(torch.int16)) | (got.isnan() & want.isnan())
+        assert bool(same.all()), f"row {row}: {int((~same).sum())} encodings differ"
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_row_tensor_equals_int_row_and_bad_device_row_gives_nan(backend):
+    xs = make_inputs((4, 9), 3, torch.float32)
+    coef = make_coef(4, 2, 3, torch.float32)
+    for r in range(4):
+        by_tensor = lincomb(xs, coef, torch.tensor(r, device=DEVICE), backend=backend)
+        by_int = lincomb(xs, coef, r, backend=backend)
+        for a, b in zip(by_tensor, by_int):
+            assert torch.equal(a, b)
+    for bad in (-1, 4):
+        outs = lincomb(xs, coef, torch.tensor(bad, device=DEVICE), backend=backend)
+        assert all(bool(o.isnan().all()) for o in outs)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_in_place_and_inputs_untouched(backend, tol):
+    xs = make_inputs((2, 4, 6, 6), 3, torch.float32)
+    originals = [x.clone() for x in xs]
+    coef = make_coef(1, 2, 3, torch.float32)
+    want = reference(xs, coef, 0)
+    got = lincomb(xs, coef, backend=backend)
+    for x, o in zip(xs, originals):
+        assert torch.equal(x, o)  # not modified
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, **tol(torch.float32))
+    # In place: the state is overwritten with output 0, a second buffer gets output 1.
+    second = torch.empty_like(xs[0])
+    res = lincomb(xs, coef, out=[xs[0], second], backend=backend)
+    assert res[0] is xs[0] and res[1] is second
+    torch.testing.assert_close(xs[0], want[0], **tol(torch.float32))
+    torch.testing.assert_close(second, want[1], **tol(torch.float32))
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_out_in_another_layout(backend, tol):
+    xs = make_inputs((2, 3, 4, 5), 2, torch.float32)
+    coef = make_coef(1, 1, 2, torch.float32)
+    out = torch.empty((5, 4, 3, 2), device=DEVICE).permute(3, 2, 1, 0)  # dense, other layout
+    lincomb(xs, coef, out=[out], backend=backend)
+    torch.testing.assert_close(out, reference(xs, coef, 0)[0], **tol(torch.float32))
+
+
+def test_empty_tensors():
+    xs = make_inputs((0, 3), 2, torch.float32)
+    out = lincomb(xs, make_coef(1, 1, 2, torch.float32))
+    assert out[0].shape == (0, 3)
+
+
+def _bad_calls():
+    x = torch.zeros(4, 5, device=DEVICE)
+    c = torch.zeros(2, 1, 2, device=DEVICE)
+    base = dict(inputs=[x, x], coef=c)
+    yield "inputs", TypeError, dict(base, inputs=x)
+    yield "inputs must hold", ValueError, dict(base, inputs=[])
+    yield "inputs must hold", ValueError, dict(base, inputs=[x] * 7, coef=torch.zeros(1, 1, 7))
+    yield "inputs[1]", TypeError, dict(base, inputs=[x, 3.0])
+    yield "inputs[1] has dtype", TypeError, dict(base, inputs=[x, x.double()])
+    yield "inputs[1] has shape", ValueError, dict(base, inputs=[x, x[:, :4]])
+    yield "inputs[0] must be float", TypeError, dict(base, inputs=[x.int(), x.int()])
+    yield "coef must have shape", ValueError, dict(base, coef=c[0])
+    yield "coef.shape[2]", ValueError, dict(base, coef=torch.zeros(2, 1, 3, device=DEVICE))
+    yield "coef.shape[1]", ValueError, dict(base, coef=torch.zeros(2, 3, 2, device=DEVICE))
+    yield "coef must be torch.float32", TypeError, dict(base, coef=c.double())
+    yield "row must be in", ValueError, dict(base, row=2)
+    yield "row must be in", ValueError, dict(base, row=-1)
+    yield "row must be an int", TypeError, dict(base, row=1.0)
+    yield "row as a tensor", TypeError, dict(base, row=torch.tensor(1, dtype=torch.int32))
+    yield "out must hold", ValueError, dict(base, out=[x, x.clone()])
+    yield "out[0] must match", ValueError, dict(base, out=[x[:2]])
+    buf = torch.zeros(21, device=DEVICE)
+    yield "partially overlaps", ValueError, dict(
+        inputs=[buf[:20].view(4, 5)], coef=c[:, :, :1], out=[buf[1:].view(4, 5)])
+    yield "overlapping", ValueError, dict(
+        base, out=[torch.zeros(1, 5, device=DEVICE).expand(4, 5)])
+
+
+@pytest.mark.parametrize("needle,exc,kwargs", list(_bad_calls()), ids=lambda v: str(v)[:30])
+def test_bad_input_is_a_clear_error(needle, exc, kwargs):
+    with pytest.raises(exc, match=needle.replace("[", r"\[").replace("]", r"\]")):
+        lincomb(**kwargs)
+
+
+def test_unknown_backend():
+    x = torch.zeros(3)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        lincomb([x], torch.zeros(1, 1, 1), backend="tpu")
+
+
+@pytest.mark.parametrize("backend", [b for b in ALL_BACKENDS if b != "triton"])
+def test_opcheck(backend):
+    xs = make_inputs((2, 3, 4), 3, torch.float32)
+    coef = make_coef(3, 2, 3, torch.float32)
+    torch.library.opcheck(torch.ops.fastdiff.lincomb.default, (xs, coef, None, 1, backend))
+    row = torch.tensor(2, device=DEVICE)
+    torch.library.opcheck(torch.ops.fastdiff.lincomb.default, (xs, coef, row, 0, backend))
+    outs = [torch.empty_like(xs[0]) for _ in range(2)]
+    torch.library.opcheck(torch.ops.fastdiff.lincomb_out.default,
+                          (xs, coef, None, 1, backend, outs))
+
+
+def test_torch_compile_traces_the_op():
+    xs = make_inputs((2, 3, 4), 2, torch.float32)
+    coef = make_coef(2, 1, 2, torch.float32)
+
+    def step(a, b, c):
+        return lincomb([a * 2, b], c, 1)[0] + 1
+
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(*xs, coef), step(*xs, coef))
+
+
+def test_native_module_has_cuda_code_where_nvcc_exists():
+    mod, reason = _native.load()
+    assert mod is not None, reason
+    if shutil.which("nvcc") or shutil.which("/usr/local/cuda/bin/nvcc"):
+        assert mod.has_cuda()
+        assert mod.cuda_archs(), "built with nvcc but for no architecture"
+    assert mod.abi_version() == _native.ABI_VERSION
+
+
+@pytest.mark.gpu
+def test_cuda_graph_replay_reads_the_row_from_device(tol):
+    xs = make_inputs((2, 4, 64, 64), 3, torch.float16)
+    coef = make_coef(8, 2, 3, torch.float16)
+    row = torch.tensor(0, device=DEVICE)
+    outs = [torch.empty_like(xs[0]) for _ in range(2)]
+    for backend in KERNEL_BACKENDS:
+        lincomb(xs, coef, row, out=outs, backend=backend)  # warm-up (Triton compiles here)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            lincomb(xs, coef, row, out=outs, backend=backend)
+        for r in (3, 7):
+            row.fill_(r)
+            graph.replay()
+            torch.cuda.synchronize()
+            for o, w in zip(outs, reference(xs, coef, r)):
+                torch.testing.assert_close(o, w, **tol(torch.float16))
