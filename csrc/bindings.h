@@ -1,0 +1,12 @@
+// Each op family registers its Python bindings from its own file (csrc/<op>_bindings.cpp);
+// bindings.cpp creates the module and calls them. Adding an op family adds one line here and
+// one call in bindings.cpp.
+#pragma once
+
+#include <pybind11/pybind11.h>
+
+namespace fastdiff {
+
+void bind_lincomb(pybind11::module_& m);
+
+}  // namespace fastdiff
