@@ -1,0 +1,203 @@
+"""Euler, Heun and DPM-2 samplers (and their ancestral variants) on the Karras ODE.
+
+Same signatures, keyword arguments and numbers as `k_diffusion.sampling` (Crowson); the step
+loop never branches on device values: branch decisions come from the host copy of `sigmas` made
+once per run by `validate_sigmas`, while the arithmetic itself uses the `sigmas` tensor so that
+float32 runs round exactly like k-diffusion's.
+
+ODE: dx/dsigma = (x - D(x, sigma)) / sigma (Karras et al. 2022, arXiv:2206.00364, eq. 3 with
+sigma(t) = t, s(t) = 1).
+"""
+
+from __future__ import annotations
+
+import torch
+from tqdm.auto import trange
+
+from ._utils import (
+    SolverInfo,
+    default_noise_sampler,
+    get_ancestral_step,
+    to_d,
+    validate_sigmas,
+    validate_x,
+)
+
+__all__ = [
+    "sample_euler",
+    "sample_euler_ancestral",
+    "sample_heun",
+    "sample_dpm_2",
+    "sample_dpm_2_ancestral",
+]
+
+_KARRAS = "Karras et al. 2022, EDM (arXiv:2206.00364)"
+
+
+def _churn(x, sigmas, sig, i, s_churn, s_tmin, s_tmax, s_noise):
+    """EDM Algorithm 2 lines 4-6: raise the noise level from sigma_i to sigma_hat = (1 + gamma)
+    sigma_i by adding fresh noise, gamma = min(S_churn / N, sqrt(2) - 1) inside [S_tmin, S_tmax].
+
+    Returns (x, sigma_hat). With s_churn > 0 a normal draw is made at *every* step (also where
+    gamma = 0) so that the global RNG stream matches k-diffusion's; with s_churn = 0 none is made.
+    """
+    n = len(sig) - 1
+    gamma = min(s_churn / n, 2**0.5 - 1) if s_tmin <= sig[i] <= s_tmax else 0.0
+    if s_churn <= 0:
+        return x, sigmas[i]
+    eps = torch.randn_like(x) * s_noise
+    sigma_hat = sigmas[i] * (gamma + 1)
+    if gamma > 0:
+        x = x + eps * (sigma_hat**2 - sigmas[i] ** 2) ** 0.5
+    return x, sigma_hat
+
+
+def _setup(x, sigmas, extra_args):
+    validate_x(x)
+    sig = validate_sigmas(sigmas)
+    extra_args = {} if extra_args is None else extra_args
+    return sig, extra_args, x.new_ones([x.shape[0]])
+
+
+@torch.no_grad()
+def sample_euler(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0.0,
+                 s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0):
+    """Implements Algorithm 2 (Euler steps) from Karras et al. (2022), arXiv:2206.00364.
+
+    With s_churn = 0 (default) this is the plain Euler method on the probability-flow ODE.
+    """
+    sig, extra_args, s_in = _setup(x, sigmas, extra_args)
+    for i in trange(len(sig) - 1, disable=disable):
+        x, sigma_hat = _churn(x, sigmas, sig, i, s_churn, s_tmin, s_tmax, s_noise)
+        denoised = model(x, sigma_hat * s_in, **extra_args)
+        d = to_d(x, sigma_hat, denoised)
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigma_hat,
+                      "denoised": denoised})
+        x = x + d * (sigmas[i + 1] - sigma_hat)
+    return x
+
+
+@torch.no_grad()
+def sample_euler_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None,
+                           eta=1.0, s_noise=1.0, noise_sampler=None):
+    """Ancestral sampling with Euler steps: an Euler step down to sigma_down, then fresh noise
+    of std sigma_up (`get_ancestral_step`). eta=0 is `sample_euler`; eta=1 is the DDPM ancestral
+    sampler (Ho et al. 2020, arXiv:2006.11239) in sigma parameterisation.
+    """
+    sig, extra_args, s_in = _setup(x, sigmas, extra_args)
+    noise_sampler = default_noise_sampler(x) if noise_sampler is None else noise_sampler
+    for i in trange(len(sig) - 1, disable=disable):
+        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        sigma_down, sigma_up = get_ancestral_step(sigmas[i], sigmas[i + 1], eta=eta)
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i],
+                      "denoised": denoised})
+        d = to_d(x, sigmas[i], denoised)
+        x = x + d * (sigma_down - sigmas[i])
+        if eta and sig[i + 1] > 0:  # eta = 0: no noise term, so no draw either
+            x = x + noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise * sigma_up
+    return x
+
+
+@torch.no_grad()
+def sample_heun(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0.0,
+                s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0):
+    """Implements Algorithm 2 (Heun steps) from Karras et al. (2022), arXiv:2206.00364: the
+    explicit trapezoidal rule, with an Euler step where sigma_{i+1} = 0 (lines 9-11)."""
+    sig, extra_args, s_in = _setup(x, sigmas, extra_args)
+    for i in trange(len(sig) - 1, disable=disable):
+        x, sigma_hat = _churn(x, sigmas, sig, i, s_churn, s_tmin, s_tmax, s_noise)
+        denoised = model(x, sigma_hat * s_in, **extra_args)
+        d = to_d(x, sigma_hat, denoised)
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigma_hat,
+                      "denoised": denoised})
+        dt = sigmas[i + 1] - sigma_hat
+        if sig[i + 1] == 0:
+            x = x + d * dt  # Euler: D(x, 0) would be evaluated at sigma = 0 (division by 0)
+        else:
+            x_2 = x + d * dt
+            denoised_2 = model(x_2, sigmas[i + 1] * s_in, **extra_args)
+            d_2 = to_d(x_2, sigmas[i + 1], denoised_2)
+            x = x + (d + d_2) / 2 * dt
+    return x
+
+
+def _dpm_2_step(model, x, d, sigma, sigma_next, s_in, extra_args):
+    """Midpoint step in log sigma (DPM-Solver-2 with r = 1/2, Lu et al. 2022, arXiv:2206.00927,
+    written on the Karras ODE as in k-diffusion): Euler to the geometric mean of the two sigmas,
+    then a full step with the slope found there."""
+    sigma_mid = sigma.log().lerp(sigma_next.log(), 0.5).exp()
+    x_2 = x + d * (sigma_mid - sigma)
+    denoised_2 = model(x_2, sigma_mid * s_in, **extra_args)
+    d_2 = to_d(x_2, sigma_mid, denoised_2)
+    return x + d_2 * (sigma_next - sigma)
+
+
+@torch.no_grad()
+def sample_dpm_2(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0.0,
+                 s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0):
+    """A sampler inspired by DPM-Solver-2 (Lu et al. 2022, arXiv:2206.00927) and Algorithm 2
+    from Karras et al. (2022): midpoint steps in log sigma, Euler into sigma = 0."""
+    sig, extra_args, s_in = _setup(x, sigmas, extra_args)
+    for i in trange(len(sig) - 1, disable=disable):
+        x, sigma_hat = _churn(x, sigmas, sig, i, s_churn, s_tmin, s_tmax, s_noise)
+        denoised = model(x, sigma_hat * s_in, **extra_args)
+        d = to_d(x, sigma_hat, denoised)
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigma_hat,
+                      "denoised": denoised})
+        if sig[i + 1] == 0:
+            x = x + d * (sigmas[i + 1] - sigma_hat)  # log(0) is undefined: Euler step
+        else:
+            x = _dpm_2_step(model, x, d, sigma_hat, sigmas[i + 1], s_in, extra_args)
+    return x
+
+
+@torch.no_grad()
+def sample_dpm_2_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None,
+                           eta=1.0, s_noise=1.0, noise_sampler=None):
+    """Ancestral sampling with DPM-Solver second-order steps (k-diffusion): a DPM-2 step down to
+    sigma_down, then fresh noise of std sigma_up. eta=0 is `sample_dpm_2`.
+
+    Deviation from k-diffusion: where sigma_down = 0 but sigma_{i+1} > 0 (only possible for
+    eta > 1), k-diffusion adds no noise and leaves x at noise level 0; here the sigma_up noise is
+    added as in every other ancestral step. For eta <= 1 the numbers are k-diffusion's.
+    """
+    sig, extra_args, s_in = _setup(x, sigmas, extra_args)
+    noise_sampler = default_noise_sampler(x) if noise_sampler is None else noise_sampler
+    for i in trange(len(sig) - 1, disable=disable):
+        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        sigma_down, sigma_up = get_ancestral_step(sigmas[i], sigmas[i + 1], eta=eta)
+        sigma_down_host = get_ancestral_step(sig[i], sig[i + 1], eta=eta)[0]
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i],
+                      "denoised": denoised})
+        d = to_d(x, sigmas[i], denoised)
+        if sigma_down_host == 0:
+            x = x + d * (sigma_down - sigmas[i])  # log(0) is undefined: Euler step
+        else:
+            x = _dpm_2_step(model, x, d, sigmas[i], sigma_down, s_in, extra_args)
+        if eta and sig[i + 1] > 0:
+            x = x + noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise * sigma_up
+    return x
+
+
+SOLVERS = {
+    "euler": SolverInfo(sample_euler, order=1, nfe_per_step=1, stochastic=False,
+                        paper=_KARRAS + ", Alg. 2 (Euler)"),
+    "heun": SolverInfo(sample_heun, order=2, nfe_per_step=2, stochastic=False,
+                       paper=_KARRAS + ", Alg. 2"),
+    "dpm_2": SolverInfo(sample_dpm_2, order=2, nfe_per_step=2, stochastic=False,
+                        paper="Lu et al. 2022, DPM-Solver-2 (arXiv:2206.00927) on " + _KARRAS),
+    "euler_ancestral": SolverInfo(sample_euler_ancestral, order=1, nfe_per_step=1,
+                                  stochastic=True, paper="Ho et al. 2020, DDPM (arXiv:2006.11239)"
+                                  " ancestral step; " + _KARRAS,
+                                  deterministic_kwargs={"eta": 0.0}),
+    "dpm_2_ancestral": SolverInfo(sample_dpm_2_ancestral, order=2, nfe_per_step=2,
+                                  stochastic=True,
+                                  paper="Lu et al. 2022, DPM-Solver-2 (arXiv:2206.00927), "
+                                  "ancestral (k-diffusion)",
+                                  deterministic_kwargs={"eta": 0.0}),
+}

@@ -1,0 +1,485 @@
+"""Noise schedules: the mathematics of diffusion noise levels, computed in float64.
+
+One meaning per name across fastdiff:
+
+``sigma``
+    The k-diffusion / variance-exploding noise level: ``x = x0 + sigma * eps`` (Karras et al.
+    2022, arXiv:2206.00364, eq. 1 with s(t) = 1). Every schedule, whatever its kind, reports
+    this sigma, so a denoiser ``D(x, sigma)`` and the k-diffusion solvers work with all of them.
+``alpha``
+    The scale of the space the model's input lives in, relative to the VE one: ``x_model =
+    alpha * x_ve``, hence ``x_model = alpha * x0 + alpha * sigma * eps``.
+
+    - ``"vp"`` (Ho et al. 2020; Song et al. 2021): ``x = sqrt(abar) x0 + sqrt(1 - abar) eps``,
+      so ``alpha = sqrt(abar) = 1 / sqrt(1 + sigma^2)`` and ``sigma = sqrt((1 - abar) / abar)``.
+    - ``"ve"``, ``"edm"``: ``alpha = 1``.
+    - ``"flow"`` (rectified flow, Liu et al. 2022; Esser et al. 2024): ``x = (1 - s) x0 + s eps``
+      with ``s`` in [0, 1]. Dividing by ``1 - s``: ``x / (1 - s) = x0 + s / (1 - s) eps``, so
+      ``sigma = s / (1 - s)``, ``s = sigma / (1 + sigma)`` and ``alpha = 1 - s = 1 / (1 + sigma)``.
+``lambda``
+    ``-log(sigma) = log(alpha_t / sigma_t)`` where ``sigma_t = alpha * sigma`` is the noise std in
+    the model's space. This is *half* the log-SNR (``log SNR = 2 lambda``); it is the lambda of
+    DPM-Solver (Lu et al. 2022, arXiv:2206.00927, Sec. 3.1) and of k-diffusion's DPM-Solver code
+    (``t = -log sigma``). It does not depend on the kind.
+``t``
+    The model's own time/timestep input: an index 0..N-1 for discrete VP models, t in
+    [eps_s, 1] for the continuous VP SDE, [0, 1] for VE, ``t = sigma`` for EDM, ``t = N * s`` for
+    flow models (diffusers' convention, N = num_train_timesteps).
+
+The ends of a schedule, where naive formulas produce log(0), 0/0 or inf:
+
+- ``sigma = 0`` (the last step): ``lambda = +inf`` (infinite SNR; exact, returned as +inf, never
+  as a silently wrong finite number), ``alpha = 1`` and ``t(0)`` is the schedule's smallest t.
+- ``abar = 0`` (zero terminal SNR, Lin et al. 2023, arXiv:2305.08891): ``sigma = inf``. The
+  discrete schedule replaces an exact zero by ``2**-24`` as diffusers' Euler and DPM-Solver
+  schedulers do, giving ``sigma_max = sqrt((1 - 2**-24) / 2**-24) ~= 4096``, finite and
+  representable in float16 (max 65504).
+- ``s = 1`` (flow, pure noise): ``sigma = inf``, ``alpha = 0``; flow solvers work in ``s``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "KINDS", "BETA_SCHEDULES", "ZERO_SNR_ALPHA_CUMPROD",
+    "alphas_cumprod_to_sigma", "sigma_to_alphas_cumprod", "sigma_to_alpha", "alpha_to_sigma",
+    "sigma_to_lambda", "lambda_to_sigma", "sigma_to_flow", "flow_to_sigma",
+    "betas_for_alpha_bar", "make_betas", "rescale_zero_terminal_snr", "alphas_cumprod_from_betas",
+    "discrete_sigma_to_t", "discrete_t_to_sigma",
+    "NoiseSchedule", "DiscreteVPSchedule", "VPSchedule", "VESchedule", "EDMSchedule",
+    "FlowSchedule",
+]
+
+KINDS = ("vp", "ve", "edm", "flow")
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid", "laplace", "exp")
+# diffusers (EulerDiscreteScheduler, DPMSolverMultistepScheduler) replaces the zero terminal
+# alphas_cumprod by the smallest positive float16 subnormal so the first sigma is finite.
+ZERO_SNR_ALPHA_CUMPROD = 2.0**-24
+
+
+def _f64(x) -> Tensor:
+    """x as a float64 tensor (keeps the device of a tensor input)."""
+    if isinstance(x, Tensor):
+        return x.to(torch.float64)
+    return torch.as_tensor(x, dtype=torch.float64)
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Conversions (float64 tensors in and out; python numbers are accepted)
+# ----------------------------------------------------------------------------------------------
+def alphas_cumprod_to_sigma(alphas_cumprod) -> Tensor:
+    """VP -> VE: ``sigma = sqrt((1 - abar) / abar)``; ``abar = 0`` gives ``inf``."""
+    a = _f64(alphas_cumprod)
+    return ((1 - a) / a).sqrt()
+
+
+def sigma_to_alphas_cumprod(sigma) -> Tensor:
+    """VE -> VP: ``abar = 1 / (1 + sigma^2)``; ``sigma = inf`` gives 0."""
+    s = _f64(sigma)
+    return 1 / (1 + s * s)
+
+
+def sigma_to_alpha(sigma, kind: str = "vp") -> Tensor:
+    """The model-space scale ``alpha`` for a VE ``sigma`` (see the module docstring)."""
+    _check_kind(kind)
+    s = _f64(sigma)
+    if kind == "vp":
+        return torch.rsqrt(1 + s * s)
+    if kind == "flow":
+        return 1 / (1 + s)
+    return torch.ones_like(s)
+
+
+def alpha_to_sigma(alpha, kind: str = "vp") -> Tensor:
+    """Inverse of `sigma_to_alpha`: vp ``sqrt(1 - alpha^2) / alpha``, flow ``(1 - alpha) / alpha``.
+
+    ``alpha = 0`` gives ``inf``. For ``"ve"``/``"edm"`` alpha is identically 1 and carries no
+    information, so asking for the inverse is an error.
+    """
+    _check_kind(kind)
+    a = _f64(alpha)
+    if kind == "vp":
+        return (1 - a * a).clamp_min(0).sqrt() / a
+    if kind == "flow":
+        return (1 - a) / a
+    raise ValueError(f"alpha is identically 1 for kind={kind!r}; it does not determine sigma")
+
+
+def sigma_to_lambda(sigma) -> Tensor:
+    """``lambda = -log(sigma)`` (half the log-SNR). ``sigma = 0`` gives ``+inf`` (exact)."""
+    return -torch.log(_f64(sigma))
+
+
+def lambda_to_sigma(lam) -> Tensor:
+    """``sigma = exp(-lambda)``; ``lambda = +inf`` gives 0."""
+    return torch.exp(-_f64(lam))
+
+
+def sigma_to_flow(sigma) -> Tensor:
+    """VE sigma -> rectified-flow ``s = sigma / (1 + sigma)``; ``sigma = inf`` gives exactly 1."""
+    s = _f64(sigma)
+    return torch.where(torch.isinf(s), torch.ones_like(s), s / (1 + s))
+
+
+def flow_to_sigma(s) -> Tensor:
+    """Rectified-flow ``s`` -> VE ``sigma = s / (1 - s)``; ``s = 1`` gives ``inf``."""
+    s = _f64(s)
+    return s / (1 - s)
+
+
+# ----------------------------------------------------------------------------------------------
+# Discrete VP: betas and alphas_cumprod
+# ----------------------------------------------------------------------------------------------
+def _alpha_bar_cosine(t: float) -> float:
+    # Nichol & Dhariwal 2021 (arXiv:2102.09672), eq. 17 with s = 0.008.
+    return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
+
+def _alpha_bar_laplace(t: float) -> float:
+    # Hang et al. 2024 (arXiv:2407.03297) Laplace log-SNR; as diffusers, which returns
+    # sqrt(snr / (1 + snr)) and the 1e-6 guard against log(0) at t = 0 and t = 1.
+    lmb = -0.5 * math.copysign(1, 0.5 - t) * math.log(1 - 2 * math.fabs(0.5 - t) + 1e-6)
+    snr = math.exp(lmb)
+    return math.sqrt(snr / (1 + snr))
+
+
+def _alpha_bar_exp(t: float) -> float:
+    return math.exp(t * -12.0)
+
+
+_ALPHA_BAR_FNS = {"cosine": _alpha_bar_cosine, "laplace": _alpha_bar_laplace,
+                  "exp": _alpha_bar_exp}
+
+
+def betas_for_alpha_bar(num_diffusion_timesteps: int, max_beta: float = 0.999,
+                        alpha_transform_type: str = "cosine") -> Tensor:
+    """Betas that discretise a continuous ``alpha_bar(t)``, t in [0, 1] (Nichol & Dhariwal 2021,
+    arXiv:2102.09672, Sec. 3.2):
+    ``beta_i = min(1 - alpha_bar((i+1)/N) / alpha_bar(i/N), max_beta)``.
+
+    ``alpha_transform_type`` is ``"cosine"`` (eq. 17), ``"laplace"`` or ``"exp"``, exactly as
+    diffusers' ``betas_for_alpha_bar`` (which returns float32; this returns float64).
+    """
+    if alpha_transform_type not in _ALPHA_BAR_FNS:
+        raise ValueError(f"alpha_transform_type must be one of {tuple(_ALPHA_BAR_FNS)}, "
+                         f"got {alpha_transform_type!r}")
+    _check_count("num_diffusion_timesteps", num_diffusion_timesteps)
+    fn, n = _ALPHA_BAR_FNS[alpha_transform_type], num_diffusion_timesteps
+    betas = [min(1 - fn((i + 1) / n) / fn(i / n), max_beta) for i in range(n)]
+    return torch.tensor(betas, dtype=torch.float64)
+
+
+def make_betas(beta_schedule: str = "linear", num_train_timesteps: int = 1000,
+               beta_start: float = 0.0001, beta_end: float = 0.02,
+               trained_betas=None) -> Tensor:
+    """The betas of diffusers' DDPM/DDIM schedulers (same names and defaults), in float64.
+
+    - ``"linear"``: DDPM (Ho et al. 2020, arXiv:2006.11239, Sec. 4).
+    - ``"scaled_linear"``: linear in sqrt(beta) (Latent/Stable Diffusion, Rombach et al. 2022).
+    - ``"squaredcos_cap_v2"``: cosine (Nichol & Dhariwal 2021), see `betas_for_alpha_bar`.
+    - ``"sigmoid"``: GeoDiff (Xu et al. 2022, arXiv:2203.02923):
+      ``sigmoid(linspace(-6, 6, N)) * (beta_end - beta_start) + beta_start``.
+    - ``"laplace"``, ``"exp"``: `betas_for_alpha_bar` with that transform.
+    - ``trained_betas``: the user's own betas (overrides ``beta_schedule``).
+    """
+    if trained_betas is not None:
+        betas = _f64(trained_betas)
+        if betas.ndim != 1 or betas.numel() == 0 or not bool(((betas >= 0) & (betas <= 1)).all()):
+            raise ValueError("trained_betas must be a non-empty 1-D sequence of values in [0, 1]")
+        return betas.clone()
+    _check_count("num_train_timesteps", num_train_timesteps)
+    n = num_train_timesteps
+    if beta_schedule == "linear":
+        return torch.linspace(beta_start, beta_end, n, dtype=torch.float64)
+    if beta_schedule == "scaled_linear":
+        return torch.linspace(beta_start**0.5, beta_end**0.5, n, dtype=torch.float64) ** 2
+    if beta_schedule == "squaredcos_cap_v2":
+        return betas_for_alpha_bar(n, alpha_transform_type="cosine")
+    if beta_schedule in ("laplace", "exp"):
+        return betas_for_alpha_bar(n, alpha_transform_type=beta_schedule)
+    if beta_schedule == "sigmoid":
+        ramp = torch.linspace(-6, 6, n, dtype=torch.float64)
+        return torch.sigmoid(ramp) * (beta_end - beta_start) + beta_start
+    raise ValueError(f"beta_schedule must be one of {BETA_SCHEDULES}, got {beta_schedule!r}")
+
+
+def rescale_zero_terminal_snr(betas) -> Tensor:
+    """Rescale betas so the last step has zero SNR (Lin et al. 2023, arXiv:2305.08891, Alg. 1).
+
+    sqrt(abar) is shifted so its last value is 0 and scaled so its first value is unchanged.
+    The result has ``betas[-1] = 1`` and ``alphas_cumprod[-1] = 0`` exactly.
+    """
+    alphas_bar_sqrt = torch.cumprod(1 - _f64(betas), dim=0).sqrt()
+    first, last = alphas_bar_sqrt[0].clone(), alphas_bar_sqrt[-1].clone()
+    alphas_bar_sqrt = (alphas_bar_sqrt - last) * (first / (first - last))
+    alphas_bar = alphas_bar_sqrt**2
+    alphas = torch.cat([alphas_bar[:1], alphas_bar[1:] / alphas_bar[:-1]])
+    return 1 - alphas
+
+
+def alphas_cumprod_from_betas(betas) -> Tensor:
+    """``abar_t = prod_{s<=t} (1 - beta_s)`` (Ho et al. 2020, Sec. 2), float64."""
+    return torch.cumprod(1 - _f64(betas), dim=0)
+
+
+def _check_count(name: str, n) -> None:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"{name} must be a positive int, got {n!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Discrete t <-> sigma (k-diffusion's DiscreteSchedule.sigma_to_t / t_to_sigma)
+# ----------------------------------------------------------------------------------------------
+def discrete_sigma_to_t(sigma, log_sigmas: Tensor, quantize: bool = False) -> Tensor:
+    """Timestep of ``sigma`` by linear interpolation in log-sigma between table entries, exactly
+    k-diffusion's ``DiscreteSchedule.sigma_to_t`` (and diffusers' ``_sigma_to_t``).
+
+    ``low`` is the last index whose log-sigma is <= log(sigma) (0 if none), capped at N - 2; the
+    weight is clamped to [0, 1], so values outside the table map to its end timesteps: sigma = 0
+    gives t = 0 (computed from the smallest positive float, not from log(0) = -inf) and
+    sigma = inf gives N - 1. ``quantize=True`` returns the nearest index instead.
+    """
+    sigma, log_sigmas = _f64(sigma), _f64(log_sigmas)
+    log_sigma = torch.log(sigma.clamp_min(torch.finfo(torch.float64).tiny)).reshape(-1)
+    dists = log_sigma - log_sigmas[:, None]  # [N, M]
+    if quantize:
+        return dists.abs().argmin(dim=0).reshape(sigma.shape).to(torch.float64)
+    # argmax of the cumulative count returns its first maximum: the last index with dist >= 0.
+    low = dists.ge(0).cumsum(dim=0).argmax(dim=0).clamp(max=log_sigmas.numel() - 2)
+    lo, hi = log_sigmas[low], log_sigmas[low + 1]
+    gap = lo - hi
+    w = torch.where(gap == 0, torch.zeros_like(gap), (lo - log_sigma) / gap).clamp(0, 1)
+    return ((1 - w) * low + w * (low + 1)).reshape(sigma.shape)
+
+
+def discrete_t_to_sigma(t, log_sigmas: Tensor) -> Tensor:
+    """Sigma at a (fractional) timestep: linear interpolation of log-sigma between the two
+    neighbouring table entries, as k-diffusion's ``DiscreteSchedule.t_to_sigma``. ``t`` is clamped
+    to [0, N - 1]."""
+    log_sigmas = _f64(log_sigmas)
+    t = _f64(t).clamp(0, log_sigmas.numel() - 1)
+    low, high, w = t.floor().long(), t.ceil().long(), t - t.floor()
+    return ((1 - w) * log_sigmas[low] + w * log_sigmas[high]).exp()
+
+
+# ----------------------------------------------------------------------------------------------
+# Schedules
+# ----------------------------------------------------------------------------------------------
+class NoiseSchedule:
+    """Common interface: ``sigma(t)``, ``t(sigma)``, ``alpha(t)``, ``lam(t)`` (lambda) and the
+    range of the schedule. All values are float64 tensors (``sigma_min``/``sigma_max``/``t_min``/
+    ``t_max`` are python floats). Subclasses define ``sigma`` and ``t``."""
+
+    kind: str = ""
+    t_min: float = 0.0
+    t_max: float = 1.0
+
+    def sigma(self, t) -> Tensor:
+        raise NotImplementedError
+
+    def t(self, sigma) -> Tensor:
+        raise NotImplementedError
+
+    @property
+    def sigma_min(self) -> float:
+        return float(self.sigma(self.t_min))
+
+    @property
+    def sigma_max(self) -> float:
+        return float(self.sigma(self.t_max))
+
+    def alpha(self, t) -> Tensor:
+        return sigma_to_alpha(self.sigma(t), self.kind)
+
+    def alpha_from_sigma(self, sigma) -> Tensor:
+        return sigma_to_alpha(sigma, self.kind)
+
+    def lam(self, t) -> Tensor:
+        """lambda(t) = -log sigma(t), half the log-SNR."""
+        return sigma_to_lambda(self.sigma(t))
+
+    def t_from_lambda(self, lam) -> Tensor:
+        return self.t(lambda_to_sigma(lam))
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(kind={self.kind!r}, sigma_min={self.sigma_min:.6g}, "
+                f"sigma_max={self.sigma_max:.6g})")
+
+
+class DiscreteVPSchedule(NoiseSchedule):
+    """A discrete-time VP model's table ``alphas_cumprod[0..N-1]`` (DDPM, Ho et al. 2020).
+
+    ``t`` is the (fractional) training timestep; between table entries log-sigma is linear in t,
+    as in k-diffusion's ``DiscreteSchedule``. ``alphas_cumprod`` keeps the table as given
+    (``abar = 0`` stays 0 for DDIM-type solvers); ``sigmas`` replaces an exact zero by
+    ``zero_snr_alphas_cumprod`` (``2**-24``, as diffusers) so that ``sigma_max`` is finite.
+    Where the entry before it is already below ``2**-24`` (e.g. "linear" betas rescaled to zero
+    SNR: 4.2e-9), the last sigma (4096) is smaller than the one before (15400), as in diffusers;
+    ``t(sigma)`` then follows k-diffusion's rule, which maps sigma_max to t = N - 1.
+    """
+
+    kind = "vp"
+
+    def __init__(self, alphas_cumprod, zero_snr_alphas_cumprod: float = ZERO_SNR_ALPHA_CUMPROD):
+        a = _f64(alphas_cumprod).flatten()
+        if a.numel() < 2 or not bool(((a >= 0) & (a <= 1)).all()):
+            raise ValueError("alphas_cumprod must hold at least 2 values in [0, 1]")
+        if bool((a[1:] > a[:-1]).any()):
+            raise ValueError("alphas_cumprod must be non-increasing in t")
+        if bool((a[:-1] == 0).any()):
+            raise ValueError("only the last alphas_cumprod may be 0 (zero terminal SNR)")
+        self.alphas_cumprod = a
+        clamped = torch.where(a == 0, torch.full_like(a, zero_snr_alphas_cumprod), a)
+        self.sigmas = alphas_cumprod_to_sigma(clamped)
+        self.log_sigmas = self.sigmas.log()
+        self.t_min, self.t_max = 0.0, float(a.numel() - 1)
+
+    @classmethod
+    def from_betas(cls, beta_schedule: str = "linear", num_train_timesteps: int = 1000,
+                   beta_start: float = 0.0001, beta_end: float = 0.02, trained_betas=None,
+                   rescale_betas_zero_snr: bool = False, **kwargs) -> DiscreteVPSchedule:
+        """From diffusers-style scheduler config values (see `make_betas`)."""
+        betas = make_betas(beta_schedule, num_train_timesteps, beta_start, beta_end, trained_betas)
+        if rescale_betas_zero_snr:
+            betas = rescale_zero_terminal_snr(betas)
+        return cls(alphas_cumprod_from_betas(betas), **kwargs)
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return self.alphas_cumprod.numel()
+
+    @property
+    def sigma_min(self) -> float:
+        return float(self.sigmas[0])
+
+    @property
+    def sigma_max(self) -> float:
+        return float(self.sigmas[-1])
+
+    def sigma(self, t) -> Tensor:
+        return discrete_t_to_sigma(t, self.log_sigmas)
+
+    def t(self, sigma, quantize: bool = False) -> Tensor:
+        return discrete_sigma_to_t(sigma, self.log_sigmas, quantize)
+
+
+class VPSchedule(NoiseSchedule):
+    """Continuous VP SDE with linear beta(t) = beta_min + beta_d t (Song et al. 2021,
+    arXiv:2011.13456, Sec. 3.4 and App. B): ``log alpha(t) = -beta_d t^2 / 4 - beta_min t / 2``, so
+    ``sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1)`` (k-diffusion's get_sigmas_vp;
+    DPM-Solver's NoiseScheduleVP('linear') with beta_1 - beta_0 = beta_d). t in [eps_s, 1]."""
+
+    kind = "vp"
+
+    def __init__(self, beta_d: float = 19.9, beta_min: float = 0.1, eps_s: float = 1e-3):
+        if beta_d < 0 or beta_min < 0 or beta_d + beta_min <= 0:
+            raise ValueError("need beta_d >= 0, beta_min >= 0, not both 0; "
+                             f"got beta_d={beta_d}, beta_min={beta_min}")
+        if not 0 < eps_s < 1:
+            raise ValueError(f"eps_s must be in (0, 1), got {eps_s}")
+        self.beta_d, self.beta_min = float(beta_d), float(beta_min)
+        self.t_min, self.t_max = float(eps_s), 1.0
+
+    def _neg2_log_alpha(self, t: Tensor) -> Tensor:
+        return 0.5 * self.beta_d * t**2 + self.beta_min * t
+
+    def sigma(self, t) -> Tensor:
+        return torch.expm1(self._neg2_log_alpha(_f64(t))).sqrt()
+
+    def alpha(self, t) -> Tensor:
+        return torch.exp(-0.5 * self._neg2_log_alpha(_f64(t)))
+
+    def t(self, sigma) -> Tensor:
+        # Solve beta_d/2 t^2 + beta_min t = L, L = log(1 + sigma^2), in the cancellation-free
+        # form t = 2L / (beta_min + sqrt(beta_min^2 + 2 beta_d L)); sigma = 0 gives t = 0.
+        big_l = torch.log1p(_f64(sigma) ** 2)
+        return 2 * big_l / (self.beta_min + torch.sqrt(self.beta_min**2 + 2 * self.beta_d * big_l))
+
+
+class VESchedule(NoiseSchedule):
+    """Continuous VE SDE (Song et al. 2021, arXiv:2011.13456, Sec. 3.4 and App. C):
+    ``sigma(t) = sigma_min * (sigma_max / sigma_min)^t``, t in [0, 1]. ``t(sigma)`` clamps at
+    t = 0 below sigma_min (so sigma = 0 gives the endpoint, not -inf)."""
+
+    kind = "ve"
+
+    def __init__(self, sigma_min: float = 0.01, sigma_max: float = 50.0):
+        if not 0 < sigma_min < sigma_max < math.inf:
+            raise ValueError(f"need 0 < sigma_min < sigma_max < inf, got {sigma_min}, {sigma_max}")
+        self._smin, self._smax = float(sigma_min), float(sigma_max)
+        self._log_ratio = math.log(sigma_max / sigma_min)
+
+    def sigma(self, t) -> Tensor:
+        return self._smin * torch.exp(_f64(t) * self._log_ratio)
+
+    def t(self, sigma) -> Tensor:
+        sigma = _f64(sigma).clamp_min(self._smin)
+        return torch.log(sigma / self._smin) / self._log_ratio
+
+
+class EDMSchedule(NoiseSchedule):
+    """EDM (Karras et al. 2022, arXiv:2206.00364, Table 1): ``sigma(t) = t``, ``s(t) = 1``, on
+    [sigma_min, sigma_max]. ``sigma_data`` is the data std used by EDM's preconditioning;
+    ``rho`` the exponent of its default spacing (`spacings.get_sigmas_karras`)."""
+
+    kind = "edm"
+
+    def __init__(self, sigma_min: float = 0.002, sigma_max: float = 80.0, sigma_data: float = 0.5,
+                 rho: float = 7.0):
+        if not 0 < sigma_min < sigma_max < math.inf:
+            raise ValueError(f"need 0 < sigma_min < sigma_max < inf, got {sigma_min}, {sigma_max}")
+        if sigma_data <= 0:
+            raise ValueError(f"sigma_data must be > 0, got {sigma_data}")
+        self.t_min, self.t_max = float(sigma_min), float(sigma_max)
+        self.sigma_data, self.rho = float(sigma_data), float(rho)
+
+    def sigma(self, t) -> Tensor:
+        return _f64(t).clone()
+
+    def t(self, sigma) -> Tensor:
+        return _f64(sigma).clone()
+
+
+class FlowSchedule(NoiseSchedule):
+    """Rectified flow ``x = (1 - s) x0 + s eps`` (Liu et al. 2022, arXiv:2209.03003; Esser et al.
+    2024, arXiv:2403.03206). The model's timestep is ``t = N s`` (diffusers); ``sigma = s/(1-s)``.
+
+    ``s_min`` (default 1/N, diffusers' smallest training s) fixes ``sigma_min``; ``sigma_max`` is
+    +inf (s = 1 is pure noise): sample in ``s`` with `spacings.get_sigmas_flow`. Shifting is a
+    choice of spacing (which s to visit, `spacings.time_shift`), not a change of this t <-> sigma
+    map.
+    """
+
+    kind = "flow"
+
+    def __init__(self, num_train_timesteps: int = 1000, s_min: float | None = None):
+        _check_count("num_train_timesteps", num_train_timesteps)
+        self.num_train_timesteps = num_train_timesteps
+        s_min = 1.0 / num_train_timesteps if s_min is None else float(s_min)
+        if not 0 < s_min < 1:
+            raise ValueError(f"s_min must be in (0, 1), got {s_min}")
+        self.t_min, self.t_max = s_min * num_train_timesteps, float(num_train_timesteps)
+
+    def s(self, t) -> Tensor:
+        return _f64(t) / self.num_train_timesteps
+
+    def t_from_s(self, s) -> Tensor:
+        return _f64(s) * self.num_train_timesteps
+
+    def sigma(self, t) -> Tensor:
+        return flow_to_sigma(self.s(t))
+
+    def t(self, sigma) -> Tensor:
+        return self.t_from_s(sigma_to_flow(sigma))
+
+    def alpha(self, t) -> Tensor:
+        return 1 - self.s(t)  # exact at s = 1, where sigma is inf
