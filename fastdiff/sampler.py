@@ -1,0 +1,234 @@
+"""fastdiff.Sampler and fastdiff.sample: run a solver's plan, one fused kernel per model call.
+
+    sampler = fastdiff.Sampler(model, "dpmpp_2m", sigmas=sigmas)
+    samples = sampler(noise, **cond)
+
+The plan (fastdiff.solvers) is built once per (solver, sigmas, options) and lowered once per
+(model scalings, dtype, device) into small device coefficient tables; each stage is then a model
+call followed by a single fused linear-combination launch, with no host sync and no Python
+branch on tensor values, so the whole loop can be captured in one CUDA graph (graph=True).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+
+import torch
+
+from fastdiff.denoisers import CFGDenoiser, Denoiser
+from fastdiff.ops import lincomb, resolve
+from fastdiff.reference.solvers import SOLVERS
+from fastdiff.reference.solvers._utils import default_noise_sampler
+from fastdiff.solvers import Plan, build_plan
+from fastdiff.solvers.lowering import Launch, Scalings, lower
+
+# Solvers whose reference draws Brownian-bridge noise over overlapping intervals.
+_BROWNIAN = {"dpmpp_sde"}
+
+
+class _ModelAdapter:
+    """How the engine calls the model, and how its output becomes D (Scalings)."""
+
+    def __init__(self, model: Callable, guidance: float | None, param: str):
+        if isinstance(model, CFGDenoiser):
+            if guidance is not None:
+                raise ValueError("guidance is given twice: model is a CFGDenoiser with scale"
+                                 f" {model.scale} and guidance={guidance}")
+            model, guidance = model.inner_model, model.scale
+        if not callable(model):
+            raise TypeError(f"model must be callable as model(x, sigma, **cond), got"
+                            f" {type(model).__name__}")
+        self.model, self.guidance, self.param = model, guidance, param
+        self.denoiser = model if isinstance(model, Denoiser) else None
+
+    def weights(self) -> tuple[float, ...]:
+        return (1.0,) if self.guidance is None else (1.0 - self.guidance, self.guidance)
+
+    def scalings(self, sigmas: list[float]) -> Scalings:
+        if self.denoiser is None:  # a k-diffusion denoiser: its output is D
+            n = len(sigmas)
+            return Scalings((0.0,) * n, (1.0,) * n, (1.0,) * n, self.weights())
+        fn = self.denoiser.flow_scalings if self.param == "flow" else self.denoiser.scalings
+        c_skip, c_out, c_in = fn(torch.tensor(sigmas, dtype=torch.float64))
+        return Scalings(tuple(c_skip.tolist()), tuple(c_out.tolist()), tuple(c_in.tolist()),
+                        self.weights())
+
+    def levels(self, sigmas: list[float], batch: int, dtype, device) -> list[torch.Tensor]:
+        """What the model gets as its noise level per call ([B] or [2B] with guidance)."""
+        b = batch if self.guidance is None else 2 * batch
+        if self.denoiser is None:
+            return [torch.full((b,), s, dtype=dtype, device=device) for s in sigmas]
+        d = self.denoiser
+        t_dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
+        out = []
+        for s in sigmas:
+            s64 = torch.tensor(s, dtype=torch.float64)
+            time = (d._flow_time(s64) if self.param == "flow" and d.prediction == "flow" else
+                    d.time_input(s64 / (1 - s64) if self.param == "flow" else s64))
+            out.append(torch.full((b,), float(time), dtype=t_dtype, device=device))
+        return out
+
+    def batch_cond(self, cond: dict) -> dict:
+        if self.guidance is None:
+            return cond
+        from fastdiff.denoisers import _cat
+
+        if "cond" not in cond or "uncond" not in cond:
+            raise ValueError("guidance needs the conditioning: call the sampler with cond=..."
+                             " and uncond=...")
+        rest = {k: v for k, v in cond.items() if k not in ("cond", "uncond")}
+        return {"cond": _cat(cond["uncond"], cond["cond"]), **rest}
+
+    def __call__(self, x_in: torch.Tensor, level: torch.Tensor, cond: dict) -> list[torch.Tensor]:
+        """The model's output parts: [D] or [out], or the two guidance halves."""
+        if self.guidance is not None:
+            x_in = torch.cat([x_in, x_in])
+        fn = self.denoiser.network if self.denoiser is not None else self.model
+        out = fn(x_in, level, **cond)
+        if not isinstance(out, torch.Tensor) or out.shape != x_in.shape:
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ValueError(f"model returned {got}, expected a tensor of shape"
+                             f" {tuple(x_in.shape)} like its input")
+        if out.dtype != x_in.dtype:
+            raise TypeError(f"model returned {out.dtype}, expected {x_in.dtype} like its input")
+        return [out] if self.guidance is None else list(out.chunk(2))
+
+
+class Sampler:
+    """Samples with a fixed-step solver, every step one fused kernel launch.
+
+    Args:
+        model: a denoiser `model(x, sigma, **cond) -> x0` (k-diffusion convention), a
+            `fastdiff.denoisers.Denoiser` wrapping a network (its parameterisation and input
+            scaling are fused into the step), or a `CFGDenoiser`.
+        solver: a name from `fastdiff.reference.solvers.SOLVERS` (adaptive solvers excluded).
+        sigmas: the noise levels, descending (flow solvers: the flow times s, 1 -> 0).
+        guidance: classifier-free guidance scale; then call with cond=... and uncond=....
+        backend: "auto", "cuda", "triton", "cpu" or "reference" for the fused steps.
+        graph: capture the whole loop, model calls included, in one CUDA graph.
+        noise_sampler: for stochastic solvers, a k-diffusion noise sampler
+            `noise_sampler(sigma, sigma_next) -> tensor` (the same one gives the same samples as
+            k-diffusion); default: draws from `generator` (or torch's global generator).
+        **options: the solver's keyword options (eta, s_noise, order, ...).
+    """
+
+    def __init__(self, model: Callable, solver: str = "dpmpp_2m", sigmas=None, *,
+                 guidance: float | None = None, backend: str = "auto", graph: bool = False,
+                 noise_sampler: Callable | None = None, **options):
+        if solver not in SOLVERS:
+            raise ValueError(f"solver must be one of {sorted(SOLVERS)}, got {solver!r}")
+        if sigmas is None:
+            raise ValueError("sigmas is required (e.g. fastdiff.spacings.get_sigmas_karras(...))")
+        info = SOLVERS[solver]
+        self.solver, self.backend, self.graph = solver, backend, graph
+        self.options = {**info.kwargs, **options}
+        self.noise_sampler = noise_sampler
+        self.sigmas = torch.as_tensor(sigmas)
+        self.adapter = _ModelAdapter(model, guidance, info.param)
+        self.plan: Plan = build_plan(solver, self.sigmas, "calls", **self.options)
+        self.scalings = self.adapter.scalings([s.sigma for s in self.plan.stages])
+        self.launches, tables = lower(self.plan, self.scalings)
+        self._tables64 = tables
+        self._cache: dict = {}
+        self._graphs = None
+
+    def __repr__(self) -> str:
+        return f"Sampler({self.solver}, {self.plan.nfe} model calls, backend={self.backend!r})"
+
+    # -- per-run constants, cached by (batch, dtype, device) --------------------------------
+
+    def _constants(self, x: torch.Tensor):
+        key = (x.shape[0], x.dtype, x.device)
+        if key not in self._cache:
+            acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+            tables = {k: t.to(x.device, acc) for k, t in self._tables64.items()}
+            level_dtype = torch.promote_types(self.sigmas.dtype, x.dtype)
+            levels = self.adapter.levels([s.sigma for s in self.plan.stages], x.shape[0],
+                                         level_dtype, x.device)
+            self._cache[key] = (tables, levels)
+        return self._cache[key]
+
+    def _noise_source(self, x: torch.Tensor, generator):
+        if self.noise_sampler is not None:
+            return self.noise_sampler
+        if self.solver in _BROWNIAN and self.plan.noise:
+            from fastdiff.reference.solvers._utils import BrownianTreeNoiseSampler
+
+            positive = self.sigmas[self.sigmas > 0]
+            seed = None if generator is None else int(
+                torch.randint(0, 2**62, (), generator=generator))
+            return BrownianTreeNoiseSampler(x, positive.min(), positive.max(), seed=seed)
+        return default_noise_sampler(x, generator=generator)
+
+    # -- execution ---------------------------------------------------------------------------
+
+    def run(self, noise: torch.Tensor, generator: torch.Generator | None = None,
+            **cond) -> torch.Tensor:
+        """One eager run: the loop of model calls and fused stage launches."""
+        if not isinstance(noise, torch.Tensor) or not noise.is_floating_point():
+            raise TypeError("noise must be a floating-point tensor")
+        tables, levels = self._constants(noise)
+        backend = resolve(self.backend, noise.device)
+        cond = self.adapter.batch_cond(cond)
+        draw = self._noise_source(noise, generator)
+        plain_draw = default_noise_sampler(noise, generator=generator)  # the reference's randn_like
+        regs: dict = {("x", 0): noise}
+        drawn: list[torch.Tensor] = []
+        result = None
+        for launch in self.launches:
+            k = launch.call
+            if k >= 0:
+                if ("F", k) not in regs:  # F[0] is the user's noise (never written to)
+                    regs[("F", k)] = noise
+                parts = self.adapter(regs[("F", k)], levels[k], cond)
+                for p, part in enumerate(parts):
+                    regs[("part", p)] = part
+                if self.scalings.plain:
+                    regs[("D", k)] = parts[0]
+            result = self._launch(launch, regs, tables, backend, noise, drawn, (draw, plain_draw))
+            for old in [key for key in regs if key[0] in ("F", "D", "E") and key[1] < k - 16]:
+                del regs[old]
+        return result
+
+    def _launch(self, launch: Launch, regs, tables, backend, x, drawn, draws):
+        draw, plain_draw = draws
+        for ref in launch.inputs:
+            if ref.kind == "z":  # drawn in the reference's order, with its arguments
+                while len(drawn) <= ref.index:
+                    args = self.plan.noise[len(drawn)].args
+                    drawn.append(draw(*args) if args else plain_draw(None, None))
+                regs[("z", ref.index)] = drawn[ref.index]
+        inputs = [regs[(r.kind, r.index)] for r in launch.inputs]
+        outs = [torch.empty_like(x) for _ in launch.outputs]
+        lincomb(inputs, tables[launch.arity], launch.row, out=outs, backend=backend)
+        for name, t in zip(launch.outputs, outs):
+            if name == "F":
+                regs[("F", launch.call + 1)] = t
+            elif name == "H":
+                regs[(self.plan.history_kind, launch.call)] = t
+        return outs[0]
+
+    def __call__(self, noise: torch.Tensor, generator: torch.Generator | None = None,
+                 **cond) -> torch.Tensor:
+        if self.graph:
+            if noise.device.type != "cuda":
+                if self._graphs is None:
+                    warnings.warn("graph=True needs CUDA tensors; running eagerly", stacklevel=2)
+                    self._graphs = False
+            else:
+                from fastdiff.graph import GraphCache
+
+                if self._graphs is None:
+                    self._graphs = GraphCache(self.run)
+                if self._graphs:
+                    return self._graphs(noise, generator=generator, **cond)
+        return self.run(noise, generator=generator, **cond)
+
+
+def sample(model: Callable, x: torch.Tensor, sigmas, solver: str = "dpmpp_2m",
+           **options) -> torch.Tensor:
+    """One-shot: `Sampler(model, solver, sigmas, **options)(x)`; cond via `extra_args=dict`."""
+    extra = options.pop("extra_args", None) or {}
+    generator = options.pop("generator", None)
+    return Sampler(model, solver, sigmas, **options)(x, generator=generator, **extra)

@@ -1,0 +1,15 @@
+"""Solvers as plan builders: every fixed-step reference solver compiles into a Plan (plan.py)
+by tracing it on linear forms (trace.py)."""
+
+from fastdiff.solvers.plan import Plan, Ref, Stage, compile_plan
+from fastdiff.solvers.trace import Trace, trace_solver
+
+__all__ = ["Plan", "Ref", "Stage", "Trace", "build_plan", "compile_plan", "trace_solver"]
+
+
+def build_plan(solver: str, sigmas, noise_mode: str = "calls", **options) -> Plan:
+    """The plan of `solver` on `sigmas` (1-D, descending) with the solver's keyword options."""
+    import torch
+
+    sigmas = torch.as_tensor(sigmas, dtype=torch.float64).cpu()
+    return compile_plan(trace_solver(solver, sigmas, noise_mode=noise_mode, **options), options)

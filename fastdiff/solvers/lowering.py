@@ -1,0 +1,110 @@
+"""Lowering a plan to kernel launches: per stage, which tensors the fused linear combination
+reads and writes, and its coefficient row (one device table per run, built once).
+
+The model side is folded in, because everything is linear (DESIGN.md):
+  - registers F[k] are stored as the *network input* c_in_k * F_k, so no separate scaling op;
+  - the current stage's denoised output is D_k = c_skip_k F_k + c_out_k * out, with
+    classifier-free guidance out = w_u * u + w_c * c read from the two halves of the batched
+    network output (two pointers into one tensor, no copy);
+  - a past D_j is read from the history tensor stage j wrote (a second kernel output), or is
+    the model's own output when the model is a plain denoiser.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from fastdiff.solvers.plan import Plan, Ref
+
+MAX_INPUTS = 6
+
+
+@dataclass(frozen=True)
+class Scalings:
+    """Per model call: D = c_skip * F + c_out * sum_p w_p * part_p, network input = c_in * F."""
+
+    c_skip: tuple[float, ...]
+    c_out: tuple[float, ...]
+    c_in: tuple[float, ...]
+    weights: tuple[float, ...] = (1.0,)  # (1,) plain; (w_u, w_c) with guidance
+
+    @property
+    def plain(self) -> bool:
+        """D is exactly the model output: no conversion, no guidance, no input scaling."""
+        return (self.weights == (1.0,) and all(c == 0 for c in self.c_skip)
+                and all(c == 1 for c in self.c_out) and all(c == 1 for c in self.c_in))
+
+
+@dataclass(frozen=True)
+class Launch:
+    """One fused kernel call: outputs = tables[len(outputs), len(inputs)][row] @ inputs."""
+
+    inputs: tuple[Ref, ...]  # Ref kinds: x, F, D, z, and "part" (index = half of the output)
+    outputs: tuple[str, ...]  # "F" (next model input), "out" (sample), "H" (history entry)
+    row: int  # row in the table of this launch's arity
+    call: int  # the model call it follows (-1: the prologue, before the first call)
+
+    @property
+    def arity(self) -> tuple[int, int]:
+        return len(self.outputs), len(self.inputs)
+
+
+def _accumulate(acc: dict[Ref, float], ref: Ref, value: float) -> None:
+    acc[ref] = acc.get(ref, 0.0) + value
+
+
+def _expand(plan: Plan, terms, call: int, sc: Scalings, scale: float) -> dict[Ref, float]:
+    """scale * sum(coef * ref) over kernel-readable tensors."""
+    acc: dict[Ref, float] = {}
+    for ref, c in terms:
+        c = c * scale
+        if ref.kind == "F":
+            _accumulate(acc, ref, c / sc.c_in[ref.index])
+        elif ref.kind == "D" and ref.index == call:  # this call's output, converted in-kernel
+            if sc.c_skip[call] != 0:
+                _accumulate(acc, Ref("F", call), c * sc.c_skip[call] / sc.c_in[call])
+            for p, w in enumerate(sc.weights):
+                _accumulate(acc, Ref("part", p), c * sc.c_out[call] * w)
+        elif ref.kind == "E" and ref.index == call:  # E_k = F_k - D_k of this call
+            for r, v in _expand(plan, [(Ref("F", call), 1.0), (Ref("D", call), -1.0)], call,
+                                sc, c).items():
+                _accumulate(acc, r, v)
+        else:  # x_T, a past history entry (D or E) or a noise draw
+            _accumulate(acc, ref, c)
+    return {r: c for r, c in acc.items() if c != 0.0}
+
+
+def lower(plan: Plan, sc: Scalings) -> tuple[list[Launch], dict[tuple[int, int], torch.Tensor]]:
+    """Launches (prologue first, then one per stage) and their float64 coefficient tables, one
+    [rows, num_out, num_in] table per arity (the kernel reads row `launch.row` of its own)."""
+    launches: list[Launch] = []
+    rows: dict[tuple[int, int], list[list[list[float]]]] = {}
+
+    def add(outputs: tuple[str, ...], combos: list[dict[Ref, float]], call: int) -> None:
+        refs = tuple(dict.fromkeys(r for combo in combos for r in combo))
+        if len(refs) > MAX_INPUTS:
+            raise RuntimeError(f"{plan.solver}: a stage reads {len(refs)} tensors"
+                               f" ({', '.join(map(str, refs))}); the fused kernel takes"
+                               f" {MAX_INPUTS}")
+        table = rows.setdefault((len(outputs), len(refs)), [])
+        launches.append(Launch(refs, outputs, len(table), call))
+        table.append([[combo.get(r, 0.0) for r in refs] for combo in combos])
+
+    first = _expand(plan, plan.prologue, -1, sc, sc.c_in[0])
+    if first != {Ref("x"): 1.0}:  # F[0] is not simply the user's noise
+        add(("F",), [first], -1)
+    for stage in plan.stages:
+        k = stage.call
+        scale = 1.0 if stage.target == "out" else sc.c_in[k + 1]
+        combos = [_expand(plan, stage.terms, k, sc, scale)]
+        outputs = (stage.target,)
+        # A later stage reads this call's history entry: write it, unless it is the plain
+        # model's own output (history D of a denoiser model).
+        if k in plan.history and not (sc.plain and plan.history_kind == "D"):
+            combos.append(_expand(plan, [(Ref(plan.history_kind, k), 1.0)], k, sc, 1.0))
+            outputs += ("H",)
+        add(outputs, combos, k)
+    tables = {key: torch.tensor(r, dtype=torch.float64) for key, r in rows.items()}
+    return launches, tables
