@@ -10,6 +10,7 @@
 #include "bindings.h"
 #include "fastdiff/device.h"
 #include "fastdiff/lincomb.h"
+#include "fastdiff/philox.h"
 
 namespace py = pybind11;
 
@@ -39,8 +40,18 @@ void check_arity(size_t num_in, size_t num_out) {
 // device < 0 runs the CPU launcher; otherwise the CUDA launcher on `stream` of `device`.
 void lincomb(int dtype, int device, const std::vector<uintptr_t>& inputs,
              const std::vector<uintptr_t>& outputs, uintptr_t coef, uintptr_t row_ptr,
-             int64_t row, int64_t rows, int64_t n, uintptr_t stream) {
+             int64_t row, int64_t rows, int64_t n, uintptr_t stream, uintptr_t seeds,
+             int64_t sample_numel, const std::vector<uint32_t>& counters) {
   check_arity(inputs.size(), outputs.size());
+  if (counters.size() > static_cast<size_t>(kLincombMaxNoise))
+    throw py::value_error("lincomb: at most 2 noise terms, got " + std::to_string(counters.size()));
+  if (!counters.empty() && (seeds == 0 || sample_numel < 1))
+    throw py::value_error("lincomb: noise terms need seeds and a positive sample_numel");
+  LincombNoise noise;
+  noise.num_noise = static_cast<int>(counters.size());
+  noise.seeds = reinterpret_cast<const int64_t*>(seeds);
+  noise.sample_numel = sample_numel;
+  for (size_t m = 0; m < counters.size(); ++m) noise.counters[m] = counters[m];
   const DType dt = to_dtype(dtype);
   const auto in = as_pointers<const void*>(inputs);
   const auto out = as_pointers<void*>(outputs);
@@ -50,12 +61,12 @@ void lincomb(int dtype, int device, const std::vector<uintptr_t>& inputs,
   int status = 0;
   if (device < 0) {
     py::gil_scoped_release release;
-    status = lincomb_cpu(dt, in.data(), out.data(), cp, rp, row, rows, n, ni, no);
+    status = lincomb_cpu(dt, in.data(), out.data(), cp, rp, row, rows, n, ni, no, noise);
     if (status != 0) throw std::runtime_error("lincomb_cpu failed with code " + std::to_string(status));
     return;
   }
 #if defined(FASTDIFF_WITH_CUDA)
-  status = lincomb_cuda(dt, in.data(), out.data(), cp, rp, row, rows, n, ni, no, device,
+  status = lincomb_cuda(dt, in.data(), out.data(), cp, rp, row, rows, n, ni, no, noise, device,
                         reinterpret_cast<void*>(stream));
   if (status != 0)
     throw std::runtime_error(std::string("lincomb_cuda: ") + cuda_error_string(status));
@@ -70,8 +81,12 @@ void lincomb(int dtype, int device, const std::vector<uintptr_t>& inputs,
 void bind_lincomb(py::module_& m) {
   m.def("lincomb", &lincomb, py::arg("dtype"), py::arg("device"), py::arg("inputs"),
         py::arg("outputs"), py::arg("coef"), py::arg("row_ptr"), py::arg("row"),
-        py::arg("rows"), py::arg("n"), py::arg("stream"),
-        "out_j = sum_k coef[row, j, k] * in_k over n elements of one dense layout");
+        py::arg("rows"), py::arg("n"), py::arg("stream"), py::arg("seeds") = 0,
+        py::arg("sample_numel") = 1, py::arg("counters") = std::vector<uint32_t>{},
+        "out_j = sum_k coef[row, j, k] * in_k (+ Philox noise terms) over n elements of one"
+        " dense layout");
+  m.def("philox_normal", &philox_normal, py::arg("seed"), py::arg("counter"), py::arg("element"),
+        "the standard normal the kernels generate for (seed, counter, element)");
 }
 
 }  // namespace fastdiff

@@ -19,7 +19,7 @@ constexpr int64_t kChunk = 1 << 12;
 template <typename T, int NIN, int NOUT>
 void lincomb_cpu_impl(const LincombArgs<T>& a) {
   using A = typename Acc<T>::type;
-  A c[kLincombMaxOut][kLincombMaxIn];
+  A c[kLincombMaxOut][kLincombSlots];
   lincomb_load_coef(a, c);
   const int64_t chunks = (a.n + kChunk - 1) / kChunk;
 #pragma omp parallel for schedule(static) if (a.n >= kParallelThreshold)
@@ -27,10 +27,11 @@ void lincomb_cpu_impl(const LincombArgs<T>& a) {
     const int64_t begin = chunk * kChunk;
     const int64_t end = std::min(a.n, begin + kChunk);
     for (int64_t i = begin; i < end; ++i) {
-      A x[kLincombMaxIn];
+      A x[kLincombSlots] = {};
       A y[kLincombMaxOut];
-      for (int k = 0; k < kLincombMaxIn; ++k) x[k] = k < NIN ? A(to_float(a.in[k][i])) : A(0);
-      lincomb_element(c, x, NIN, NOUT, y);
+      for (int k = 0; k < NIN; ++k) x[k] = A(to_float(a.in[k][i]));
+      lincomb_noise(a, i, x);
+      lincomb_element(c, x, NIN, NOUT, a.num_noise, y);
       for (int j = 0; j < NOUT; ++j) a.out[j][i] = store_as<T>(y[j]);
     }
   }
@@ -50,17 +51,8 @@ void dispatch_num_in(const LincombArgs<T>& a) {
 
 template <typename T>
 int run(const void* const* in, void* const* out, const void* coef, const int64_t* row_ptr,
-        int64_t row, int64_t rows, int64_t n, int num_in, int num_out) {
-  LincombArgs<T> a{};
-  for (int k = 0; k < num_in; ++k) a.in[k] = static_cast<const T*>(in[k]);
-  for (int j = 0; j < num_out; ++j) a.out[j] = static_cast<T*>(out[j]);
-  a.coef = static_cast<const typename Acc<T>::type*>(coef);
-  a.row_ptr = row_ptr;
-  a.row = row;
-  a.rows = rows;
-  a.n = n;
-  a.num_in = num_in;
-  a.num_out = num_out;
+        int64_t row, int64_t rows, int64_t n, int num_in, int num_out, const LincombNoise& noise) {
+  const auto a = make_lincomb_args<T>(in, out, coef, row_ptr, row, rows, n, num_in, num_out, noise);
   if (num_out == 1) dispatch_num_in<T, 1>(a);
   else dispatch_num_in<T, 2>(a);
   return 0;
@@ -70,13 +62,18 @@ int run(const void* const* in, void* const* out, const void* coef, const int64_t
 
 int lincomb_cpu(DType dtype, const void* const* in, void* const* out, const void* coef,
                 const int64_t* row_ptr, int64_t row, int64_t rows, int64_t n, int num_in,
-                int num_out) {
+                int num_out, const LincombNoise& noise) {
   if (num_in < 1 || num_in > kLincombMaxIn || num_out < 1 || num_out > kLincombMaxOut) return 1;
+  if (noise.num_noise < 0 || noise.num_noise > kLincombMaxNoise) return 1;
   switch (dtype) {
-    case DType::kFloat16: return run<f16>(in, out, coef, row_ptr, row, rows, n, num_in, num_out);
-    case DType::kBFloat16: return run<bf16>(in, out, coef, row_ptr, row, rows, n, num_in, num_out);
-    case DType::kFloat32: return run<float>(in, out, coef, row_ptr, row, rows, n, num_in, num_out);
-    case DType::kFloat64: return run<double>(in, out, coef, row_ptr, row, rows, n, num_in, num_out);
+    case DType::kFloat16:
+      return run<f16>(in, out, coef, row_ptr, row, rows, n, num_in, num_out, noise);
+    case DType::kBFloat16:
+      return run<bf16>(in, out, coef, row_ptr, row, rows, n, num_in, num_out, noise);
+    case DType::kFloat32:
+      return run<float>(in, out, coef, row_ptr, row, rows, n, num_in, num_out, noise);
+    case DType::kFloat64:
+      return run<double>(in, out, coef, row_ptr, row, rows, n, num_in, num_out, noise);
   }
   return 2;
 }

@@ -22,7 +22,7 @@ struct alignas(sizeof(T) * VEC) Vec {
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kThreads) lincomb_kernel(const LincombArgs<T> a) {
   using A = typename Acc<T>::type;
-  A c[kLincombMaxOut][kLincombMaxIn];
+  A c[kLincombMaxOut][kLincombSlots];
   lincomb_load_coef(a, c);
 
   const int64_t nvec = a.n / VEC;
@@ -36,11 +36,12 @@ __global__ void __launch_bounds__(kThreads) lincomb_kernel(const LincombArgs<T> 
     Vec<T, VEC> yout[kLincombMaxOut];
 #pragma unroll
     for (int e = 0; e < VEC; ++e) {
-      A x[kLincombMaxIn];
+      A x[kLincombSlots];
       A y[kLincombMaxOut];
 #pragma unroll
       for (int k = 0; k < kLincombMaxIn; ++k) x[k] = k < a.num_in ? A(to_float(xin[k].v[e])) : A(0);
-      lincomb_element(c, x, a.num_in, a.num_out, y);
+      lincomb_noise(a, v * VEC + e, x);
+      lincomb_element(c, x, a.num_in, a.num_out, a.num_noise, y);
 #pragma unroll
       for (int j = 0; j < kLincombMaxOut; ++j) yout[j].v[e] = store_as<T>(y[j]);
     }
@@ -51,11 +52,12 @@ __global__ void __launch_bounds__(kThreads) lincomb_kernel(const LincombArgs<T> 
   // Tail (n % VEC elements), one element per thread of the first block.
   const int64_t i = nvec * VEC + tid;
   if (i < a.n) {
-    A x[kLincombMaxIn];
+    A x[kLincombSlots];
     A y[kLincombMaxOut];
 #pragma unroll
     for (int k = 0; k < kLincombMaxIn; ++k) x[k] = k < a.num_in ? A(to_float(a.in[k][i])) : A(0);
-    lincomb_element(c, x, a.num_in, a.num_out, y);
+    lincomb_noise(a, i, x);
+    lincomb_element(c, x, a.num_in, a.num_out, a.num_noise, y);
 #pragma unroll
     for (int j = 0; j < kLincombMaxOut; ++j)
       if (j < a.num_out) a.out[j][i] = store_as<T>(y[j]);
@@ -76,25 +78,12 @@ int sm_count(int device) {
 
 template <typename T>
 int run(const void* const* in, void* const* out, const void* coef, const int64_t* row_ptr,
-        int64_t row, int64_t rows, int64_t n, int num_in, int num_out, int device,
-        cudaStream_t stream) {
-  LincombArgs<T> a{};
+        int64_t row, int64_t rows, int64_t n, int num_in, int num_out, const LincombNoise& noise,
+        int device, cudaStream_t stream) {
+  const auto a = make_lincomb_args<T>(in, out, coef, row_ptr, row, rows, n, num_in, num_out, noise);
   bool aligned = true;
-  for (int k = 0; k < num_in; ++k) {
-    a.in[k] = static_cast<const T*>(in[k]);
-    aligned &= reinterpret_cast<uintptr_t>(in[k]) % 16 == 0;
-  }
-  for (int j = 0; j < num_out; ++j) {
-    a.out[j] = static_cast<T*>(out[j]);
-    aligned &= reinterpret_cast<uintptr_t>(out[j]) % 16 == 0;
-  }
-  a.coef = static_cast<const typename Acc<T>::type*>(coef);
-  a.row_ptr = row_ptr;
-  a.row = row;
-  a.rows = rows;
-  a.n = n;
-  a.num_in = num_in;
-  a.num_out = num_out;
+  for (int k = 0; k < num_in; ++k) aligned &= reinterpret_cast<uintptr_t>(in[k]) % 16 == 0;
+  for (int j = 0; j < num_out; ++j) aligned &= reinterpret_cast<uintptr_t>(out[j]) % 16 == 0;
 
   constexpr int kVec = 16 / sizeof(T);
   const int vec = aligned ? kVec : 1;
@@ -110,8 +99,9 @@ int run(const void* const* in, void* const* out, const void* coef, const int64_t
 
 int lincomb_cuda(DType dtype, const void* const* in, void* const* out, const void* coef,
                  const int64_t* row_ptr, int64_t row, int64_t rows, int64_t n, int num_in,
-                 int num_out, int device, void* stream_handle) {
+                 int num_out, const LincombNoise& noise, int device, void* stream_handle) {
   if (num_in < 1 || num_in > kLincombMaxIn || num_out < 1 || num_out > kLincombMaxOut) return -1;
+  if (noise.num_noise < 0 || noise.num_noise > kLincombMaxNoise) return -1;
   if (n == 0) return 0;
   int current = -1;
   if (cudaGetDevice(&current) != cudaSuccess || current != device) {
@@ -121,13 +111,17 @@ int lincomb_cuda(DType dtype, const void* const* in, void* const* out, const voi
   auto stream = static_cast<cudaStream_t>(stream_handle);
   switch (dtype) {
     case DType::kFloat16:
-      return run<f16>(in, out, coef, row_ptr, row, rows, n, num_in, num_out, device, stream);
+      return run<f16>(in, out, coef, row_ptr, row, rows, n, num_in, num_out, noise, device,
+                      stream);
     case DType::kBFloat16:
-      return run<bf16>(in, out, coef, row_ptr, row, rows, n, num_in, num_out, device, stream);
+      return run<bf16>(in, out, coef, row_ptr, row, rows, n, num_in, num_out, noise, device,
+                      stream);
     case DType::kFloat32:
-      return run<float>(in, out, coef, row_ptr, row, rows, n, num_in, num_out, device, stream);
+      return run<float>(in, out, coef, row_ptr, row, rows, n, num_in, num_out, noise, device,
+                      stream);
     case DType::kFloat64:
-      return run<double>(in, out, coef, row_ptr, row, rows, n, num_in, num_out, device, stream);
+      return run<double>(in, out, coef, row_ptr, row, rows, n, num_in, num_out, noise, device,
+                      stream);
   }
   return -2;
 }

@@ -196,6 +196,10 @@ def test_opcheck(backend):
     outs = [torch.empty_like(xs[0]) for _ in range(2)]
     torch.library.opcheck(torch.ops.fastdiff.lincomb_out.default,
                           (xs, coef, None, 1, backend, outs))
+    seeds = torch.tensor([5, 6], device=DEVICE)
+    with_noise = make_coef(3, 2, 4, torch.float32)
+    torch.library.opcheck(torch.ops.fastdiff.lincomb.default,
+                          (xs, with_noise, None, 1, backend, seeds, [9]))
 
 
 def test_torch_compile_traces_the_op():
@@ -235,3 +239,79 @@ def test_cuda_graph_replay_reads_the_row_from_device(tol):
             torch.cuda.synchronize()
             for o, w in zip(outs, reference(xs, coef, r)):
                 torch.testing.assert_close(o, w, **tol(torch.float16))
+
+
+# ---- in-kernel noise ---------------------------------------------------------------------------
+
+def test_philox_matches_random123_known_answers():
+    """Known-answer vectors of Random123's philox4x32_10 (kat_vectors)."""
+    from fastdiff.reference.noise import philox4x32_10
+
+    f = 0xFFFFFFFF
+    cases = [([0, 0, 0, 0], [0, 0], [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]),
+             ([f, f, f, f], [f, f], [0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD]),
+             ([0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344], [0xA4093822, 0x299F31D0],
+              [0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1])]
+    for counter, key, want in cases:
+        got = philox4x32_10([torch.tensor([c]) for c in counter],
+                            (torch.tensor([key[0]]), torch.tensor([key[1]])))
+        assert [int(g) for g in got] == want
+
+
+SEEDS = [3, 2**40 + 17, -5]
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_noise_terms_equal_the_reference(backend, layout):
+    xs = make_inputs((3, 4, 6, 5), 2, torch.float32, layout)
+    coef = make_coef(3, 2, 4, torch.float32)  # 2 inputs + 2 noise terms
+    seeds = torch.tensor(SEEDS, device=DEVICE)
+    got = lincomb(xs, coef, 1, noise=(seeds, [7, 8]), backend=backend)
+    want = reference(xs, coef, 1, noise=(seeds, [7, 8]))
+    for g, w in zip(got, want):
+        # Box-Muller is evaluated in float64 on every backend, so the fp32 results agree
+        # exactly unless a libm last-ulp difference lands on an fp32 rounding tie.
+        assert torch.equal(g, w)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_noise_of_a_sample_does_not_depend_on_its_batch(backend):
+    xs = make_inputs((3, 2, 5, 5), 1, torch.float32)
+    coef = torch.tensor([[[0.0, 1.0]]], device=DEVICE)  # out = z
+    seeds = torch.tensor(SEEDS, device=DEVICE)
+    batch = lincomb(xs, coef, noise=(seeds, [4]), backend=backend)[0]
+    for b in range(3):
+        alone = lincomb([xs[0][b:b + 1]], coef, noise=(seeds[b:b + 1], [4]), backend=backend)[0]
+        assert torch.equal(alone[0], batch[b])
+    reordered = lincomb([xs[0].flip(0)], coef, noise=(seeds.flip(0), [4]), backend=backend)[0]
+    assert torch.equal(reordered, batch.flip(0))
+
+
+def test_noise_is_standard_normal_and_independent():
+    from fastdiff.reference.noise import philox_normal
+
+    n = 200_000
+    z = philox_normal(torch.tensor([11, 12]), 3, n // 2).reshape(-1)
+    w = philox_normal(torch.tensor([11, 12]), 4, n // 2).reshape(-1)
+    se = n**-0.5
+    assert abs(z.mean().item()) < 5 * se
+    assert abs(z.std().item() - 1) < 5 * (0.5**0.5) * se
+    assert abs(((z - z.mean()) ** 4).mean().item() / z.var().item() ** 2 - 3) < 5 * 24**0.5 * se
+    assert abs(torch.corrcoef(torch.stack([z, w]))[0, 1].item()) < 5 * se  # counters independent
+
+
+def test_noise_validation():
+    x = torch.zeros(2, 3, device=DEVICE)
+    c = torch.zeros(1, 1, 2, device=DEVICE)
+    seeds = torch.tensor([1, 2], device=DEVICE)
+    with pytest.raises(ValueError, match="coef.shape\\[2\\]"):
+        lincomb([x], c)
+    with pytest.raises(TypeError, match="seeds must be a 1-D int64"):
+        lincomb([x], c, noise=(seeds.int(), [1]))
+    with pytest.raises(ValueError, match="one entry per sample"):
+        lincomb([x], c, noise=(seeds[:1], [1]))
+    with pytest.raises(ValueError, match="counters must hold"):
+        lincomb([x], c, noise=(seeds, []))
+    with pytest.raises(ValueError, match="counters must be ints"):
+        lincomb([x], c, noise=(seeds, [-1]))

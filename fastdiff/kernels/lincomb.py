@@ -1,6 +1,7 @@
 """Triton kernel of the fused linear combination (reference: fastdiff/reference/lincomb.py).
 
-out_j = sum_k coef[row, j, k] * in_k over flat arrays of one dense layout. Memory-bound: each
+out_j = sum_k coef[row, j, k] * in_k (+ in-kernel Philox noise terms) over flat arrays of one
+dense layout. Memory-bound: each
 element is read once per input and written once per output. The row is an int or is read from a
 device scalar, so a captured CUDA graph can replay the same launch for every step.
 """
@@ -17,14 +18,51 @@ BLOCK = 2048
 
 
 @triton.jit
-def _madd(acc0, acc1, X, C, k, valid, offs, mask, NIN: tl.constexpr, NOUT: tl.constexpr):
+def _madd(acc0, acc1, X, C, k, valid, offs, mask, WIDTH: tl.constexpr, NOUT: tl.constexpr):
     """acc_j += coef[j, k] * x_k for the loaded block of input k."""
     x = tl.load(X + offs, mask=mask, other=0.0).to(acc0.dtype)
     c0 = tl.where(valid, tl.load(C + k).to(acc0.dtype), float("nan"))
     acc0 += c0 * x
     if NOUT > 1:
-        c1 = tl.where(valid, tl.load(C + NIN + k).to(acc0.dtype), float("nan"))
+        c1 = tl.where(valid, tl.load(C + WIDTH + k).to(acc0.dtype), float("nan"))
         acc1 += c1 * x
+    return acc0, acc1
+
+
+@triton.jit
+def _mulhilo(a, b):
+    return tl.umulhi(a, b), a * b
+
+
+@triton.jit
+def philox_normal(seed, counter, element):
+    """Philox4x32-10 + Box-Muller in float64, as csrc/include/fastdiff/philox.h."""
+    c0 = (element & 0xFFFFFFFF).to(tl.uint32)
+    c1 = (element >> 32).to(tl.uint32)
+    c2 = tl.full(c0.shape, 0, tl.uint32) + counter.to(tl.uint32)
+    c3 = tl.full(c0.shape, 0x66646966, tl.uint32)
+    k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
+    k1 = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    for r in tl.static_range(10):
+        if r > 0:
+            k0 = k0 + 0x9E3779B9
+            k1 = k1 + 0xBB67AE85
+        hi0, lo0 = _mulhilo(tl.full(c0.shape, 0xD2511F53, tl.uint32), c0)
+        hi1, lo1 = _mulhilo(tl.full(c0.shape, 0xCD9E8D57, tl.uint32), c2)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+    u1 = (c0.to(tl.float64) + 1.0) * 2.3283064365386963e-10
+    u2 = c1.to(tl.float64) * 2.3283064365386963e-10
+    return tl.sqrt(-2.0 * tl.log(u1)) * tl.cos(6.283185307179586 * u2)
+
+
+@triton.jit
+def _madd_noise(acc0, acc1, C, k, valid, seed, counter, element, NOUT: tl.constexpr,
+                WIDTH: tl.constexpr):
+    """acc_j += coef[j, k] * z for the in-kernel noise term with this counter."""
+    z = philox_normal(seed, counter, element).to(acc0.dtype)
+    acc0 += tl.where(valid, tl.load(C + k).to(acc0.dtype), float("nan")) * z
+    if NOUT > 1:
+        acc1 += tl.where(valid, tl.load(C + WIDTH + k).to(acc0.dtype), float("nan")) * z
     return acc0, acc1
 
 
@@ -37,8 +75,13 @@ def lincomb_kernel(
     row,  # row index used when not HAS_ROW_PTR
     rows,  # number of rows of COEF (out-of-range row -> NaN output)
     N,  # elements per tensor
+    SEEDS,  # int64 per-sample Philox seeds [batch] (read when NNOISE > 0)
+    sample_numel,  # elements per sample (the batch dim is outermost in memory)
+    counter0,  # Philox counter of noise term 0
+    counter1,  # Philox counter of noise term 1
     NIN: tl.constexpr,
     NOUT: tl.constexpr,
+    NNOISE: tl.constexpr,
     HAS_ROW_PTR: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -50,23 +93,32 @@ def lincomb_kernel(
     else:
         r = row
     valid = (r >= 0) & (r < rows)
-    C = COEF + tl.where(valid, r, 0) * (NOUT * NIN)
+    WIDTH = NIN + NNOISE  # coefficients per output row (a constexpr)
+    C = COEF + tl.where(valid, r, 0) * (NOUT * WIDTH)
     # The sum starts from the first term (not from +0) so a zero result keeps its sign.
     x = tl.load(X0 + offs, mask=mask, other=0.0).to(COEF.dtype.element_ty)
     acc0 = tl.where(valid, tl.load(C), float("nan")).to(COEF.dtype.element_ty) * x
     acc1 = acc0
     if NOUT > 1:
-        acc1 = tl.where(valid, tl.load(C + NIN), float("nan")).to(COEF.dtype.element_ty) * x
+        acc1 = tl.where(valid, tl.load(C + WIDTH), float("nan")).to(COEF.dtype.element_ty) * x
     if NIN > 1:
-        acc0, acc1 = _madd(acc0, acc1, X1, C, 1, valid, offs, mask, NIN, NOUT)
+        acc0, acc1 = _madd(acc0, acc1, X1, C, 1, valid, offs, mask, WIDTH, NOUT)
     if NIN > 2:
-        acc0, acc1 = _madd(acc0, acc1, X2, C, 2, valid, offs, mask, NIN, NOUT)
+        acc0, acc1 = _madd(acc0, acc1, X2, C, 2, valid, offs, mask, WIDTH, NOUT)
     if NIN > 3:
-        acc0, acc1 = _madd(acc0, acc1, X3, C, 3, valid, offs, mask, NIN, NOUT)
+        acc0, acc1 = _madd(acc0, acc1, X3, C, 3, valid, offs, mask, WIDTH, NOUT)
     if NIN > 4:
-        acc0, acc1 = _madd(acc0, acc1, X4, C, 4, valid, offs, mask, NIN, NOUT)
+        acc0, acc1 = _madd(acc0, acc1, X4, C, 4, valid, offs, mask, WIDTH, NOUT)
     if NIN > 5:
-        acc0, acc1 = _madd(acc0, acc1, X5, C, 5, valid, offs, mask, NIN, NOUT)
+        acc0, acc1 = _madd(acc0, acc1, X5, C, 5, valid, offs, mask, WIDTH, NOUT)
+    if NNOISE > 0:
+        sample = offs // sample_numel
+        seed = tl.load(SEEDS + sample, mask=mask, other=0)
+        element = offs - sample * sample_numel
+        acc0, acc1 = _madd_noise(acc0, acc1, C, NIN, valid, seed, counter0, element, NOUT, WIDTH)
+        if NNOISE > 1:
+            acc0, acc1 = _madd_noise(acc0, acc1, C, NIN + 1, valid, seed, counter1, element,
+                                     NOUT, WIDTH)
     tl.store(Y0 + offs, acc0.to(Y0.dtype.element_ty), mask=mask)
     if NOUT > 1:
         tl.store(Y1 + offs, acc1.to(Y1.dtype.element_ty), mask=mask)
@@ -78,6 +130,8 @@ def lincomb(
     row: int,
     row_tensor: torch.Tensor | None,
     outputs: Sequence[torch.Tensor],
+    seeds: torch.Tensor | None = None,
+    counters: Sequence[int] = (),
 ) -> None:
     """Launches the kernel; fastdiff.ops has validated shapes, dtypes, devices and layout."""
     n = inputs[0].numel()
@@ -86,8 +140,10 @@ def lincomb(
     x = list(inputs) + [inputs[0]] * (6 - len(inputs))
     y = list(outputs) + [outputs[0]] * (2 - len(outputs))
     grid = (triton.cdiv(n, BLOCK),)
+    c = list(counters) + [0] * (2 - len(counters))
     lincomb_kernel[grid](
         *x, *y, coef, row_tensor if row_tensor is not None else coef, row, coef.shape[0], n,
-        NIN=len(inputs), NOUT=len(outputs), HAS_ROW_PTR=row_tensor is not None, BLOCK=BLOCK,
-        num_warps=8,
+        seeds if seeds is not None else coef, n // inputs[0].shape[0] if counters else 1, *c,
+        NIN=len(inputs), NOUT=len(outputs), NNOISE=len(counters),
+        HAS_ROW_PTR=row_tensor is not None, BLOCK=BLOCK, num_warps=8,
     )

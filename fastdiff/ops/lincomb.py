@@ -1,7 +1,10 @@
 """The fused linear combination op: validation (once, here), layout handling and dispatch to
 {reference, cpu, cuda, triton}, registered with torch.library so torch.compile traces it.
 
-    out_j = sum_k coef[row, j, k] * in_k
+    out_j = sum_k coef[row, j, k] * in_k  +  sum_m coef[row, j, num_in + m] * z_m
+
+with optional in-kernel Gaussian noise z_m (Philox, keyed by per-sample seeds, a counter per
+term and the element within the sample: fastdiff/reference/noise.py).
 
 `coef` is a device table [rows, num_out, num_in]; `row` is an int or an int64 device scalar, so
 the same call works for every step of a solver and inside a captured CUDA graph.
@@ -19,6 +22,7 @@ from fastdiff.reference.lincomb import lincomb as lincomb_reference
 
 MAX_INPUTS = 6
 MAX_OUTPUTS = 2
+MAX_NOISE = 2
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -51,7 +55,29 @@ def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a0 < b1 and b0 < a1
 
 
-def _validate(inputs, coef, row, out):
+def _validate_noise(noise, x0) -> tuple[torch.Tensor | None, list[int]]:
+    if noise is None:
+        return None, []
+    if not isinstance(noise, tuple | list) or len(noise) != 2:
+        raise TypeError("noise must be a pair (seeds, counters)")
+    seeds, counters = noise
+    if not isinstance(seeds, torch.Tensor) or seeds.dtype != torch.int64 or seeds.dim() != 1:
+        raise TypeError("noise seeds must be a 1-D int64 tensor with one seed per sample")
+    if x0.dim() == 0 or seeds.numel() != x0.shape[0]:
+        raise ValueError(f"noise seeds must have one entry per sample (inputs[0].shape[0] ="
+                         f" {x0.shape[0] if x0.dim() else 'no batch dim'}), got {seeds.numel()}")
+    if seeds.device != x0.device:
+        raise ValueError(f"noise seeds are on {seeds.device}, expected {x0.device}")
+    counters = list(counters)
+    if not 1 <= len(counters) <= MAX_NOISE:
+        raise ValueError(f"noise counters must hold 1 or {MAX_NOISE} ints, got {len(counters)}")
+    for c in counters:
+        if isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < 2**32:
+            raise ValueError(f"noise counters must be ints in [0, 2**32), got {c!r}")
+    return seeds.contiguous(), counters
+
+
+def _validate(inputs, coef, row, out, noise=None):
     if isinstance(inputs, torch.Tensor) or not isinstance(inputs, Sequence):
         raise TypeError(f"inputs must be a list or tuple of tensors, got {type(inputs).__name__}")
     if not 1 <= len(inputs) <= MAX_INPUTS:
@@ -75,9 +101,11 @@ def _validate(inputs, coef, row, out):
         raise TypeError(f"coef must be a torch.Tensor, got {type(coef).__name__}")
     if coef.dim() != 3:
         raise ValueError(f"coef must have shape [rows, num_out, num_in], got {tuple(coef.shape)}")
-    rows, num_out, num_in = coef.shape
-    if num_in != len(inputs):
-        raise ValueError(f"coef.shape[2] must equal len(inputs) = {len(inputs)}, got {num_in}")
+    seeds, counters = _validate_noise(noise, x0)
+    rows, num_out, width = coef.shape
+    if width != len(inputs) + len(counters):
+        raise ValueError(f"coef.shape[2] must equal len(inputs) + noise terms ="
+                         f" {len(inputs) + len(counters)}, got {width}")
     if not 1 <= num_out <= MAX_OUTPUTS:
         raise ValueError(f"coef.shape[1] (number of outputs) must be 1 or 2, got {num_out}")
     if rows < 1:
@@ -113,7 +141,7 @@ def _validate(inputs, coef, row, out):
             if o.dtype != x0.dtype or o.device != x0.device or o.shape != x0.shape:
                 raise ValueError(f"out[{j}] must match the inputs ({tuple(x0.shape)}, {x0.dtype},"
                                  f" {x0.device}), got ({tuple(o.shape)}, {o.dtype}, {o.device})")
-    return list(inputs), coef.contiguous(), row, row_tensor, out
+    return list(inputs), coef.contiguous(), row, row_tensor, out, seeds, counters
 
 
 def _check_out_aliasing(inputs, out) -> None:
@@ -131,7 +159,7 @@ def _check_out_aliasing(inputs, out) -> None:
                 raise ValueError(f"out[{j}] overlaps out[{i}]")
 
 
-def _launch_native(inputs, coef, row, row_tensor, outs) -> None:
+def _launch_native(inputs, coef, row, row_tensor, outs, seeds, counters) -> None:
     device = inputs[0].device
     if device.type == "cuda":
         index, stream = device.index, torch.cuda.current_stream(device).cuda_stream
@@ -141,25 +169,30 @@ def _launch_native(inputs, coef, row, row_tensor, outs) -> None:
         _native.DTYPE_CODES[inputs[0].dtype], index, [t.data_ptr() for t in inputs],
         [o.data_ptr() for o in outs], coef.data_ptr(),
         row_tensor.data_ptr() if row_tensor is not None else 0, row, coef.shape[0],
-        inputs[0].numel(), stream,
+        inputs[0].numel(), stream, seeds.data_ptr() if seeds is not None else 0,
+        inputs[0].numel() // inputs[0].shape[0] if counters else 1, counters,
     )
 
 
-def _launch_triton(inputs, coef, row, row_tensor, outs) -> None:
+def _launch_triton(inputs, coef, row, row_tensor, outs, seeds, counters) -> None:
     from fastdiff.kernels.lincomb import lincomb as lincomb_triton
 
-    lincomb_triton(inputs, coef, row, row_tensor, outs)
+    lincomb_triton(inputs, coef, row, row_tensor, outs, seeds, counters)
 
 
 _LAUNCHERS = {"cpu": _launch_native, "cuda": _launch_native, "triton": _launch_triton}
 
 
-def _run(inputs, coef, row, row_tensor, out, backend: str) -> list[torch.Tensor]:
+def _run(inputs, coef, row, row_tensor, out, backend: str, seeds=None, counters=()
+         ) -> list[torch.Tensor]:
     """Validated arguments in, results out (written into `out` when given)."""
     x0 = inputs[0]
     backend = resolve(backend, x0.device)
     if backend == "reference":
-        results = lincomb_reference(inputs, coef, row_tensor if row_tensor is not None else row)
+        ref_x0 = x0 if _is_dense(x0) else torch.empty_like(x0)  # noise follows the kernels' layout
+        noise = (seeds, counters) if counters else None
+        results = lincomb_reference([ref_x0.copy_(x0) if ref_x0 is not x0 else x0, *inputs[1:]],
+                                    coef, row_tensor if row_tensor is not None else row, noise)
         if out is None:
             return results
         for o, r in zip(out, results):
@@ -175,7 +208,7 @@ def _run(inputs, coef, row, row_tensor, out, backend: str) -> list[torch.Tensor]
     flat_out = [o if _layout(o) == layout and _is_dense(o) else torch.empty_like(ref)
                 for o in outs]
     if x0.numel() > 0:
-        _LAUNCHERS[backend](flat_in, coef, row, row_tensor, flat_out)
+        _LAUNCHERS[backend](flat_in, coef, row, row_tensor, flat_out, seeds, counters)
     for o, f in zip(outs, flat_out):
         if o is not f:
             o.copy_(f)
@@ -188,57 +221,64 @@ def lincomb(
     row: int | torch.Tensor = 0,
     *,
     out: Sequence[torch.Tensor] | None = None,
+    noise: tuple[torch.Tensor, Sequence[int]] | None = None,
     backend: str = "auto",
 ) -> list[torch.Tensor]:
-    """Fused linear combination ``out_j = sum_k coef[row, j, k] * inputs[k]``.
+    """Fused linear combination ``out_j = sum_k coef[row, j, k] * inputs[k]`` (+ noise terms).
 
     Args:
         inputs: 1 to 6 tensors of one shape, dtype (fp16/bf16/fp32/fp64) and device; any
             strides (tensors not sharing inputs[0]'s dense layout are copied into it first).
-        coef: [rows, num_out, num_in] table, num_out in {1, 2}, float32 (float64 for float64
-            inputs: the accumulation precision), on the inputs' device.
+        coef: [rows, num_out, num_in + num_noise] table, num_out in {1, 2}, float32 (float64
+            for float64 inputs: the accumulation precision), on the inputs' device.
         row: which row of `coef` to use: an int, or an int64 device scalar (no host sync; an
             out-of-range device row yields NaN outputs instead of reading out of bounds).
         out: optional num_out tensors to write; each may be one of the inputs (in place).
+        noise: optional (seeds, counters): per-sample int64 seeds [batch] and 1-2 counters;
+            term m is the standard normal z(seeds[b], counters[m], element within sample b),
+            generated in-kernel, the same on every backend and in any batch.
         backend: "auto", "reference", "cpu", "cuda" or "triton" (see `fastdiff info`).
 
     Returns:
         The num_out results (the `out` tensors when given). The inputs are never modified
         unless passed as `out`.
     """
-    inputs, coef, row, row_tensor, out = _validate(inputs, coef, row, out)
+    inputs, coef, row, row_tensor, out, seeds, counters = _validate(inputs, coef, row, out, noise)
     if torch.compiler.is_compiling():
         if out is None:
-            return torch.ops.fastdiff.lincomb(inputs, coef, row_tensor, row, backend)
-        torch.ops.fastdiff.lincomb_out(inputs, coef, row_tensor, row, backend, list(out))
+            return torch.ops.fastdiff.lincomb(inputs, coef, row_tensor, row, backend, seeds,
+                                              counters)
+        torch.ops.fastdiff.lincomb_out(inputs, coef, row_tensor, row, backend, list(out), seeds,
+                                       counters)
         return list(out)
     if out is not None:
         _check_out_aliasing(inputs, out)
-    return _run(inputs, coef, row, row_tensor, out, backend)
+    return _run(inputs, coef, row, row_tensor, out, backend, seeds, counters)
 
 
 # torch.library registration: torch.compile traces these instead of the Python above.
 @torch.library.custom_op("fastdiff::lincomb", mutates_args=())
 def _lincomb_op(
     inputs: list[torch.Tensor], coef: torch.Tensor, row_tensor: torch.Tensor | None, row: int,
-    backend: str,
+    backend: str, seeds: torch.Tensor | None = None, counters: list[int] | None = None,
 ) -> list[torch.Tensor]:
-    return _run(inputs, coef, row, row_tensor, None, backend)
+    return _run(inputs, coef, row, row_tensor, None, backend, seeds, counters or [])
 
 
 @_lincomb_op.register_fake
-def _(inputs, coef, row_tensor, row, backend):
+def _(inputs, coef, row_tensor, row, backend, seeds=None, counters=None):
     return [torch.empty_like(inputs[0]) for _ in range(coef.shape[1])]
 
 
 @torch.library.custom_op("fastdiff::lincomb_out", mutates_args=("out",))
 def _lincomb_out_op(
     inputs: list[torch.Tensor], coef: torch.Tensor, row_tensor: torch.Tensor | None, row: int,
-    backend: str, out: list[torch.Tensor],
+    backend: str, out: list[torch.Tensor], seeds: torch.Tensor | None = None,
+    counters: list[int] | None = None,
 ) -> None:
-    _run(inputs, coef, row, row_tensor, out, backend)
+    _run(inputs, coef, row, row_tensor, out, backend, seeds, counters or [])
 
 
 @_lincomb_out_op.register_fake
-def _(inputs, coef, row_tensor, row, backend, out):
+def _(inputs, coef, row_tensor, row, backend, out, seeds=None, counters=None):
     return None

@@ -19,7 +19,7 @@
 namespace fastdiff {
 
 // Bumped whenever a binding's signature or meaning changes; Python refuses a mismatching _C.
-constexpr int kAbiVersion = 1;
+constexpr int kAbiVersion = 2;
 
 // Dtype codes shared with Python (fastdiff/_native.py: DTYPE_CODES).
 enum class DType : int { kFloat16 = 0, kBFloat16 = 1, kFloat32 = 2, kFloat64 = 3 };
