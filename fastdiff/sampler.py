@@ -107,28 +107,41 @@ class Sampler:
         guidance: classifier-free guidance scale; then call with cond=... and uncond=....
         backend: "auto", "cuda", "triton", "cpu" or "reference" for the fused steps.
         graph: capture the whole loop, model calls included, in one CUDA graph.
-        noise_sampler: for stochastic solvers, a k-diffusion noise sampler
-            `noise_sampler(sigma, sigma_next) -> tensor` (the same one gives the same samples as
-            k-diffusion); default: draws from `generator` (or torch's global generator).
+        noise: for stochastic solvers: "philox" (default) generates the noise inside the step
+            kernels from per-sample seeds (sample i is the same in any batch, on any backend;
+            Brownian-bridge solvers get correctly correlated increments), "generator" draws
+            noise tensors like the reference solvers do (from `noise_sampler`, or `generator` /
+            torch's global generator), for exact agreement with k-diffusion.
+        noise_sampler: a k-diffusion noise sampler `noise_sampler(sigma, sigma_next) -> tensor`
+            (implies noise="generator"; the same one gives the same samples as k-diffusion).
         **options: the solver's keyword options (eta, s_noise, order, ...).
+
+    Call as `sampler(noise, seed=None, seeds=None, generator=None, **cond)`: Philox seeds are
+    `seeds` (int64 [B]), else `seed + arange(B)`, else drawn from `generator`.
     """
 
     def __init__(self, model: Callable, solver: str = "dpmpp_2m", sigmas=None, *,
                  guidance: float | None = None, backend: str = "auto", graph: bool = False,
-                 noise_sampler: Callable | None = None, **options):
+                 noise: str | None = None, noise_sampler: Callable | None = None, **options):
         if solver not in SOLVERS:
             raise ValueError(f"solver must be one of {sorted(SOLVERS)}, got {solver!r}")
         if sigmas is None:
             raise ValueError("sigmas is required (e.g. fastdiff.spacings.get_sigmas_karras(...))")
         info = SOLVERS[solver]
-        self.solver, self.backend, self.graph = solver, backend, graph
+        noise = noise or ("generator" if noise_sampler is not None else "philox")
+        if noise not in ("philox", "generator"):
+            raise ValueError(f"noise must be 'philox' or 'generator', got {noise!r}")
+        if noise == "philox" and noise_sampler is not None:
+            raise ValueError("noise_sampler draws noise tensors: use noise='generator' with it")
+        self.solver, self.backend, self.graph, self.noise = solver, backend, graph, noise
         self.options = {**info.kwargs, **options}
         self.noise_sampler = noise_sampler
         self.sigmas = torch.as_tensor(sigmas)
         self.adapter = _ModelAdapter(model, guidance, info.param)
-        self.plan: Plan = build_plan(solver, self.sigmas, "calls", **self.options)
+        mode = "brownian" if noise == "philox" and solver in _BROWNIAN else "calls"
+        self.plan: Plan = build_plan(solver, self.sigmas, mode, **self.options)
         self.scalings = self.adapter.scalings([s.sigma for s in self.plan.stages])
-        self.launches, tables = lower(self.plan, self.scalings)
+        self.launches, tables = lower(self.plan, self.scalings, in_kernel_noise=noise == "philox")
         self._tables64 = tables
         self._cache: dict = {}
         self._graphs = None
@@ -163,12 +176,33 @@ class Sampler:
 
     # -- execution ---------------------------------------------------------------------------
 
+    def seeds_for(self, noise: torch.Tensor, seed: int | None = None,
+                  seeds: torch.Tensor | None = None, generator: torch.Generator | None = None
+                  ) -> torch.Tensor | None:
+        """Per-sample Philox seeds (int64 [B] on noise's device), or None without noise."""
+        if self.noise != "philox" or not self.plan.noise:
+            return None
+        batch = noise.shape[0]
+        if seeds is not None:
+            if not isinstance(seeds, torch.Tensor) or seeds.dtype != torch.int64 or \
+                    seeds.shape != (batch,):
+                raise ValueError(f"seeds must be an int64 tensor of shape ({batch},)")
+            return seeds.to(noise.device)
+        if seed is not None:
+            return torch.arange(seed, seed + batch, dtype=torch.int64, device=noise.device)
+        return torch.randint(-(2**63), 2**63 - 1, (batch,), generator=generator,
+                             dtype=torch.int64).to(noise.device)
+
     def run(self, noise: torch.Tensor, generator: torch.Generator | None = None,
-            **cond) -> torch.Tensor:
+            seed: int | None = None, seeds: torch.Tensor | None = None, **cond) -> torch.Tensor:
         """One eager run: the loop of model calls and fused stage launches."""
         if not isinstance(noise, torch.Tensor) or not noise.is_floating_point():
             raise TypeError("noise must be a floating-point tensor")
+        if noise.dim() < 1 or noise.numel() == 0:
+            raise ValueError(f"noise must have a batch dimension and elements, got shape"
+                             f" {tuple(noise.shape)}")
         tables, levels = self._constants(noise)
+        philox_seeds = self.seeds_for(noise, seed, seeds, generator)
         backend = resolve(self.backend, noise.device)
         cond = self.adapter.batch_cond(cond)
         draw = self._noise_source(noise, generator)
@@ -186,12 +220,13 @@ class Sampler:
                     regs[("part", p)] = part
                 if self.scalings.plain:
                     regs[("D", k)] = parts[0]
-            result = self._launch(launch, regs, tables, backend, noise, drawn, (draw, plain_draw))
+            result = self._launch(launch, regs, tables, backend, noise, drawn, (draw, plain_draw),
+                                  philox_seeds)
             for old in [key for key in regs if key[0] in ("F", "D", "E") and key[1] < k - 16]:
                 del regs[old]
         return result
 
-    def _launch(self, launch: Launch, regs, tables, backend, x, drawn, draws):
+    def _launch(self, launch: Launch, regs, tables, backend, x, drawn, draws, seeds):
         draw, plain_draw = draws
         for ref in launch.inputs:
             if ref.kind == "z":  # drawn in the reference's order, with its arguments
@@ -201,7 +236,8 @@ class Sampler:
                 regs[("z", ref.index)] = drawn[ref.index]
         inputs = [regs[(r.kind, r.index)] for r in launch.inputs]
         outs = [torch.empty_like(x) for _ in launch.outputs]
-        lincomb(inputs, tables[launch.arity], launch.row, out=outs, backend=backend)
+        noise = (seeds, list(launch.noise)) if launch.noise else None
+        lincomb(inputs, tables[launch.arity], launch.row, out=outs, noise=noise, backend=backend)
         for name, t in zip(launch.outputs, outs):
             if name == "F":
                 regs[("F", launch.call + 1)] = t
@@ -210,6 +246,7 @@ class Sampler:
         return outs[0]
 
     def __call__(self, noise: torch.Tensor, generator: torch.Generator | None = None,
+                 seed: int | None = None, seeds: torch.Tensor | None = None,
                  **cond) -> torch.Tensor:
         if self.graph:
             if noise.device.type != "cuda":
@@ -222,13 +259,14 @@ class Sampler:
                 if self._graphs is None:
                     self._graphs = GraphCache(self.run)
                 if self._graphs:
-                    return self._graphs(noise, generator=generator, **cond)
-        return self.run(noise, generator=generator, **cond)
+                    return self._graphs(noise, self.seeds_for(noise, seed, seeds, generator),
+                                        **cond)
+        return self.run(noise, generator=generator, seed=seed, seeds=seeds, **cond)
 
 
 def sample(model: Callable, x: torch.Tensor, sigmas, solver: str = "dpmpp_2m",
            **options) -> torch.Tensor:
     """One-shot: `Sampler(model, solver, sigmas, **options)(x)`; cond via `extra_args=dict`."""
     extra = options.pop("extra_args", None) or {}
-    generator = options.pop("generator", None)
-    return Sampler(model, solver, sigmas, **options)(x, generator=generator, **extra)
+    call = {k: options.pop(k) for k in ("generator", "seed", "seeds") if k in options}
+    return Sampler(model, solver, sigmas, **options)(x, **call, **extra)

@@ -51,7 +51,7 @@ def run_reference(name, model, x, sigmas, seed=1, **kwargs):
 
 
 def run_engine(name, model, x, sigmas, backend, seed=1, **kwargs):
-    sampler = Sampler(model, name, sigmas, backend=backend, **kwargs)
+    sampler = Sampler(model, name, sigmas, backend=backend, noise="generator", **kwargs)
     if "noise_sampler" in inspect.signature(SOLVERS[name].fn).parameters:
         sampler.noise_sampler = seeded_noise(x, seed)
     torch.manual_seed(seed)
@@ -132,7 +132,7 @@ def test_parameterisation_and_guidance_are_fused(name, backend):
     cond = dict(cond=torch.zeros(x.shape[0], device=DEVICE),
                 uncond=torch.ones(x.shape[0], device=DEVICE))
     want = run_reference(name, cfg, x, sigmas, extra_args=cond)
-    sampler = Sampler(cfg, name, sigmas, backend=backend)
+    sampler = Sampler(cfg, name, sigmas, backend=backend, noise="generator")
     if "noise_sampler" in inspect.signature(SOLVERS[name].fn).parameters:
         sampler.noise_sampler = seeded_noise(x, 1)
     torch.manual_seed(1)
@@ -202,3 +202,69 @@ def test_triton_steps_equal_the_reference(name):
     model, x, sigmas = problem(name, torch.float32, steps=5, batch=2)
     want = run_reference(name, model, x, sigmas)
     assert rel_err(run_engine(name, model, x, sigmas, "triton"), want) <= 1e-5
+
+
+# ---- in-kernel (Philox) noise ------------------------------------------------------------------
+
+STOCHASTIC = [n for n in FIXED_STEP if SOLVERS[n].stochastic and n != "dpmpp_sde"]
+
+
+def philox_noise_sampler(x, seeds):
+    """A reference noise sampler returning the engine's n-th Philox draw at its n-th call."""
+    from fastdiff.reference.lincomb import noise_like
+
+    calls = iter(range(10**6))
+    return lambda *args: noise_like(x, seeds, next(calls)).to(x.dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", STOCHASTIC)
+def test_philox_noise_equals_the_reference_fed_the_same_noise(name, backend):
+    model, x, sigmas = problem(name)
+    seeds = torch.arange(100, 100 + x.shape[0], device=DEVICE)
+    info = SOLVERS[name]
+    if "noise_sampler" not in inspect.signature(info.fn).parameters:
+        pytest.skip("the reference draws with randn_like only")
+    want = info.fn(model, x, sigmas, disable=True, noise_sampler=philox_noise_sampler(x, seeds),
+                   **info.kwargs)
+    got = Sampler(model, name, sigmas, backend=backend)(x, seeds=seeds)
+    assert rel_err(got, want) < 1e-10
+
+
+@pytest.mark.filterwarnings("ignore:Should have tb<=t1")
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["euler_ancestral", "dpmpp_sde", "dpmpp_2m_sde", "ddpm", "lcm"])
+def test_a_sample_is_the_same_alone_or_in_any_batch(name, backend):
+    model, x, sigmas = problem(name, torch.float32, batch=4)
+    sampler = Sampler(model, name, sigmas, backend=backend)
+    together = sampler(x, seed=7)
+    for i in range(4):
+        alone = sampler(x[i:i + 1], seeds=torch.tensor([7 + i], device=DEVICE))
+        assert torch.equal(alone[0], together[i])
+    order = torch.tensor([2, 0, 3, 1])
+    shuffled = sampler(x[order], seeds=(7 + order).to(DEVICE))
+    assert torch.equal(shuffled, together[order])
+
+
+@pytest.mark.filterwarnings("ignore:Should have tb<=t1")  # torchsde's float rounding at t1
+def test_brownian_bridge_noise_matches_kdiffusions_brownian_tree_in_distribution():
+    """dpmpp_sde draws overlapping Brownian increments; the engine expresses them through
+    independent Philox normals by the Brownian bridge. Its samples must match the reference
+    run with k-diffusion's torchsde Brownian tree, within sampling error."""
+    pytest.importorskip("torchsde")
+    from fastdiff.reference.solvers._utils import BrownianTreeNoiseSampler
+
+    gmm = GaussianMixture.default(d=2)
+    n = 3000
+    sigmas = get_sigmas_karras(12, 0.02, 10.0, dtype=torch.float64)
+    x = torch.randn(n, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64) * 10
+    ns = BrownianTreeNoiseSampler(x, 0.02, 10.0, seed=5)  # one batched tree
+    ref = SOLVERS["dpmpp_sde"].fn(gmm, x, sigmas, disable=True, noise_sampler=ns)
+    got = Sampler(gmm, "dpmpp_sde", sigmas)(x, seed=0)
+    se = (ref.var(0) / n + got.var(0) / n).sqrt()
+    assert ((got.mean(0) - ref.mean(0)).abs() < 5 * se).all()
+    # the ratio of two independent sample variances has standard error ~ sqrt(4 / n)
+    assert ((got.var(0) / ref.var(0) - 1).abs() < 5 * (4 / n) ** 0.5).all()
+    # the noise really is there: a deterministic run (eta = 0) gives a different distribution
+    ode = Sampler(gmm, "dpmpp_sde", sigmas, eta=0.0)(x)
+    assert not torch.allclose(ode, got)

@@ -19,6 +19,7 @@ import torch
 from fastdiff.solvers.plan import Plan, Ref
 
 MAX_INPUTS = 6
+MAX_NOISE = 2
 
 
 @dataclass(frozen=True)
@@ -39,16 +40,17 @@ class Scalings:
 
 @dataclass(frozen=True)
 class Launch:
-    """One fused kernel call: outputs = tables[len(outputs), len(inputs)][row] @ inputs."""
+    """One fused kernel call: outputs = tables[arity][row] @ (inputs, in-kernel noise)."""
 
-    inputs: tuple[Ref, ...]  # Ref kinds: x, F, D, z, and "part" (index = half of the output)
+    inputs: tuple[Ref, ...]  # Ref kinds: x, F, D, E, z (a drawn tensor), "part" (output half)
     outputs: tuple[str, ...]  # "F" (next model input), "out" (sample), "H" (history entry)
     row: int  # row in the table of this launch's arity
     call: int  # the model call it follows (-1: the prologue, before the first call)
+    noise: tuple[int, ...] = ()  # noise symbols generated in-kernel (Philox counters)
 
     @property
     def arity(self) -> tuple[int, int]:
-        return len(self.outputs), len(self.inputs)
+        return len(self.outputs), len(self.inputs) + len(self.noise)
 
 
 def _accumulate(acc: dict[Ref, float], ref: Ref, value: float) -> None:
@@ -76,21 +78,26 @@ def _expand(plan: Plan, terms, call: int, sc: Scalings, scale: float) -> dict[Re
     return {r: c for r, c in acc.items() if c != 0.0}
 
 
-def lower(plan: Plan, sc: Scalings) -> tuple[list[Launch], dict[tuple[int, int], torch.Tensor]]:
+def lower(plan: Plan, sc: Scalings, in_kernel_noise: bool = False
+          ) -> tuple[list[Launch], dict[tuple[int, int], torch.Tensor]]:
     """Launches (prologue first, then one per stage) and their float64 coefficient tables, one
-    [rows, num_out, num_in] table per arity (the kernel reads row `launch.row` of its own)."""
+    [rows, num_out, width] table per arity (the kernel reads row `launch.row` of its own).
+    With `in_kernel_noise`, noise symbols become Philox terms of the kernel instead of inputs."""
     launches: list[Launch] = []
     rows: dict[tuple[int, int], list[list[list[float]]]] = {}
 
     def add(outputs: tuple[str, ...], combos: list[dict[Ref, float]], call: int) -> None:
         refs = tuple(dict.fromkeys(r for combo in combos for r in combo))
-        if len(refs) > MAX_INPUTS:
-            raise RuntimeError(f"{plan.solver}: a stage reads {len(refs)} tensors"
-                               f" ({', '.join(map(str, refs))}); the fused kernel takes"
-                               f" {MAX_INPUTS}")
-        table = rows.setdefault((len(outputs), len(refs)), [])
-        launches.append(Launch(refs, outputs, len(table), call))
-        table.append([[combo.get(r, 0.0) for r in refs] for combo in combos])
+        noise = tuple(r for r in refs if in_kernel_noise and r.kind == "z")
+        tensors = tuple(r for r in refs if r not in noise)
+        if len(tensors) > MAX_INPUTS or len(noise) > MAX_NOISE:
+            raise RuntimeError(f"{plan.solver}: a stage reads {len(tensors)} tensors and"
+                               f" {len(noise)} noise terms ({', '.join(map(str, refs))}); the"
+                               f" fused kernel takes {MAX_INPUTS} and {MAX_NOISE}")
+        launch = Launch(tensors, outputs, 0, call, tuple(r.index for r in noise))
+        table = rows.setdefault(launch.arity, [])
+        launches.append(Launch(tensors, outputs, len(table), call, launch.noise))
+        table.append([[combo.get(r, 0.0) for r in tensors + noise] for combo in combos])
 
     first = _expand(plan, plan.prologue, -1, sc, sc.c_in[0])
     if first != {Ref("x"): 1.0}:  # F[0] is not simply the user's noise
