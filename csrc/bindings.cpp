@@ -41,4 +41,5 @@ PYBIND11_MODULE(_C, m) {
   m.def("has_openmp", [] { return false; });
 #endif
   bind_lincomb(m);
+  bind_group_norm(m);
 }
