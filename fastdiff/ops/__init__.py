@@ -2,8 +2,11 @@
 ops are registered with torch.library (namespace `fastdiff`) so torch.compile can trace them."""
 
 from fastdiff.ops._backends import BACKENDS, resolve, status, unavailable_reason
+from fastdiff.ops.attention import attention, attention_block, attention_dispatch_info
+from fastdiff.ops.group_norm import group_norm
 from fastdiff.ops.lincomb import lincomb
 
-OPS = {"lincomb": lincomb}
+OPS = {"attention": attention, "group_norm": group_norm, "lincomb": lincomb}
 
-__all__ = ["BACKENDS", "OPS", "lincomb", "resolve", "status", "unavailable_reason"]
+__all__ = ["BACKENDS", "OPS", "attention", "attention_block", "attention_dispatch_info",
+           "group_norm", "lincomb", "resolve", "status", "unavailable_reason"]

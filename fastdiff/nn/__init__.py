@@ -1,0 +1,7 @@
+"""Fused drop-in modules (GroupNorm, Attention) with the parameter names of torch.nn and
+diffusers, dispatching to fastdiff.ops."""
+
+from fastdiff.nn.attention import Attention
+from fastdiff.nn.group_norm import GroupNorm, GroupNormSiLU
+
+__all__ = ["Attention", "GroupNorm", "GroupNormSiLU"]
