@@ -107,7 +107,7 @@ class Denoiser(nn.Module):
         self.schedule = schedule
 
     @staticmethod
-    def from_alphas_cumprod( network: Callable, alphas_cumprod: Tensor,
+    def from_alphas_cumprod(network: Callable, alphas_cumprod: Tensor,
                             prediction: str = "epsilon", quantize: bool = False) -> Denoiser:
         """A discrete-timestep DDPM network (diffusers, CompVis): sigma_t^2 = (1 - abar) / abar."""
         return Denoiser(network, prediction, schedule=DiscreteVPSchedule(alphas_cumprod),
@@ -157,6 +157,12 @@ class Denoiser(nn.Module):
             return sigma.clamp_min(torch.finfo(_F64).tiny).log() / 4
         return sigma
 
+    def flow_time_input(self, s) -> Tensor:
+        """The network's time input at flow time(s) s (what `flow_forward` passes), float64."""
+        s = torch.as_tensor(s, dtype=_F64)
+        return self._flow_time(s) if self.prediction == "flow" else \
+            self.time_input(flow_to_sigma(s))
+
     def _flow_time(self, s: Tensor) -> Tensor:
         if self.timestep is not None:
             return torch.as_tensor(self.timestep(s), dtype=_F64)
@@ -176,20 +182,18 @@ class Denoiser(nn.Module):
     def flow_forward(self, x: Tensor, s, **cond) -> Tensor:
         """D(x_s, s) in flow coordinates (for solvers with param == "flow")."""
         s = torch.as_tensor(s, dtype=_F64, device=x.device)
-        if self.prediction == "flow":
-            time = self._flow_time(s)
-        else:
-            time = self.time_input(flow_to_sigma(s))
-        return self._apply(x, self.flow_scalings(s), time, cond)
+        return self._apply(x, self.flow_scalings(s), self.flow_time_input(s), cond)
 
     def _apply(self, x: Tensor, coeffs, time: Tensor, cond: dict) -> Tensor:
-        if x.ndim < 1 or (time.ndim > 0 and time.shape[0] != x.shape[0]):
+        if x.ndim < 1 or time.ndim > 1 or (time.ndim == 1 and time.shape[0] != x.shape[0]):
             raise ValueError(f"sigma must be a scalar or [B={x.shape[0]}], got {tuple(time.shape)}")
         # combine in at least fp32 (DESIGN.md: accumulate in fp32 whatever the storage dtype)
         acc = torch.promote_types(x.dtype, torch.float32)
         c_skip, c_out, c_in = (_column(c, x, acc) for c in coeffs)
+        # the network always gets one time value per sample, as k-diffusion's sigma * s_in
         t_dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
-        out = self.network((x * c_in).to(x.dtype), time.to(t_dtype), **cond)
+        time = time.to(t_dtype).expand(x.shape[0])
+        out = self.network((x * c_in).to(x.dtype), time, **cond)
         return (c_skip * x + c_out * out).to(x.dtype)
 
 
@@ -231,7 +235,8 @@ class FlowDenoiser(Denoiser):
 # ---- coordinate changes between VE and flow denoisers -----------------------------------------
 
 def ve_to_flow(model: Callable) -> Callable:
-    """A flow-space denoiser D_f(x_s, s) = D(x_s / (1 - s), s / (1 - s)) from a VE denoiser."""
+    """A flow-space denoiser D_f(x_s, s) = D(x_s / (1 - s), s / (1 - s)) from a VE denoiser
+    (s < 1; a `Denoiser` uses its `flow_forward`, finite at s = 1 for flow networks)."""
     if isinstance(model, Denoiser):
         return model.flow_forward
 

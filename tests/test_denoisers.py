@@ -319,3 +319,12 @@ def test_dtype_is_preserved_and_fp32_matches_fp64():
     torch.testing.assert_close(d32.double(), GMM.denoiser(x.float().double(), sigma.float()),
                                atol=1e-5, rtol=1e-5)
     assert math.isfinite(float(d32.abs().max()))
+
+
+def test_scalar_sigma_gives_the_network_one_time_per_sample():
+    seen = []
+    den = EpsDenoiser(lambda x_t, t: (seen.append(t), eps_net(x_t, t))[1])
+    x, _ = _batch(SIGMAS[1:])
+    torch.testing.assert_close(den(x, 0.5), den(x, torch.full((len(x),), 0.5, dtype=F64)),
+                               atol=0, rtol=0)
+    assert seen[0].shape == (len(x),)
