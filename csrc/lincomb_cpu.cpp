@@ -1,6 +1,7 @@
 // CPU launcher of the fused linear combination: the element math of lincomb.h, run over
-// OpenMP threads. num_in/num_out are template constants here so the compiler can fold the
-// fixed-size loops and vectorise; the arithmetic is the same function the GPU runs.
+// tiles (and OpenMP threads for large tensors). num_in/num_out are template constants here so
+// the compiler can fold the fixed-size loops and vectorise; the arithmetic is the same function
+// the GPU runs.
 #include "fastdiff/lincomb.h"
 
 #include <algorithm>
@@ -12,28 +13,58 @@
 namespace fastdiff {
 namespace {
 
-// Below this many elements a parallel region costs more than it saves.
-constexpr int64_t kParallelThreshold = 1 << 15;
-constexpr int64_t kChunk = 1 << 12;
+// Threads pay off only for large tensors (e.g. VAE activations). Below this, one thread runs
+// near memory bandwidth, and a parallel region can cost more than the work: torch brings its
+// own OpenMP runtime, whose spinning threads compete with ours for the cores, and on a loaded
+// machine a barrier can wait milliseconds for a preempted thread (both measured).
+constexpr int64_t kParallelThreshold = 1 << 22;
+// Elements per tile: inputs are widened into local arrays, which alias nothing, so the compiler
+// vectorises the element math; every tile is loaded before it is stored, which keeps an output
+// that is exactly an input (an in-place update) correct.
+constexpr int64_t kTile = 256;
+
+template <typename T, int NIN, int NOUT, bool NOISE>
+void lincomb_tile(const LincombArgs<T>& a, const typename Acc<T>::type (&c)[kLincombMaxOut][kLincombSlots],
+                  int64_t begin, int64_t end) {
+  using A = typename Acc<T>::type;
+  A x[NIN][kTile];
+  A y[NOUT][kTile];
+  A z[kLincombMaxNoise][kTile];
+  const int64_t len = end - begin;
+  for (int k = 0; k < NIN; ++k)
+    for (int64_t t = 0; t < len; ++t) x[k][t] = A(to_float(a.in[k][begin + t]));
+  if (NOISE) {
+    for (int64_t t = 0; t < len; ++t) {
+      A slots[kLincombSlots] = {};
+      lincomb_noise(a, begin + t, slots);
+      for (int m = 0; m < kLincombMaxNoise; ++m) z[m][t] = slots[kLincombMaxIn + m];
+    }
+  }
+  for (int64_t t = 0; t < len; ++t) {
+    A e[kLincombSlots] = {};
+    A out[kLincombMaxOut];
+    for (int k = 0; k < NIN; ++k) e[k] = x[k][t];
+    if (NOISE)
+      for (int m = 0; m < kLincombMaxNoise; ++m) e[kLincombMaxIn + m] = z[m][t];
+    lincomb_element(c, e, NIN, NOUT, NOISE ? a.num_noise : 0, out);
+    for (int j = 0; j < NOUT; ++j) y[j][t] = out[j];
+  }
+  for (int j = 0; j < NOUT; ++j)
+    for (int64_t t = 0; t < len; ++t) a.out[j][begin + t] = store_as<T>(y[j][t]);
+}
 
 template <typename T, int NIN, int NOUT>
 void lincomb_cpu_impl(const LincombArgs<T>& a) {
   using A = typename Acc<T>::type;
   A c[kLincombMaxOut][kLincombSlots];
   lincomb_load_coef(a, c);
-  const int64_t chunks = (a.n + kChunk - 1) / kChunk;
+  const int64_t tiles = (a.n + kTile - 1) / kTile;
 #pragma omp parallel for schedule(static) if (a.n >= kParallelThreshold)
-  for (int64_t chunk = 0; chunk < chunks; ++chunk) {
-    const int64_t begin = chunk * kChunk;
-    const int64_t end = std::min(a.n, begin + kChunk);
-    for (int64_t i = begin; i < end; ++i) {
-      A x[kLincombSlots] = {};
-      A y[kLincombMaxOut];
-      for (int k = 0; k < NIN; ++k) x[k] = A(to_float(a.in[k][i]));
-      lincomb_noise(a, i, x);
-      lincomb_element(c, x, NIN, NOUT, a.num_noise, y);
-      for (int j = 0; j < NOUT; ++j) a.out[j][i] = store_as<T>(y[j]);
-    }
+  for (int64_t tile = 0; tile < tiles; ++tile) {
+    const int64_t begin = tile * kTile;
+    const int64_t end = std::min(a.n, begin + kTile);
+    if (a.num_noise > 0) lincomb_tile<T, NIN, NOUT, true>(a, c, begin, end);
+    else lincomb_tile<T, NIN, NOUT, false>(a, c, begin, end);
   }
 }
 

@@ -18,6 +18,7 @@ import torch
 
 from fastdiff.denoisers import CFGDenoiser, Denoiser
 from fastdiff.ops import lincomb, resolve
+from fastdiff.ops.lincomb import launch_unchecked, same_dense_layout
 from fastdiff.reference.solvers import SOLVERS
 from fastdiff.reference.solvers._utils import default_noise_sampler
 from fastdiff.solvers import Plan, build_plan
@@ -30,12 +31,14 @@ _BROWNIAN = {"dpmpp_sde"}
 class _ModelAdapter:
     """How the engine calls the model, and how its output becomes D (Scalings)."""
 
-    def __init__(self, model: Callable, guidance: float | None, param: str):
+    def __init__(self, model: Callable, guidance: float | None, param: str,
+                 cond_key: str = "cond"):
         if isinstance(model, CFGDenoiser):
             if guidance is not None:
                 raise ValueError("guidance is given twice: model is a CFGDenoiser with scale"
                                  f" {model.scale} and guidance={guidance}")
-            model, guidance = model.inner_model, model.scale
+            model, guidance, cond_key = model.inner_model, model.scale, model.cond_key
+        self.cond_key = cond_key
         if not callable(model):
             raise TypeError(f"model must be callable as model(x, sigma, **cond), got"
                             f" {type(model).__name__}")
@@ -64,8 +67,8 @@ class _ModelAdapter:
         out = []
         for s in sigmas:
             s64 = torch.tensor(s, dtype=torch.float64)
-            time = (d._flow_time(s64) if self.param == "flow" and d.prediction == "flow" else
-                    d.time_input(s64 / (1 - s64) if self.param == "flow" else s64))
+            time = (d.flow_time_input(s64) if self.param == "flow" and d.prediction == "flow"
+                    else d.time_input(s64 / (1 - s64) if self.param == "flow" else s64))
             out.append(torch.full((b,), float(time), dtype=t_dtype, device=device))
         return out
 
@@ -78,7 +81,7 @@ class _ModelAdapter:
             raise ValueError("guidance needs the conditioning: call the sampler with cond=..."
                              " and uncond=...")
         rest = {k: v for k, v in cond.items() if k not in ("cond", "uncond")}
-        return {"cond": _cat(cond["uncond"], cond["cond"]), **rest}
+        return {self.cond_key: _cat(cond["uncond"], cond["cond"]), **rest}
 
     def __call__(self, x_in: torch.Tensor, level: torch.Tensor, cond: dict) -> list[torch.Tensor]:
         """The model's output parts: [D] or [out], or the two guidance halves."""
@@ -104,7 +107,8 @@ class Sampler:
             scaling are fused into the step), or a `CFGDenoiser`.
         solver: a name from `fastdiff.reference.solvers.SOLVERS` (adaptive solvers excluded).
         sigmas: the noise levels, descending (flow solvers: the flow times s, 1 -> 0).
-        guidance: classifier-free guidance scale; then call with cond=... and uncond=....
+        guidance: classifier-free guidance scale; then call with cond=... and uncond=..., which
+            reach the network batched as `cond_key` (a CFGDenoiser model brings its own).
         backend: "auto", "cuda", "triton", "cpu" or "reference" for the fused steps.
         graph: capture the whole loop, model calls included, in one CUDA graph.
         noise: for stochastic solvers: "philox" (default) generates the noise inside the step
@@ -122,7 +126,8 @@ class Sampler:
 
     def __init__(self, model: Callable, solver: str = "dpmpp_2m", sigmas=None, *,
                  guidance: float | None = None, backend: str = "auto", graph: bool = False,
-                 noise: str | None = None, noise_sampler: Callable | None = None, **options):
+                 noise: str | None = None, noise_sampler: Callable | None = None,
+                 cond_key: str = "cond", **options):
         if solver not in SOLVERS:
             raise ValueError(f"solver must be one of {sorted(SOLVERS)}, got {solver!r}")
         if sigmas is None:
@@ -137,7 +142,7 @@ class Sampler:
         self.options = {**info.kwargs, **options}
         self.noise_sampler = noise_sampler
         self.sigmas = torch.as_tensor(sigmas)
-        self.adapter = _ModelAdapter(model, guidance, info.param)
+        self.adapter = _ModelAdapter(model, guidance, info.param, cond_key)
         mode = "brownian" if noise == "philox" and solver in _BROWNIAN else "calls"
         self.plan: Plan = build_plan(solver, self.sigmas, mode, **self.options)
         self.scalings = self.adapter.scalings([s.sigma for s in self.plan.stages])
@@ -236,8 +241,13 @@ class Sampler:
                 regs[("z", ref.index)] = drawn[ref.index]
         inputs = [regs[(r.kind, r.index)] for r in launch.inputs]
         outs = [torch.empty_like(x) for _ in launch.outputs]
-        noise = (seeds, list(launch.noise)) if launch.noise else None
-        lincomb(inputs, tables[launch.arity], launch.row, out=outs, noise=noise, backend=backend)
+        if same_dense_layout([*inputs, *outs]):  # the common case: skip per-call validation
+            launch_unchecked(inputs, tables[launch.arity], launch.row, outs, backend, seeds,
+                             list(launch.noise))
+        else:  # e.g. a model answering channels-last for contiguous input: the checked op copies
+            noise = (seeds, list(launch.noise)) if launch.noise else None
+            lincomb(inputs, tables[launch.arity], launch.row, out=outs, noise=noise,
+                    backend=backend)
         for name, t in zip(launch.outputs, outs):
             if name == "F":
                 regs[("F", launch.call + 1)] = t
@@ -248,19 +258,19 @@ class Sampler:
     def __call__(self, noise: torch.Tensor, generator: torch.Generator | None = None,
                  seed: int | None = None, seeds: torch.Tensor | None = None,
                  **cond) -> torch.Tensor:
-        if self.graph:
-            if noise.device.type != "cuda":
-                if self._graphs is None:
-                    warnings.warn("graph=True needs CUDA tensors; running eagerly", stacklevel=2)
-                    self._graphs = False
+        if self.graph and self._graphs is not False:
+            reason = ("graph=True needs CUDA tensors" if noise.device.type != "cuda" else
+                      "a torch.Generator's draws cannot be replayed by a graph: use seeds (Philox)"
+                      if self.noise == "generator" and generator is not None else "")
+            if reason:
+                warnings.warn(f"fastdiff: {reason}; running eagerly", stacklevel=2)
+                self._graphs = False
             else:
                 from fastdiff.graph import GraphCache
 
                 if self._graphs is None:
                     self._graphs = GraphCache(self.run)
-                if self._graphs:
-                    return self._graphs(noise, self.seeds_for(noise, seed, seeds, generator),
-                                        **cond)
+                return self._graphs(noise, self.seeds_for(noise, seed, seeds, generator), **cond)
         return self.run(noise, generator=generator, seed=seed, seeds=seeds, **cond)
 
 

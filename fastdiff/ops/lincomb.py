@@ -215,6 +215,23 @@ def _run(inputs, coef, row, row_tensor, out, backend: str, seeds=None, counters=
     return outs
 
 
+def launch_unchecked(inputs, coef, row: int, outs, backend: str, seeds=None, counters=()) -> None:
+    """The kernel launch without validation, for callers that guarantee what lincomb() checks
+    (the sampling engine, per stage): same shape, dtype and device; one dense layout shared by
+    every input and output; `coef` [rows, len(outs), len(inputs) + len(counters)] contiguous in
+    the accumulation dtype; `backend` already resolved; outputs fresh or exactly an input."""
+    if backend == "reference":
+        _run(list(inputs), coef, row, None, outs, backend, seeds, counters)
+    else:
+        _LAUNCHERS[backend](inputs, coef, row, None, outs, seeds, counters)
+
+
+def same_dense_layout(tensors: Sequence[torch.Tensor]) -> bool:
+    """True when all tensors share one dense layout (what launch_unchecked needs)."""
+    first = tensors[0]
+    return _is_dense(first) and all(t.stride() == first.stride() for t in tensors[1:])
+
+
 def lincomb(
     inputs: Sequence[torch.Tensor],
     coef: torch.Tensor,
