@@ -3,7 +3,8 @@
 #   make test                   creates .venv, installs torch (pinned CPU build, only if no torch
 #                               is importable), fastdiff with its test extras, builds fastdiff._C,
 #                               runs the whole suite (tests and benchmarks in quick mode)
-#   make demo                   the same set-up, then the main job
+#   make demo                   the same set-up, then the main job: fastdiff info, and a grid of
+#                               digits from the embedded model (digits.png) with the fused engine
 #   make test PYTHON=python3    reuse an existing interpreter (a GPU machine with CUDA torch,
 #                               triton and nvcc, no network): installs fastdiff alone, no deps
 
@@ -42,7 +43,7 @@ test: install
 
 demo: install
 	$(PYTHON) -m fastdiff info
-	$(PYTHON) -m fastdiff compare
+	$(PYTHON) -m fastdiff sample --out digits.png
 
 lint: install
 	$(PYTHON) -m ruff check .

@@ -12,13 +12,17 @@ __version__ = "0.1.0"
 
 from fastdiff import ops  # noqa: E402
 
-_LAZY_MODULES = ("k_diffusion", "schedules", "denoisers", "models", "reference", "kernels", "cli")
+_LAZY_MODULES = ("k_diffusion", "schedules", "spacings", "denoisers", "models", "reference",
+                 "kernels", "nn", "solvers", "sampler", "graph", "cli")
+_LAZY_NAMES = {"Sampler": "fastdiff.sampler", "sample": "fastdiff.sampler"}
 
 
 def __getattr__(name: str):
     if name in _LAZY_MODULES:
         return importlib.import_module(f"fastdiff.{name}")
+    if name in _LAZY_NAMES:
+        return getattr(importlib.import_module(_LAZY_NAMES[name]), name)
     raise AttributeError(f"module 'fastdiff' has no attribute {name!r}")
 
 
-__all__ = ["__version__", "ops", *_LAZY_MODULES]
+__all__ = ["__version__", "ops", "Sampler", "sample", *_LAZY_MODULES]

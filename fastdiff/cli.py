@@ -1,4 +1,5 @@
-"""The `fastdiff` command line: `fastdiff info`, `fastdiff compare` (more as features land)."""
+"""The `fastdiff` command line: info, compare, sample, train (each subcommand's handler lives
+beside the feature it drives; this file only assembles the parser)."""
 
 from __future__ import annotations
 
@@ -60,6 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                           "float64"])
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.set_defaults(func=_cmd_compare)
+    from fastdiff.sample_cli import add_sample_parser
+    from fastdiff.train import add_train_parser
+
+    add_sample_parser(sub)
+    add_train_parser(sub)
     return parser
 
 

@@ -34,6 +34,12 @@ def git_revision() -> str:
         return ""
 
 
+def _attention_dispatch() -> dict:
+    from fastdiff.ops.attention import attention_dispatch_info
+
+    return attention_dispatch_info()
+
+
 def collect() -> dict:
     """Everything `fastdiff info` prints, as a dict (benchmarks record it with their results)."""
     mod, reason = _native.load()
@@ -57,6 +63,7 @@ def collect() -> dict:
         triton=_version("triton"), numpy=_version("numpy"), diffusers=_version("diffusers"),
         cpu_threads=torch.get_num_threads(), cuda_devices=devices, native=native,
         backends=_backends.status(),
+        attention=_attention_dispatch(),
         triton_interpret=os.environ.get("TRITON_INTERPRET", ""),
     )
 
@@ -84,4 +91,8 @@ def render(info: dict) -> str:
     lines.append("backends:")
     for name, why in info["backends"].items():
         lines.append(f"  {name:<20}{'available' if not why else 'unavailable: ' + why}")
+    attn = info["attention"]
+    lines.append(f"attention dispatch (fp16 CUDA): {attn['rule']}")
+    for shape, choice in attn["cuda_fp16"].items():
+        lines.append(f"  {shape:<38}{choice}")
     return "\n".join(lines)
