@@ -44,6 +44,7 @@ from .schedules import DiscreteVPSchedule, NoiseSchedule, flow_to_sigma, sigma_t
 
 __all__ = [
     "PREDICTIONS",
+    "ThresholdedDenoiser",
     "Denoiser",
     "EpsDenoiser",
     "VDenoiser",
@@ -302,3 +303,42 @@ class CFGDenoiser(nn.Module):
                                 **{self.cond_key: _cat(uncond, cond)}, **kwargs)
         d_u, d_c = both.chunk(2)
         return d_u + self.scale * (d_c - d_u)
+
+
+# ---- thresholding of the denoised prediction -------------------------------------------------
+
+class ThresholdedDenoiser(nn.Module):
+    """Dynamic thresholding (Saharia et al. 2022, Imagen, arXiv:2205.11487, Sec. 2.3) and static
+    clipping of the denoised prediction x0 = D(x, sigma), as diffusers' schedulers do with
+    `thresholding=True` / `clip_sample=True`; works with every solver and the fused engine.
+
+    Dynamic: s = quantile(|x0|, ratio) per sample, clamped to [1, max_value]; x0 is clipped to
+    [-s, s] and divided by s. Static: x0 is clamped to [-clip, clip] (applied after).
+    """
+
+    def __init__(self, denoiser: Callable, *, dynamic_ratio: float | None = 0.995,
+                 max_value: float = 1.0, clip: float | None = None):
+        super().__init__()
+        if not callable(denoiser):
+            raise TypeError(f"denoiser must be callable, got {type(denoiser).__name__}")
+        if dynamic_ratio is not None and not 0 < dynamic_ratio <= 1:
+            raise ValueError(f"dynamic_ratio must be in (0, 1], got {dynamic_ratio}")
+        if not max_value >= 1:
+            raise ValueError(f"max_value must be >= 1, got {max_value}")
+        if clip is not None and not clip > 0:
+            raise ValueError(f"clip must be positive, got {clip}")
+        self.inner_model, self.dynamic_ratio = denoiser, dynamic_ratio
+        self.max_value, self.clip = float(max_value), clip
+
+    def forward(self, x: Tensor, sigma, **cond) -> Tensor:
+        d = self.inner_model(x, sigma, **cond)
+        if self.dynamic_ratio is not None:
+            # quantile needs fp32 or fp64 (as diffusers upcasts); per-sample over all other dims
+            acc = torch.promote_types(d.dtype, torch.float32)
+            flat = d.reshape(d.shape[0], -1).to(acc)
+            s = torch.quantile(flat.abs(), self.dynamic_ratio, dim=1)
+            s = s.clamp(min=1.0, max=self.max_value).reshape(-1, *([1] * (d.ndim - 1)))
+            d = (torch.clamp(d.to(acc), -s, s) / s).to(d.dtype)
+        if self.clip is not None:
+            d = d.clamp(-self.clip, self.clip)
+        return d

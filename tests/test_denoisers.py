@@ -328,3 +328,32 @@ def test_scalar_sigma_gives_the_network_one_time_per_sample():
     torch.testing.assert_close(den(x, 0.5), den(x, torch.full((len(x),), 0.5, dtype=F64)),
                                atol=0, rtol=0)
     assert seen[0].shape == (len(x),)
+
+
+def test_dynamic_thresholding_equals_diffusers_and_runs_fused():
+    from diffusers import DDPMScheduler
+
+    from fastdiff.denoisers import ThresholdedDenoiser
+    from fastdiff.sampler import Sampler
+
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(3, 4, 5, 6, generator=g) * 2.5
+    sched = DDPMScheduler(thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=2.0)
+    wrapped = ThresholdedDenoiser(lambda x, s: x0, dynamic_ratio=0.9, max_value=2.0)
+    torch.testing.assert_close(wrapped(x0, 1.0), sched._threshold_sample(x0.clone()),
+                               rtol=0, atol=0)
+    assert wrapped(x0, 1.0).abs().max() <= 1.0 + 1e-6
+    clipped = ThresholdedDenoiser(lambda x, s: x0, dynamic_ratio=None, clip=1.0)(x0, 1.0)
+    assert torch.equal(clipped, x0.clamp(-1, 1))
+    # a nonlinear wrapper is just a model to the engine: same result as the reference solver
+    gmm = GaussianMixture.default(d=6)
+    model = ThresholdedDenoiser(gmm, dynamic_ratio=0.95, max_value=1.5)
+    sigmas = torch.tensor([10.0, 3.0, 1.0, 0.3, 0.0], dtype=torch.float64)
+    noise = torch.randn(4, 6, generator=g, dtype=torch.float64) * 10
+    from fastdiff.reference.solvers import sample_dpmpp_2m
+
+    want = sample_dpmpp_2m(model, noise, sigmas, disable=True)
+    got = Sampler(model, "dpmpp_2m", sigmas)(noise)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="dynamic_ratio"):
+        ThresholdedDenoiser(gmm, dynamic_ratio=1.5)
