@@ -23,6 +23,13 @@ SHAPES = UNET + ([(1, 128, 512, 512)] if HAS_CUDA else [])
 DTYPES = [torch.float16] if HAS_CUDA else [torch.float32]
 LAYOUTS = ["nchw", "channels_last"] if HAS_CUDA else ["nchw"]
 PATHS = ["eager", *(b for b in BACKENDS if b == "reference" or not unavailable_reason(b, DEVICE))]
+# torch.compile (inductor fuses GroupNorm + SiLU into one Triton kernel): a baseline on the GPU,
+# where it runs in seconds; on the 2-core CPU its C++ compile of every shape would dominate CI.
+PATHS += ["torch.compile"] if HAS_CUDA else []
+
+
+def _eager_gn_silu(x, weight, bias):
+    return F.silu(F.group_norm(x, 32, weight, bias, 1e-5))
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -39,7 +46,13 @@ def bench_group_norm_silu(benchmark, measure, path, shape, dtype, layout):
     bias = torch.randn_like(weight)
     if path == "eager":
         def fn():
-            return F.silu(F.group_norm(x, 32, weight, bias, 1e-5))
+            return _eager_gn_silu(x, weight, bias)
+    elif path == "torch.compile":
+        compiled = torch.compile(_eager_gn_silu, mode="max-autotune-no-cudagraphs")
+        benchmark.extra_info["compile_mode"] = "max-autotune-no-cudagraphs"
+
+        def fn():
+            return compiled(x, weight, bias)
     elif path == "reference":
         def fn():
             return reference(x, 32, weight, bias, 1e-5, silu=True)
