@@ -1,4 +1,4 @@
-// Thin wrappers over the CUDA runtime for the bindings (see device.h). cudart is linked
+// Thin wrappers over the CUDA runtime for the bindings and launchers (see device.h). cudart is linked
 // statically, so the module needs only the driver at run time, and none to import.
 #include <cuda_runtime.h>
 
@@ -37,6 +37,20 @@ int cuda_device_capability(int device) {
     return -1;
   }
   return major * 10 + minor;
+}
+
+int cuda_sm_count(int device) {
+  static int cached[64] = {0};
+  if (device < 0 || device >= 64) return 132;
+  if (cached[device] == 0) {
+    int sms = 0;
+    if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess) {
+      cudaGetLastError();
+      sms = 132;
+    }
+    cached[device] = sms;
+  }
+  return cached[device];
 }
 
 }  // namespace fastdiff

@@ -24,6 +24,7 @@
 #include <algorithm>
 
 #include "fastdiff/group_norm.h"
+#include "fastdiff/device.h"
 #include "group_norm_kernels.cuh"
 
 namespace fastdiff {
@@ -31,18 +32,6 @@ namespace {
 
 int vec_width(DType dtype) {
   return dtype == DType::kFloat64 ? 2 : dtype == DType::kFloat32 ? 4 : 8;
-}
-
-int sm_count(int device) {
-  static int cached[64] = {0};
-  if (device < 0 || device >= 64) return 132;
-  if (cached[device] == 0) {
-    int sms = 0;
-    if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess)
-      sms = 132;
-    cached[device] = sms;
-  }
-  return cached[device];
 }
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -129,7 +118,7 @@ int launch(const GroupNormArgs<T>& a, Plan p, void* workspace, int mode, int dev
   int per_sm = 0;
   cudaError_t err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, p.threads, smem);
   if (err != cudaSuccess) return static_cast<int>(err);
-  const int64_t resident = static_cast<int64_t>(per_sm) * sm_count(device);
+  const int64_t resident = static_cast<int64_t>(per_sm) * cuda_sm_count(device);
   const Workspace<A> w = carve<A>(workspace, p);
 
   const bool fused = mode != 1 && p.k <= resident && cooperative_supported(device);
@@ -195,7 +184,7 @@ int64_t group_norm_cuda_workspace(DType dtype, const void* x, const void* y, int
   Plan p;
   const int vec = choose_vec(dtype, x, y, C, HW, channels_last);
   if (!make_plan(vec, std::max<int64_t>(N, 1), C, std::max<int64_t>(HW, 1), G, channels_last,
-                 sm_count(device), &p))
+                 cuda_sm_count(device), &p))
     return kErrLayout;
   return workspace_for(dtype, p);
 }
@@ -213,7 +202,7 @@ int group_norm_cuda(DType dtype, const void* x, void* y, const void* weight, con
   }
   Plan p;
   const int vec = choose_vec(dtype, x, y, C, HW, channels_last);
-  if (!make_plan(vec, N, C, HW, G, channels_last, sm_count(device), &p)) return kErrLayout;
+  if (!make_plan(vec, N, C, HW, G, channels_last, cuda_sm_count(device), &p)) return kErrLayout;
   if (workspace == nullptr || workspace_bytes_given < workspace_for(dtype, p)) return kErrWorkspace;
   auto stream = static_cast<cudaStream_t>(stream_handle);
 #define FD_GN_ARGS(T)                                                                         \

@@ -8,6 +8,7 @@
 #include <algorithm>
 
 #include "fastdiff/lincomb.h"
+#include "fastdiff/device.h"
 
 namespace fastdiff {
 namespace {
@@ -64,18 +65,6 @@ __global__ void __launch_bounds__(kThreads) lincomb_kernel(const LincombArgs<T> 
   }
 }
 
-int sm_count(int device) {
-  static int cached[64] = {0};
-  if (device < 0 || device >= 64) return 132;
-  if (cached[device] == 0) {
-    int sms = 0;
-    if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess)
-      sms = 132;
-    cached[device] = sms;
-  }
-  return cached[device];
-}
-
 template <typename T>
 int run(const void* const* in, void* const* out, const void* coef, const int64_t* row_ptr,
         int64_t row, int64_t rows, int64_t n, int num_in, int num_out, const LincombNoise& noise,
@@ -88,7 +77,7 @@ int run(const void* const* in, void* const* out, const void* coef, const int64_t
   constexpr int kVec = 16 / sizeof(T);
   const int vec = aligned ? kVec : 1;
   const int64_t work = std::max<int64_t>(n / vec, 1);
-  const int64_t max_blocks = static_cast<int64_t>(sm_count(device)) * 8;
+  const int64_t max_blocks = static_cast<int64_t>(cuda_sm_count(device)) * 8;
   const int blocks = static_cast<int>(std::min((work + kThreads - 1) / kThreads, max_blocks));
   if (aligned) lincomb_kernel<T, kVec><<<blocks, kThreads, 0, stream>>>(a);
   else lincomb_kernel<T, 1><<<blocks, kThreads, 0, stream>>>(a);

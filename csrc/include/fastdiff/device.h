@@ -10,5 +10,8 @@ int cuda_driver_version();   // 0 when no driver is installed
 int cuda_device_count();     // 0 when no device (or no driver)
 // Compute capability of `device` as major*10 + minor, or -1 on error.
 int cuda_device_capability(int device);
+// Streaming multiprocessors of `device` (cached; 132, an H100's count, if the query fails):
+// launchers size their grids with it.
+int cuda_sm_count(int device);
 
 }  // namespace fastdiff
