@@ -2,6 +2,7 @@
 diffusers, dispatching to fastdiff.ops."""
 
 from fastdiff.nn.attention import Attention
+from fastdiff.nn.convert import restore_modules, swap_modules
 from fastdiff.nn.group_norm import GroupNorm, GroupNormSiLU
 
-__all__ = ["Attention", "GroupNorm", "GroupNormSiLU"]
+__all__ = ["Attention", "GroupNorm", "GroupNormSiLU", "restore_modules", "swap_modules"]
