@@ -11,21 +11,29 @@ branch on tensor values, so the whole loop can be captured in one CUDA graph (gr
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable
 
 import torch
 
 from fastdiff.denoisers import CFGDenoiser, Denoiser
-from fastdiff.ops import lincomb, resolve
+from fastdiff.ops import BACKENDS, lincomb, resolve
 from fastdiff.ops.lincomb import launch_unchecked, same_dense_layout
 from fastdiff.reference.solvers import SOLVERS
 from fastdiff.reference.solvers._utils import default_noise_sampler
-from fastdiff.solvers import Plan, build_plan
+from fastdiff.solvers import compile_plan, trace_solver
 from fastdiff.solvers.lowering import Launch, Scalings, lower
 
 # Solvers whose reference draws Brownian-bridge noise over overlapping intervals.
 _BROWNIAN = {"dpmpp_sde"}
+
+
+def _as_float(name: str, value) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}") from None
 
 
 class _ModelAdapter:
@@ -38,6 +46,8 @@ class _ModelAdapter:
                 raise ValueError("guidance is given twice: model is a CFGDenoiser with scale"
                                  f" {model.scale} and guidance={guidance}")
             model, guidance, cond_key = model.inner_model, model.scale, model.cond_key
+        if guidance is not None and not math.isfinite(_as_float("guidance", guidance)):
+            raise ValueError(f"guidance must be a finite number, got {guidance!r}")
         self.cond_key = cond_key
         if not callable(model):
             raise TypeError(f"model must be callable as model(x, sigma, **cond), got"
@@ -141,12 +151,38 @@ class Sampler:
         self.solver, self.backend, self.graph, self.noise = solver, backend, graph, noise
         self.options = {**info.kwargs, **options}
         self.noise_sampler = noise_sampler
-        self.sigmas = torch.as_tensor(sigmas)
+        if backend != "auto" and backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS} or 'auto', got {backend!r}")
+        for key, value in options.items():  # NaN/inf options end in obscure errors or NaN samples
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{key} must be finite, got {value}")
+        try:
+            self.sigmas = torch.as_tensor(sigmas)
+        except (TypeError, ValueError, RuntimeError):
+            raise TypeError(f"sigmas must be a 1-D tensor or sequence of floats, got"
+                            f" {type(sigmas).__name__}") from None
+        if self.sigmas.dim() == 1 and self.sigmas.numel() > 0 and bool(self.sigmas[0] <= 0):
+            raise ValueError(f"sigmas must start above 0 (the initial noise level), got"
+                             f" sigmas[0] = {float(self.sigmas[0])}")
         self.adapter = _ModelAdapter(model, guidance, info.param, cond_key)
         mode = "brownian" if noise == "philox" and solver in _BROWNIAN else "calls"
-        self.plan: Plan = build_plan(solver, self.sigmas, mode, **self.options)
-        self.scalings = self.adapter.scalings([s.sigma for s in self.plan.stages])
-        self.launches, tables = lower(self.plan, self.scalings, in_kernel_noise=noise == "philox")
+        trace = trace_solver(solver, self.sigmas.to(torch.float64).cpu(), noise_mode=mode,
+                             **self.options)
+        self.scalings = self.adapter.scalings(trace.sigmas)
+        # The history a stage keeps (D, or E = F - D) is chosen after lowering: the model side
+        # (parameterisation, the two guidance halves) decides how many tensors a stage reads.
+        lowered, error = [], None
+        for kind in ("D", "E"):
+            try:
+                plan = compile_plan(trace, self.options, kind)
+                launches, tables = lower(plan, self.scalings, in_kernel_noise=noise == "philox")
+            except RuntimeError as e:
+                error = e
+                continue
+            lowered.append((max(len(la.inputs) for la in launches), plan, launches, tables))
+        if not lowered:
+            raise error
+        _, self.plan, self.launches, tables = min(lowered, key=lambda c: c[0])
         self._tables64 = tables
         self._cache: dict = {}
         self._graphs = None

@@ -139,6 +139,24 @@ def test_parameterisation_and_guidance_are_fused(name, backend):
     assert rel_err(sampler(x, **cond), want) < 1e-10
 
 
+@pytest.mark.parametrize("name", FIXED_STEP)
+def test_every_solver_lowers_with_a_network_and_guidance(name):
+    """The widest case: conversion of an epsilon network plus the two guidance halves per stage
+    (the engine picks the history kind, D or E, that keeps every stage within the kernel)."""
+    model, x, sigmas = problem(name, batch=2)
+    if SOLVERS[name].param == "flow":
+        pytest.skip("the epsilon network here is a VE one")
+    cfg = CFGDenoiser(Denoiser(eps_network(), "epsilon"), 2.0)
+    cond = dict(cond=torch.zeros(2, device=DEVICE), uncond=torch.ones(2, device=DEVICE))
+    want = run_reference(name, cfg, x, sigmas, extra_args=cond)
+    sampler = Sampler(cfg, name, sigmas, backend=BACKENDS[-1], noise="generator")
+    if "noise_sampler" in inspect.signature(SOLVERS[name].fn).parameters:
+        sampler.noise_sampler = seeded_noise(x, 1)
+    torch.manual_seed(1)
+    assert rel_err(sampler(x, **cond), want) < 1e-10
+    assert max(len(la.inputs) for la in sampler.launches) <= 6
+
+
 class CountOps(TorchDispatchMode):
     def __init__(self):
         super().__init__()

@@ -7,9 +7,12 @@ from fastdiff.solvers.trace import Trace, trace_solver
 __all__ = ["Plan", "Ref", "Stage", "Trace", "build_plan", "compile_plan", "trace_solver"]
 
 
-def build_plan(solver: str, sigmas, noise_mode: str = "calls", **options) -> Plan:
-    """The plan of `solver` on `sigmas` (1-D, descending) with the solver's keyword options."""
+def build_plan(solver: str, sigmas, noise_mode: str = "calls", history_kind: str | None = None,
+               **options) -> Plan:
+    """The plan of `solver` on `sigmas` (1-D, descending) with the solver's keyword options;
+    history_kind "D" or "E" (None: whichever keeps the widest stage narrower)."""
     import torch
 
     sigmas = torch.as_tensor(sigmas, dtype=torch.float64).cpu()
-    return compile_plan(trace_solver(solver, sigmas, noise_mode=noise_mode, **options), options)
+    trace = trace_solver(solver, sigmas, noise_mode=noise_mode, **options)
+    return compile_plan(trace, options, history_kind)
