@@ -1,0 +1,349 @@
+"""The fused, sync-free `step` shared by every drop-in scheduler (see _trace.py for the maths).
+
+`set_timesteps` runs diffusers' own `set_timesteps` (so `timesteps`, `sigmas`, ... are exactly
+diffusers'), then traces diffusers' `step` on a CPU twin of the scheduler into one StepPlan per
+step index and uploads every coefficient in one host-to-device copy. `step` then only does host
+bookkeeping (which step index, which history tensors) and launches `fastdiff.ops.lincomb` once
+per two outputs: no `.item()`, no `nonzero()`, no device-to-host copy, so it is CUDA-graph
+capturable. The history tensors live in diffusers' own attributes (`model_outputs`,
+`last_sample`, ...), so the scheduler state stays inspectable exactly as in diffusers.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import warnings
+
+import torch
+
+from fastdiff.diffusers._trace import StepPlan, get_slot, set_slot, trace_steps
+from fastdiff.ops._backends import resolve
+from fastdiff.ops.lincomb import MAX_INPUTS, launch_unchecked, lincomb, same_dense_layout
+
+_STEP_SPECIAL = ("self", "model_output", "timestep", "sample", "generator", "variance_noise",
+                 "return_dict")
+
+
+@functools.cache
+def _signature(fn) -> inspect.Signature:
+    return inspect.signature(fn)
+
+
+def _key(kwargs: dict) -> tuple:
+    return tuple(sorted(kwargs.items()))
+
+
+class FusedStepMixin:
+    """Mixed in before a diffusers scheduler class; see fused_class()."""
+
+    _fd_base: type  # the diffusers class
+    # config key -> predicate(value) -> True when the step is non-linear: diffusers' own step runs
+    _fd_fallback: dict = {}
+    _fd_noise_f32 = False  # diffusers draws float32 noise even for half inputs
+    _fd_row_attr = None  # attribute holding the step index of a scheduler without _step_index
+
+    # ---- configuration -------------------------------------------------------------------
+    @property
+    def fused_fallback_reason(self) -> str | None:
+        """Why `step` runs diffusers' own (non-linear) step, or None when it is fused."""
+        for key, nonlinear in self._fd_fallback.items():
+            if nonlinear(self.config.get(key)):
+                return f"config {key}={self.config.get(key)!r} makes the step non-linear"
+        return None
+
+    # ---- set_timesteps: diffusers' schedule + the traced plans -------------------------------
+    def set_timesteps(self, *args, **kwargs):
+        result = self._fd_base.set_timesteps(self, *args, **kwargs)
+        self._fd_fallback_reason = self.fused_fallback_reason  # config is frozen: decide once
+        bound = inspect.signature(self._fd_base.set_timesteps).bind(self, *args, **kwargs)
+        arguments = dict(bound.arguments)
+        arguments.pop("self")
+        device = arguments.get("device")
+        if "device" in inspect.signature(self._fd_base.set_timesteps).parameters:
+            arguments["device"] = "cpu"
+        self._fd_set_args = arguments
+        self._fd_plans: dict = {}
+        self._fd_tables: dict = {}
+        self._fd_start = None
+        twin = self._fd_twin()
+        self._fd_timesteps_cpu = twin.timesteps
+        self._fd_timesteps_list = twin.timesteps.tolist()
+        self._fd_index_based = hasattr(twin, "_step_index")
+        if self.fused_fallback_reason is None and device is not None:
+            start = self._fd_default_start()
+            plans = self._fd_get_plans(start, ())
+            self._fd_get_tables(start, (), plans, torch.device(device), torch.float32)
+        return result
+
+    def _fd_twin(self):
+        """A plain diffusers scheduler with the same config and schedule, on the CPU."""
+        twin = self._fd_base.from_config(self.config)
+        twin.set_timesteps(**self._fd_set_args)
+        twin.is_scale_input_called = True  # the twin is only traced: no warning about it
+        return twin
+
+    def _fd_default_start(self) -> int:
+        if not self._fd_index_based:
+            return 0
+        if self._begin_index is not None:
+            return self._begin_index
+        return self._fd_lookup(self._fd_timesteps_cpu[0])
+
+    def _fd_get_plans(self, start: int, key: tuple) -> dict[int, StepPlan]:
+        plans = self._fd_plans.get((start, key))
+        if plans is None:
+            twin = self._fd_twin()
+            ts = list(twin.timesteps)
+            plans = trace_steps(twin, start, len(ts), ts, dict(key), self._fd_index_based)
+            bad = [i for i, p in plans.items()
+                   if not all(c.coef.isfinite().all() for c in p.chunks)]
+            if bad:
+                plans.update(self._fd_limit_plans(start, key, bad))
+            self._fd_plans[(start, key)] = plans
+        return plans
+
+    def _fd_limit_plans(self, start: int, key: tuple, bad: list[int]) -> dict[int, StepPlan]:
+        """Steps where diffusers' own coefficients are NaN/inf; fastdiff uses their limit:
+        - the final step to sigma = 0 (UniPC solver_type="bh1": B(h) = h = inf): evaluated at
+          sigma_next = 1e-12 (error ~1e-12);
+        - a step of length h = 0 (final_sigmas_type="sigma_min" repeats the last sigma; the
+          third-order DPM-Solver divides by h**2 when lower_order_final is off): the limit
+          sigma_next -> sigma, Richardson-extrapolated from sigma_next = sigma * (1 - d) at
+          d = 1e-4 and 5e-5 in float64 (error O(d**2))."""
+
+        def retrace(d):
+            twin = self._fd_twin()
+            sigmas = getattr(twin, "sigmas", None)
+            if not isinstance(sigmas, torch.Tensor) or not self._fd_index_based:
+                return None
+            sigmas = twin.sigmas = sigmas.double().clone()
+            for i in bad:
+                if i + 1 >= len(sigmas):
+                    return None
+                if sigmas[i + 1] == 0:
+                    sigmas[i + 1] = 1e-12
+                elif sigmas[i + 1] == sigmas[i]:
+                    sigmas[i + 1] = sigmas[i] * (1 - d)
+            ts = list(twin.timesteps)
+            return trace_steps(twin, start, len(ts), ts, dict(key), self._fd_index_based)
+
+        a, b = retrace(1e-4), retrace(5e-5)
+        fixed = {}
+        for i in bad if a is not None else ():
+            pa, pb = a[i], b[i]
+            same = [(ca.sources, ca.targets) for ca in pa.chunks] == \
+                [(cb.sources, cb.targets) for cb in pb.chunks]
+            if same:
+                for ca, cb in zip(pa.chunks, pb.chunks):
+                    cb.coef = 2 * cb.coef - ca.coef  # exact for a zero sigma (no d there)
+            if all(c.coef.isfinite().all() for c in pb.chunks):
+                fixed[i] = pb
+        if len(fixed) < len(bad):
+            warnings.warn(f"fastdiff.diffusers.{type(self).__name__}: diffusers' step is NaN/inf"
+                          f" at step indices {sorted(set(bad) - set(fixed))} for this"
+                          " configuration", stacklevel=4)
+        return fixed
+
+    def _fd_get_tables(self, start, key, plans, device, dtype) -> dict[int, list[torch.Tensor]]:
+        """Every chunk's coefficients on `device`, from ONE host-to-device copy (pinned memory,
+        non-blocking on CUDA: no synchronisation)."""
+        tkey = (start, key, device, dtype)
+        tables = self._fd_tables.get(tkey)
+        if tables is None:
+            chunks = [(i, c.coef) for i, p in sorted(plans.items()) for c in p.chunks]
+            flat = torch.cat([c.reshape(-1) for _, c in chunks] or [torch.zeros(1)]).to(dtype)
+            if device.type == "cuda":
+                flat = flat.pin_memory().to(device, non_blocking=True)
+            else:
+                flat = flat.to(device)
+            tables, offset = {i: [] for i in plans}, 0
+            for i, c in chunks:
+                n = c.numel()
+                tables[i].append(flat[offset: offset + n].view(c.shape))
+                offset += n
+            self._fd_tables[tkey] = tables
+        return tables
+
+    # ---- step index without a host sync ------------------------------------------------------
+    def _fd_host_timestep(self, timestep):
+        """The timestep's value as a Python number, without a device sync where possible: an
+        element of `self.timesteps` (what pipelines pass) is located by its storage offset; a
+        number or a CPU tensor is read on the host. Any other device tensor costs one copy."""
+        if isinstance(timestep, torch.Tensor):
+            ts = self.timesteps
+            if (isinstance(ts, torch.Tensor) and timestep.numel() == 1 and ts.dim() == 1
+                    and ts.stride(0) == 1 and timestep.device == ts.device
+                    and timestep.untyped_storage().data_ptr() == ts.untyped_storage().data_ptr()):
+                pos = timestep.storage_offset() - ts.storage_offset()
+                if 0 <= pos < len(self._fd_timesteps_list):
+                    return self._fd_timesteps_list[pos]
+            return timestep.cpu().item()
+        return timestep
+
+    def _fd_lookup(self, timestep) -> int:
+        """diffusers' index_for_timestep (the second match when the timestep repeats), on the
+        host copy of the schedule."""
+        value = self._fd_host_timestep(timestep)
+        matches = [i for i, v in enumerate(self._fd_timesteps_list) if v == value]
+        if not matches:  # diffusers' own answer (an error, or the last index for DPM-Solver)
+            return self._fd_base.index_for_timestep(
+                self, torch.tensor(value, dtype=self._fd_timesteps_cpu.dtype),
+                self._fd_timesteps_cpu)
+        return matches[1] if len(matches) > 1 else matches[0]
+
+    def _init_step_index(self, timestep) -> None:
+        if self._begin_index is None:
+            self._step_index = self._fd_lookup(timestep)
+        else:
+            self._step_index = self._begin_index
+
+    def _fd_row_of(self, timestep) -> int:
+        """Step index of a timestep-keyed scheduler (DDIM, DDPM): its first match."""
+        value = self._fd_host_timestep(timestep)
+        try:
+            return self._fd_timesteps_list.index(value)
+        except ValueError:
+            raise ValueError(f"timestep {value} is not in the scheduler's timesteps") from None
+
+    # ---- the fused step ----------------------------------------------------------------------
+    def step(self, model_output, timestep, sample, *args, **kwargs):
+        if self.__dict__.get("_fd_fallback_reason", True) is not None \
+                and self.fused_fallback_reason is not None:
+            if not getattr(self, "_fd_warned", False):
+                warnings.warn(f"fastdiff.diffusers.{type(self).__name__}:"
+                              f" {self.fused_fallback_reason}; running diffusers' own step"
+                              " (unfused, may synchronise)", stacklevel=3)
+                self._fd_warned = True
+            return self._fd_base.step(self, model_output, timestep, sample, *args, **kwargs)
+        if getattr(self, "num_inference_steps", None) is None:
+            raise ValueError("Number of inference steps is 'None', you need to run 'set_timesteps'"
+                             " after creating the scheduler")
+        if args or any(k not in _STEP_SPECIAL for k in kwargs):
+            signature = _signature(self._fd_base.step)
+            bound = signature.bind(self, model_output, timestep, sample, *args, **kwargs)
+            bound.apply_defaults()
+            arguments = dict(bound.arguments)
+            extra = {k: v for k, v in arguments.items() if k not in _STEP_SPECIAL}
+            if "kwargs" in extra:  # a **kwargs catch-all in diffusers' signature
+                extra.update(extra.pop("kwargs"))
+            defaults = {k: p.default for k, p in signature.parameters.items()}
+            extra = {k: v for k, v in extra.items() if defaults.get(k, object()) != v}
+            generator = arguments.get("generator")
+            variance_noise = arguments.get("variance_noise")
+            return_dict = arguments.get("return_dict", True)
+        else:
+            extra = {}
+            generator = kwargs.get("generator")
+            variance_noise = kwargs.get("variance_noise")
+            return_dict = kwargs.get("return_dict", True)
+        key = _key(extra)
+
+        if self._fd_index_based:
+            if self._step_index is None:
+                self._init_step_index(timestep)
+                self._fd_start = self._step_index
+            start, row = self._fd_start, self._step_index
+            if start is None:  # step_index set from outside (e.g. a pipeline): trust it
+                start = self._fd_start = row
+        elif self._fd_row_attr:  # PNDM: its call counter, the timesteps repeat
+            start, row = 0, getattr(self, self._fd_row_attr)
+        else:
+            start, row = 0, self._fd_row_of(timestep)
+        plans = self._fd_get_plans(start, key)
+        if row not in plans:
+            raise IndexError(f"step index {row} is outside the {len(self._fd_timesteps_cpu)}"
+                             " timesteps set by set_timesteps")
+        plan = plans[row]
+
+        if model_output.device != sample.device:
+            raise ValueError(f"model_output is on {model_output.device}, the sample on"
+                             f" {sample.device}: expected one device")
+        if model_output.shape != sample.shape:
+            raise ValueError(f"model_output has shape {tuple(model_output.shape)}, expected the"
+                             f" sample's {tuple(sample.shape)}")
+        dtype = (model_output.dtype if sample.dtype == model_output.dtype
+                 else torch.promote_types(sample.dtype, model_output.dtype))
+        device = model_output.device
+        coef_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        tables = self._fd_get_tables(start, key, plans, device, coef_dtype)[row]
+
+        values = {("sample",): sample if sample.dtype == dtype else sample.to(dtype),
+                  ("model_output",): model_output if model_output.dtype == dtype
+                  else model_output.to(dtype)}
+        for k, f32 in enumerate(plan.noise_f32):
+            if variance_noise is not None and len(plan.noise_f32) == 1:
+                noise = variance_noise
+            else:
+                from diffusers.utils.torch_utils import randn_tensor
+
+                noise_dtype = torch.float32 if (f32 or self._fd_noise_f32) else model_output.dtype
+                noise = randn_tensor(model_output.shape, generator=generator, device=device,
+                                     dtype=noise_dtype)
+            values[("noise", k)] = noise.to(device=device, dtype=dtype)
+        results = {}  # targets; the sources stay the values from before this step
+        for chunk, coef in zip(plan.chunks, tables):
+            inputs = [values[s] if s in values else get_slot(self, s) for s in chunk.sources]
+            results.update(zip(chunk.targets, _launch(inputs, coef)))
+        for target, source in plan.moves:
+            results[target] = values[source] if source in values else get_slot(self, source)
+        for name, length in plan.list_lengths.items():
+            setattr(self, name, [None] * length)  # every entry is set below (or stays None)
+        for target in plan.cleared:
+            set_slot(self, target, None)
+        fields = {}
+        for target, value in results.items():
+            if target[0] == "field":
+                fields[target[1]] = value
+            else:
+                set_slot(self, target, value)
+        for name, value in plan.scalars.items():
+            setattr(self, name, value)
+        if self._fd_index_based:
+            self._step_index = row + 1
+        result = [fields.get(name) for name in plan.out_fields]
+        if not return_dict:
+            return tuple(result)
+        return plan.out_cls(**dict(zip(plan.out_fields, result)))
+
+
+_BACKENDS: dict = {}
+
+
+def _launch(inputs: list[torch.Tensor], coef: torch.Tensor) -> list[torch.Tensor]:
+    """lincomb, split into a partial sum when there are more inputs than one launch takes.
+    step() already guarantees what lincomb validates (one shape, dtype and device, coef in the
+    accumulation dtype on that device), so a shared dense layout goes straight to the kernel."""
+    if len(inputs) <= MAX_INPUTS:
+        x0 = inputs[0]
+        if same_dense_layout(inputs) and not torch.compiler.is_compiling():
+            backend = _BACKENDS.get(x0.device)
+            if backend is None:
+                backend = _BACKENDS[x0.device] = resolve("auto", x0.device)
+            outs = [torch.empty_like(x0) for _ in range(coef.shape[1])]
+            if x0.numel():
+                launch_unchecked(inputs, coef, 0, outs, backend)
+            return outs
+        return lincomb(inputs, coef, 0)
+    nout, head = coef.shape[1], MAX_INPUTS
+    partial = lincomb(inputs[:head], coef[:, :, :head].contiguous(), 0)
+    ident = torch.eye(nout, dtype=coef.dtype, device=coef.device).unsqueeze(0)
+    rest = torch.cat([ident, coef[:, :, head:]], dim=2).contiguous()
+    return _launch(partial + inputs[head:], rest)
+
+
+def fused_class(base: type, fallback: dict | None = None,
+                doc: str = "", **attrs) -> type:
+    """A subclass of diffusers' `base` with the same name, config surface and behaviour, and
+    the fused sync-free `step`."""
+    cls_dict = dict(_fd_base=base, _fd_fallback=fallback or {}, __module__="fastdiff.diffusers",
+                    **attrs)
+    cls_dict["__doc__"] = (f"Drop-in for `diffusers.{base.__name__}` with a fused, sync-free"
+                           f" `step` (one fastdiff.ops.lincomb launch per step). {doc}")
+
+    @functools.wraps(base.step)  # diffusers' signature: pipelines inspect it for eta/generator
+    def step(self, *args, **kwargs):
+        return FusedStepMixin.step(self, *args, **kwargs)
+
+    cls_dict["step"] = step
+    return type(base.__name__, (FusedStepMixin, base), cls_dict)

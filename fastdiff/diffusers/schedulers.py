@@ -1,0 +1,62 @@
+"""The drop-in scheduler classes: diffusers' own class (config, schedule, scale_model_input,
+add_noise, save/load) with the fused sync-free `step` of _fused.FusedStepMixin.
+
+Non-linear options run diffusers' own step (with a one-time warning; `fused_fallback_reason`
+says why): dynamic `thresholding` (a per-sample quantile), `clip_sample` (a clamp), and a
+learned variance (`variance_type="learned"/"learned_range"`: the model output carries extra
+channels). Everything else is traced, so it is fused whatever its value.
+"""
+
+from __future__ import annotations
+
+import diffusers as _d
+
+from fastdiff.diffusers._fused import fused_class
+
+
+def _true(value) -> bool:
+    return bool(value)
+
+
+def _learned(value) -> bool:
+    return value in ("learned", "learned_range")
+
+
+_THRESH = {"thresholding": _true}
+_CLIP = {"clip_sample": _true}
+_LEARNED = {"variance_type": _learned}
+
+DDIMScheduler = fused_class(_d.DDIMScheduler, fallback={**_THRESH, **_CLIP},
+                            doc="Step kwargs eta / use_clipped_model_output are traced per value.")
+EulerDiscreteScheduler = fused_class(
+    _d.EulerDiscreteScheduler,
+    doc="Step kwargs s_churn / s_tmin / s_tmax / s_noise are traced per value.")
+DPMSolverMultistepScheduler = fused_class(_d.DPMSolverMultistepScheduler,
+                                          fallback={**_THRESH, **_LEARNED})
+UniPCMultistepScheduler = fused_class(_d.UniPCMultistepScheduler, fallback=_THRESH)
+DDPMScheduler = fused_class(_d.DDPMScheduler, fallback={**_THRESH, **_CLIP, **_LEARNED})
+EulerAncestralDiscreteScheduler = fused_class(_d.EulerAncestralDiscreteScheduler)
+LCMScheduler = fused_class(_d.LCMScheduler, fallback={**_THRESH, **_CLIP})
+FlowMatchEulerDiscreteScheduler = fused_class(
+    _d.FlowMatchEulerDiscreteScheduler, _fd_noise_f32=True,
+    doc="stochastic_sampling draws float32 noise like diffusers.")
+HeunDiscreteScheduler = fused_class(_d.HeunDiscreteScheduler, fallback=_CLIP)
+LMSDiscreteScheduler = fused_class(_d.LMSDiscreteScheduler)
+DEISMultistepScheduler = fused_class(_d.DEISMultistepScheduler, fallback=_THRESH)
+KDPM2DiscreteScheduler = fused_class(_d.KDPM2DiscreteScheduler)
+KDPM2AncestralDiscreteScheduler = fused_class(_d.KDPM2AncestralDiscreteScheduler)
+DPMSolverSinglestepScheduler = fused_class(_d.DPMSolverSinglestepScheduler,
+                                           fallback={**_THRESH, **_LEARNED})
+EDMEulerScheduler = fused_class(_d.EDMEulerScheduler)
+EDMDPMSolverMultistepScheduler = fused_class(_d.EDMDPMSolverMultistepScheduler,
+                                             fallback=_THRESH)
+PNDMScheduler = fused_class(_d.PNDMScheduler, _fd_row_attr="counter")
+
+__all__ = [
+    "DDIMScheduler", "EulerDiscreteScheduler", "DPMSolverMultistepScheduler",
+    "UniPCMultistepScheduler", "DDPMScheduler", "EulerAncestralDiscreteScheduler", "LCMScheduler",
+    "FlowMatchEulerDiscreteScheduler", "HeunDiscreteScheduler", "LMSDiscreteScheduler",
+    "DEISMultistepScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler",
+    "DPMSolverSinglestepScheduler", "EDMEulerScheduler", "EDMDPMSolverMultistepScheduler",
+    "PNDMScheduler",
+]
