@@ -14,7 +14,8 @@ from fastdiff import ops  # noqa: E402
 
 _LAZY_MODULES = ("k_diffusion", "schedules", "spacings", "denoisers", "models", "reference",
                  "kernels", "nn", "solvers", "sampler", "graph", "cli")
-_LAZY_NAMES = {"Sampler": "fastdiff.sampler", "sample": "fastdiff.sampler"}
+_LAZY_NAMES = {"Sampler": "fastdiff.sampler", "sample": "fastdiff.sampler",
+               "accelerate": "fastdiff.pipeline", "restore": "fastdiff.pipeline"}
 
 
 def __getattr__(name: str):
@@ -25,4 +26,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'fastdiff' has no attribute {name!r}")
 
 
-__all__ = ["__version__", "ops", "Sampler", "sample", *_LAZY_MODULES]
+__all__ = ["__version__", "ops", "Sampler", "accelerate", "restore", "sample", *_LAZY_MODULES]

@@ -4,7 +4,8 @@ The engine never syncs with the host and never branches on tensor values, and ea
 coefficients are a row of a device table, so the eager loop records as one graph. Inputs are
 copied into static buffers before each replay (noise, per-sample seeds, tensor conditioning);
 one graph is kept per input signature (shapes, dtypes, device), with a private memory pool
-shared by all of them. Capture failures (a model that syncs, e.g. with .item()) fall back to
+shared by all of them. The same machinery graphs any callable: a diffusers UNet's forward in
+fastdiff.accelerate. Capture failures (a model that syncs, e.g. with .item()) fall back to
 eager with one warning.
 """
 
@@ -20,28 +21,29 @@ import torch
 @dataclass
 class _Entry:
     graph: torch.cuda.CUDAGraph
-    noise: torch.Tensor
-    seeds: torch.Tensor | None
-    cond: dict
-    out: torch.Tensor
+    args: tuple
+    kwargs: dict
+    out: object
 
 
-def _signature(noise: torch.Tensor, seeds, cond: dict) -> tuple:
-    def sig(v):
-        if isinstance(v, torch.Tensor):
-            return ("tensor", tuple(v.shape), v.dtype, v.device, v.stride())
-        if isinstance(v, dict):
-            return tuple(sorted((k, sig(x)) for k, x in v.items()))
-        return ("value", v)
-
-    return (sig(noise), sig(seeds), sig(cond))
+def _signature(v) -> tuple:
+    if isinstance(v, torch.Tensor):
+        return ("tensor", tuple(v.shape), v.dtype, v.device, v.stride())
+    if isinstance(v, dict):
+        return ("dict", tuple(sorted((k, _signature(x)) for k, x in v.items())))
+    if isinstance(v, list | tuple):
+        return (type(v).__name__, tuple(_signature(x) for x in v))
+    return ("value", v if isinstance(v, int | float | str | bool | type(None)) else id(v))
 
 
 def _static(v):
+    """A private copy of every tensor in v (the graph's input buffers)."""
     if isinstance(v, torch.Tensor):
         return v.clone()
     if isinstance(v, dict):
         return {k: _static(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return type(v)(_static(x) for x in v)
     return v
 
 
@@ -51,49 +53,75 @@ def _copy_into(dst, src) -> None:
     elif isinstance(dst, dict):
         for k in dst:
             _copy_into(dst[k], src[k])
+    elif isinstance(dst, list | tuple):
+        for d, s in zip(dst, src):
+            _copy_into(d, s)
 
 
-class GraphCache:
-    """`cache(noise, seeds, **cond)` replays the captured `run(noise, seeds=..., **cond)`."""
+def _clone_out(v):
+    """A copy of the outputs the next replay will overwrite (tensors, tuples, dict-likes such
+    as diffusers' BaseOutput)."""
+    if isinstance(v, torch.Tensor):
+        return v.clone()
+    if isinstance(v, dict):
+        return type(v)(**{k: _clone_out(x) for k, x in v.items()})
+    if isinstance(v, list | tuple):
+        return type(v)(_clone_out(x) for x in v)
+    return v
 
-    def __init__(self, run: Callable[..., torch.Tensor], warmup: int = 2):
-        self.run, self.warmup = run, warmup
+
+class GraphedCallable:
+    """`graphed(*args, **kwargs)` replays `fn(*args, **kwargs)` captured in a CUDA graph, one per
+    input signature (shapes, dtypes, devices, strides, plain values); tensors are copied into the
+    graph's static inputs, and the outputs are cloned out. Capture failures run `fn` eagerly."""
+
+    def __init__(self, fn: Callable, warmup: int = 2):
+        self.fn, self.warmup = fn, warmup
         self.entries: dict[tuple, _Entry | None] = {}
-        self.pool = torch.cuda.graph_pool_handle()
+        self.pool = None  # created at the first capture (a CPU-only torch cannot make one)
 
-    def __bool__(self) -> bool:
-        return True
-
-    def __call__(self, noise: torch.Tensor, seeds: torch.Tensor | None, **cond) -> torch.Tensor:
-        key = _signature(noise, seeds, cond)
+    def __call__(self, *args, **kwargs):
+        key = (_signature(args), _signature(kwargs))
         if key not in self.entries:
-            self.entries[key] = self._capture(noise, seeds, cond)
+            self.entries[key] = self._capture(args, kwargs)
         entry = self.entries[key]
         if entry is None:  # capture failed for this signature: eager
-            return self.run(noise, seeds=seeds, **cond)
-        entry.noise.copy_(noise)
-        if seeds is not None:
-            entry.seeds.copy_(seeds)
-        _copy_into(entry.cond, cond)
+            return self.fn(*args, **kwargs)
+        _copy_into(entry.args, args)
+        _copy_into(entry.kwargs, kwargs)
         entry.graph.replay()
-        return entry.out.clone()  # the static output is overwritten by the next replay
+        return _clone_out(entry.out)  # the static output is overwritten by the next replay
 
-    def _capture(self, noise, seeds, cond) -> _Entry | None:
-        static_noise, static_seeds, static_cond = noise.clone(), _static(seeds), _static(cond)
-        side = torch.cuda.Stream(noise.device)
-        side.wait_stream(torch.cuda.current_stream(noise.device))
+    def _capture(self, args, kwargs) -> _Entry | None:
+        device = next(t.device for t in _tensors((args, kwargs)) if t.is_cuda)
+        static_args, static_kwargs = _static(args), _static(kwargs)
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
         try:
             # Warm-up off the capture: Triton compiles, cuBLAS creates handles, caches fill.
             with torch.cuda.stream(side):
                 for _ in range(self.warmup):
-                    self.run(static_noise, seeds=static_seeds, **static_cond)
-            torch.cuda.current_stream(noise.device).wait_stream(side)
+                    self.fn(*static_args, **static_kwargs)
+            torch.cuda.current_stream(device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self.pool):
-                out = self.run(static_noise, seeds=static_seeds, **static_cond)
+                out = self.fn(*static_args, **static_kwargs)
         except Exception as e:  # noqa: BLE001 - any capture failure means: run eagerly
-            torch.cuda.synchronize(noise.device)
+            torch.cuda.synchronize(device)
             warnings.warn(f"fastdiff: CUDA graph capture failed ({type(e).__name__}: {e});"
                           " running this input signature eagerly", stacklevel=3)
             return None
-        return _Entry(graph, static_noise, static_seeds, static_cond, out)
+        return _Entry(graph, static_args, static_kwargs, out)
+
+
+def _tensors(v):
+    if isinstance(v, torch.Tensor):
+        yield v
+    elif isinstance(v, dict):
+        for x in v.values():
+            yield from _tensors(x)
+    elif isinstance(v, list | tuple):
+        for x in v:
+            yield from _tensors(x)

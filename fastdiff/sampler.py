@@ -154,7 +154,8 @@ class Sampler:
         if backend != "auto" and backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS} or 'auto', got {backend!r}")
         for key, value in options.items():  # NaN/inf options end in obscure errors or NaN samples
-            if isinstance(value, float) and not math.isfinite(value):
+            if isinstance(value, float) and not math.isfinite(value) and not (
+                    key == "s_tmax" and value == math.inf):  # k-diffusion's default: no limit
                 raise ValueError(f"{key} must be finite, got {value}")
         try:
             self.sigmas = torch.as_tensor(sigmas)
@@ -302,11 +303,12 @@ class Sampler:
                 warnings.warn(f"fastdiff: {reason}; running eagerly", stacklevel=2)
                 self._graphs = False
             else:
-                from fastdiff.graph import GraphCache
+                from fastdiff.graph import GraphedCallable
 
                 if self._graphs is None:
-                    self._graphs = GraphCache(self.run)
-                return self._graphs(noise, self.seeds_for(noise, seed, seeds, generator), **cond)
+                    self._graphs = GraphedCallable(self.run)
+                return self._graphs(noise, seeds=self.seeds_for(noise, seed, seeds, generator),
+                                    **cond)
         return self.run(noise, generator=generator, seed=seed, seeds=seeds, **cond)
 
 
