@@ -59,6 +59,15 @@ def _kd_dtype(dtype):
     return torch.get_default_dtype() if dtype is None else dtype
 
 
+def _check_rho(rho) -> None:
+    try:
+        ok = not isinstance(rho, bool) and 0 < float(rho) < math.inf
+    except (TypeError, ValueError, RuntimeError):
+        ok = False
+    if not ok:
+        raise ValueError(f"rho must be a positive finite number, got {rho!r}")
+
+
 def _check_range(sigma_min, sigma_max, allow_zero_min: bool = False) -> None:
     ok_min = sigma_min >= 0 if allow_zero_min else sigma_min > 0
     if not (ok_min and sigma_min <= sigma_max < math.inf):
@@ -76,6 +85,7 @@ def get_sigmas_karras(n, sigma_min, sigma_max, rho=7.0, device="cpu", *, dtype=N
     (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho``, i = 0..n-1."""
     _check_count("n", n)
     _check_range(sigma_min, sigma_max, allow_zero_min=True)
+    _check_rho(rho)
     ramp = torch.linspace(0, 1, n, dtype=torch.float64)
     min_inv_rho, max_inv_rho = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
     sigmas = (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
@@ -97,6 +107,7 @@ def get_sigmas_polyexponential(n, sigma_min, sigma_max, rho=1.0, device="cpu", *
     log sigma_min`` with ramp from 1 to 0 (k-diffusion); rho = 1 is `get_sigmas_exponential`."""
     _check_count("n", n)
     _check_range(sigma_min, sigma_max)
+    _check_rho(rho)
     ramp = torch.linspace(1, 0, n, dtype=torch.float64) ** rho
     log_min, log_max = math.log(sigma_min), math.log(sigma_max)
     return _finish(torch.exp(ramp * (log_max - log_min) + log_min), final_sigma, device,

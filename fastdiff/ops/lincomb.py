@@ -41,6 +41,17 @@ def _is_dense(t: torch.Tensor) -> bool:
     return True
 
 
+def _no_internal_overlap(t: torch.Tensor) -> bool:
+    """No two elements share memory (sufficient test: each dim, by increasing stride, steps past
+    the extent of the smaller ones), e.g. a strided slice, unlike an expanded view."""
+    extent = 0
+    for stride, size in sorted((abs(s), n) for s, n in zip(t.stride(), t.shape) if n != 1):
+        if stride <= extent:
+            return False
+        extent += (size - 1) * stride
+    return True
+
+
 def _span(t: torch.Tensor) -> tuple[int, int]:
     """Byte range [begin, end) that `t` can touch."""
     extent = sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride()) if n > 0) + 1
@@ -147,7 +158,7 @@ def _validate(inputs, coef, row, out, noise=None):
 def _check_out_aliasing(inputs, out) -> None:
     """Outputs may be an input exactly (an in-place update), never a partial overlap."""
     for j, o in enumerate(out):
-        if o.numel() > 1 and not _is_dense(o):
+        if o.numel() > 1 and not _no_internal_overlap(o):
             raise ValueError(f"out[{j}] must not be an overlapping (e.g. expanded) view")
         for k, t in enumerate(inputs):
             same = t.data_ptr() == o.data_ptr() and _layout(t) == _layout(o)

@@ -22,6 +22,8 @@ from fastdiff.reference.noise import philox_normal
 
 def noise_like(x: torch.Tensor, seeds: torch.Tensor, counter: int) -> torch.Tensor:
     """The noise term for tensor x (dense, batch dim outermost in memory), as x's layout."""
+    if x.numel() == 0:  # no samples (or empty samples): nothing to draw
+        return torch.zeros_like(x, dtype=torch.float64)
     flat = philox_normal(seeds, counter, x.numel() // x.shape[0]).reshape(-1)
     return torch.as_strided(flat, x.shape, x.stride())
 

@@ -373,6 +373,8 @@ def sample_dpm_fast(model, x, sigma_min, sigma_max, n, extra_args=None, callback
     As in k-diffusion, Python-float sigma_min/sigma_max become default-dtype tensors (so the
     lambda grid is float32 unless you pass float64 tensors)."""
     _check_sigma_range(x, sigma_min, sigma_max)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n (the number of model calls) must be a positive int, got {n!r}")
     with tqdm(total=n, disable=disable) as pbar:
         dpm_solver = _dpm_solver_for(model, extra_args, pbar, callback)
         return dpm_solver.dpm_solver_fast(

@@ -1,0 +1,235 @@
+"""Property-based tests (hypothesis): the fused ops equal their references on random shapes
+(sizes 1 and primes), strides (permutations, slices), dtypes, numbers of inputs and outputs,
+coefficient magnitudes (1e-6 .. 1e4) and noise terms, on every backend that runs on CPU here
+(reference, native cpu, triton under the interpreter).
+
+Tolerance: the table's (atol, rtol) per dtype, with rtol applied to the magnitude of the sum
+S = sum_k |c_k| |x_k| rather than to |result|: the rounding error of a sum is bounded by
+eps * S, and a result that cancels to ~0 keeps that absolute error (Higham 2002, Sec. 4.2).
+"""
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from fastdiff.ops import BACKENDS, group_norm, lincomb, unavailable_reason
+from fastdiff.reference.group_norm import group_norm as group_norm_reference
+from fastdiff.reference.lincomb import lincomb as lincomb_reference
+
+CPU = torch.device("cpu")
+AVAILABLE = [b for b in BACKENDS if not unavailable_reason(b, CPU)]
+SIZES = st.sampled_from([1, 2, 3, 5, 7, 11, 13])
+DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
+SETTINGS = settings(max_examples=25, deadline=None,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                           HealthCheck.too_slow])
+MAX_NUMEL = 1500  # the Triton interpreter runs Python per block
+
+
+def usable(backend: str, dtype: torch.dtype) -> bool:
+    # the Triton interpreter cannot do bf16 arithmetic (numpy has no bf16)
+    return not (backend == "triton" and dtype == torch.bfloat16)
+
+
+@st.composite
+def layouts(draw, shape):
+    """A tensor factory of `shape` with a drawn memory layout: contiguous, permuted, sliced
+    (a stride-2 or offset view of a larger tensor), or both."""
+    kind = draw(st.sampled_from(["contiguous", "permuted", "sliced", "permuted+sliced"]))
+    perm = draw(st.permutations(range(len(shape)))) if "permuted" in kind else None
+    dim = draw(st.integers(0, max(len(shape) - 1, 0))) if "sliced" in kind else None
+    step = draw(st.sampled_from([2, 3]))
+
+    def make(values: torch.Tensor) -> torch.Tensor:
+        t = values
+        if perm is not None:  # same values, memory order permuted
+            t = t.permute(*perm).contiguous().permute(*[perm.index(i) for i in range(len(perm))])
+        if dim is not None and len(shape) > 0:
+            big_shape = list(t.shape)
+            big_shape[dim] = t.shape[dim] * step + 1
+            big = torch.full(big_shape, float("nan"), dtype=t.dtype)
+            index = [slice(None)] * len(shape)
+            index[dim] = slice(1, None, step)
+            big[tuple(index)] = t
+            t = big[tuple(index)]
+        assert torch.equal(t, values) or t.dtype.is_floating_point
+        return t
+
+    return make
+
+
+def close(got, want, dtype, magnitude, tol, what=""):
+    """|got - want| <= atol + rtol * magnitude, elementwise; equal where want is not finite."""
+    t = tol(dtype)
+    got, want = got.double(), want.double()
+    finite = torch.isfinite(want)
+    assert torch.equal(got[~finite], want[~finite]), what
+    err = (got - want).abs()[finite]
+    bound = (t["atol"] + t["rtol"] * magnitude.double())[finite]
+    worst = (err - bound).max().item() if err.numel() else -1.0
+    assert worst <= 0, f"{what}: error exceeds the bound by {worst:.3g}"
+
+
+@st.composite
+def lincomb_problems(draw):
+    backend = draw(st.sampled_from(AVAILABLE))
+    dtype = draw(st.sampled_from([d for d in DTYPES if usable(backend, d)]))
+    shape = tuple(draw(st.lists(SIZES, min_size=1, max_size=4)))
+    while math.prod(shape) > MAX_NUMEL:
+        shape = shape[1:]
+    num_in = draw(st.integers(1, 6))
+    num_out = draw(st.integers(1, 2))
+    num_noise = draw(st.integers(0, 2))
+    rows = draw(st.integers(1, 3))
+    row = draw(st.integers(0, rows - 1))
+    # fp16 overflows at 65504: keep sum |c| |x| below it there
+    top = 3 if dtype == torch.float16 else 4
+    exponent = draw(st.integers(-6, top))
+    makers = [draw(layouts(shape)) for _ in range(num_in)]
+    seed = draw(st.integers(0, 2**31 - 1))
+    in_place = num_out == 1 and draw(st.booleans())
+    return backend, dtype, shape, num_in, num_out, num_noise, rows, row, exponent, makers, seed, \
+        in_place
+
+
+@SETTINGS
+@given(lincomb_problems())
+def test_lincomb_equals_the_reference(tol, problem):
+    (backend, dtype, shape, num_in, num_out, num_noise, rows, row, exponent, makers, seed,
+     in_place) = problem
+    g = torch.Generator().manual_seed(seed)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    values = [torch.randn(shape, generator=g, dtype=torch.float64).clamp(-4, 4).to(dtype)
+              for _ in range(num_in)]
+    xs = [make(v) for make, v in zip(makers, values)]
+    keep = [x.clone() for x in xs]
+    # coefficients of mixed signs, magnitudes within a decade of 10**exponent
+    mag = 10.0 ** exponent * (1 + 9 * torch.rand(rows, num_out, num_in + num_noise, generator=g,
+                                                 dtype=torch.float64))
+    sign = torch.randint(0, 2, mag.shape, generator=g, dtype=torch.float64) * 2 - 1
+    coef = (mag * sign).to(acc)
+    noise = None
+    if num_noise:
+        seeds = torch.randint(-(2**63), 2**63 - 1, (shape[0],), generator=g, dtype=torch.int64)
+        noise = (seeds, list(range(7, 7 + num_noise)))
+    out = [xs[0]] if in_place else None
+    got = lincomb(xs, coef, row, out=out, noise=noise, backend=backend)
+
+    # the specification: the reference in float64 on the same values; the noise follows the
+    # kernels' layout (that of inputs[0] when dense, else empty_like's)
+    x0 = keep[0] if _dense(keep[0]) else torch.empty_like(keep[0]).copy_(keep[0])
+    ref_in = [x0.double(), *[k.double() for k in keep[1:]]]
+    z = lincomb_reference([x0], torch.eye(1 + num_noise, dtype=acc)[None, 1:, :],
+                          0, noise)[:num_noise] if num_noise else []
+    want = lincomb_reference(ref_in, coef.double()[:, :, :num_in], row)
+    c = coef.double()[row]
+    for j in range(num_out):
+        want[j] = want[j] + sum(c[j, num_in + m] * z[m].double() for m in range(num_noise))
+        magnitude = sum(c[j, k].abs() * ref_in[k].abs() for k in range(num_in)) + sum(
+            c[j, num_in + m].abs() * z[m].double().abs() for m in range(num_noise))
+        assert got[j].dtype == dtype and got[j].shape == shape
+        close(got[j], want[j].to(dtype) if dtype != torch.float64 else want[j], dtype,
+              magnitude, tol, f"{backend} {dtype} {shape} out {j}")
+    if in_place:
+        assert got[0] is xs[0]
+    else:  # inputs untouched
+        assert all(torch.equal(x.nan_to_num(), k.nan_to_num()) for x, k in zip(xs, keep))
+
+
+def _dense(t: torch.Tensor) -> bool:
+    expected = 1
+    for stride, size in sorted((s, n) for s, n in zip(t.stride(), t.shape) if n != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+@st.composite
+def group_norm_problems(draw):
+    backend = draw(st.sampled_from(AVAILABLE))
+    dtype = draw(st.sampled_from([d for d in DTYPES if usable(backend, d)]))
+    groups = draw(st.sampled_from([1, 2, 3, 5]))
+    per_group = draw(st.sampled_from([1, 2, 3, 7]))
+    n = draw(st.sampled_from([1, 2, 3]))
+    spatial = tuple(draw(st.lists(SIZES, min_size=0, max_size=2)))
+    shape = (n, groups * per_group, *spatial)
+    while math.prod(shape) > MAX_NUMEL:
+        spatial = spatial[1:]
+        shape = (n, groups * per_group, *spatial)
+    channels_last = len(shape) == 4 and draw(st.booleans())
+    maker = None if channels_last else draw(layouts(shape))
+    affine = draw(st.booleans())
+    modulate = draw(st.booleans())
+    silu = draw(st.booleans())
+    eps = draw(st.sampled_from([1e-6, 1e-5, 1e-3]))
+    log_scale = draw(st.integers(-3, 3))  # data scale 1e-3 .. 1e3
+    offset = draw(st.sampled_from([0.0, 1.0, 10.0]))  # mean, in units of the scale
+    seed = draw(st.integers(0, 2**31 - 1))
+    return (backend, dtype, groups, shape, channels_last, maker, affine, modulate, silu, eps,
+            log_scale, offset, seed)
+
+
+@SETTINGS
+@given(group_norm_problems())
+def test_group_norm_equals_the_reference(tol, problem):
+    (backend, dtype, groups, shape, channels_last, maker, affine, modulate, silu, eps,
+     log_scale, offset, seed) = problem
+    g = torch.Generator().manual_seed(seed)
+    s = 10.0 ** log_scale
+    values = ((torch.randn(shape, generator=g, dtype=torch.float64) + offset) * s).to(dtype)
+    x = values.to(memory_format=torch.channels_last) if channels_last else maker(values)
+    keep = x.clone()
+    c = shape[1]
+    params = {}
+    if affine:
+        params["weight"] = torch.randn(c, generator=g, dtype=torch.float64).to(dtype)
+        params["bias"] = torch.randn(c, generator=g, dtype=torch.float64).to(dtype)
+    if modulate:
+        params["scale"] = (0.5 * torch.randn(n := shape[0], c, generator=g,
+                                             dtype=torch.float64)).to(dtype)
+        params["shift"] = torch.randn(n, c, generator=g, dtype=torch.float64).to(dtype)
+    got = group_norm(x, groups, eps=eps, silu=silu, backend=backend, **params)
+    assert got.shape == x.shape and got.dtype == dtype
+    assert torch.equal(x.nan_to_num(), keep.nan_to_num())  # x untouched
+    # the specification in float64 on the same values
+    want = group_norm_reference(values.double(), groups, eps=eps, silu=silu,
+                                **{k: v.double() for k, v in params.items()})
+    magnitude = _group_norm_magnitude(values.double(), groups, eps, params) + want.abs()
+    close(got, want.to(dtype) if dtype != torch.float64 else want, dtype, magnitude, tol,
+          f"{backend} {dtype} {shape} cl={channels_last}")
+
+
+def _group_norm_magnitude(x, groups, eps, params):
+    """The scale of the rounding error of y = ((x - mean) rstd w + b)(1 + s) + t: the terms'
+    magnitudes, (|x| + |mean|) rstd |w (1 + s)| + |b (1 + s)| + |t|. (x - mean) is where fp32
+    loses accuracy when |mean| >> std: e.g. torch's CPU kernel evaluates x rstd - mean rstd.)"""
+    n, c = x.shape[:2]
+    xg = x.reshape(n, groups, -1)
+    mean = xg.mean(-1, keepdim=True)
+    rstd = (xg.var(-1, unbiased=False, keepdim=True) + eps).rsqrt()
+    norm = ((xg.abs() + mean.abs()) * rstd).reshape(x.shape)
+    per_channel = [n, c] + [1] * (x.dim() - 2)
+    one_s = (1 + params["scale"].double().reshape(per_channel)).abs() if "scale" in params \
+        else torch.ones(per_channel, dtype=torch.float64)
+    w = params["weight"].double().abs().reshape([1, c] + [1] * (x.dim() - 2)) \
+        if "weight" in params else 1.0
+    b = params["bias"].double().abs().reshape([1, c] + [1] * (x.dim() - 2)) \
+        if "bias" in params else 0.0
+    t = params["shift"].double().abs().reshape(per_channel) if "shift" in params else 0.0
+    return norm * w * one_s + b * one_s + t
+
+
+def test_the_backends_under_test():
+    """reference always; the others where this machine has them (reported, not required)."""
+    assert "reference" in AVAILABLE
+    for b in BACKENDS:
+        if b not in AVAILABLE:
+            print(f"not tested here: {b}: {unavailable_reason(b, CPU)}")
+
+
+if __name__ == "__main__":
+    pytest.main([__file__, "-q"])
