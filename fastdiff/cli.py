@@ -1,4 +1,4 @@
-"""The `fastdiff` command line: info, compare, sample, train (each subcommand's handler lives
+"""The `fastdiff` command line: info, compare, sample, generate, train, bench (each handler lives
 beside the feature it drives; this file only assembles the parser)."""
 
 from __future__ import annotations
@@ -61,11 +61,15 @@ def build_parser() -> argparse.ArgumentParser:
                                                           "float64"])
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.set_defaults(func=_cmd_compare)
+    from fastdiff.bench import add_bench_parser
+    from fastdiff.generate import add_generate_parser
     from fastdiff.sample_cli import add_sample_parser
     from fastdiff.train import add_train_parser
 
     add_sample_parser(sub)
+    add_generate_parser(sub)
     add_train_parser(sub)
+    add_bench_parser(sub)
     return parser
 
 
