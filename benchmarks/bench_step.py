@@ -26,6 +26,8 @@ DTYPE = torch.float16 if HAS_CUDA else torch.float32
 STEPS = 20
 SHAPES = [(2, 4, 64, 64), (2, 4, 128, 128)]
 FUSED = [resolve("auto", DEVICE)]  # the backend fastdiff picks by default (never the interpreter)
+# On a GPU the same loop also runs graph-replayed: one CUDA graph for all 20 steps.
+FUSED += [f"{FUSED[0]}-graph"] if HAS_CUDA else []
 # fastdiff solver name -> (diffusers scheduler class, its config overrides)
 PAIRS = {
     "ddim": ("DDIMScheduler", {}),
@@ -87,7 +89,9 @@ def bench_sampler_step(benchmark, impl, name, shape):
                 return SOLVERS[name].fn(denoiser, x, sigmas.to(DEVICE), disable=True,
                                         **SOLVERS[name].kwargs)
         else:
-            sampler = Sampler(denoiser, name, sigmas, backend=impl.split("-")[1])
+            kernel_backend = impl.split("-")[1]
+            sampler = Sampler(denoiser, name, sigmas, backend=kernel_backend,
+                              graph=impl.endswith("-graph"))
 
             def loop():
                 return sampler(x, seed=0)
