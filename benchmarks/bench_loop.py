@@ -192,8 +192,8 @@ def unet_call(unet, emb):
 
 
 @pytest.mark.parametrize("impl", ["diffusers", "fastdiff-eager", "fastdiff-graph",
-                                  "diffusers-compile", "fastdiff-eager-compile",
-                                  "fastdiff-graph-compile"])
+                                  "fastdiff-accelerate", "diffusers-compile",
+                                  "fastdiff-eager-compile", "fastdiff-graph-compile"])
 def bench_loop_sd15_unet(benchmark, sd_unet, impl):
     if impl == "fastdiff-graph-compile" and COMPILE_MODE in ("reduce-overhead", "max-autotune"):
         pytest.skip("torch.compile's own CUDA graphs cannot be captured in fastdiff's graph")
@@ -219,7 +219,18 @@ def bench_loop_sd15_unet(benchmark, sd_unet, impl):
                                     compile_mode=COMPILE_MODE if compiled else None,
                                     dtype=str(dtype))
         call = unet_call(unet, text)
-        if impl.startswith("diffusers"):
+        if impl == "fastdiff-accelerate":  # the same diffusers loop, after fastdiff.accelerate
+            import copy
+            import types
+
+            import fastdiff
+
+            pipe = fastdiff.accelerate(types.SimpleNamespace(
+                unet=copy.deepcopy(sd_unet["eager"]), scheduler=s))  # swaps modules in place
+            pipe.scheduler.set_timesteps(steps, device=DEVICE)
+            loop, setup = diffusers_loop(pipe.scheduler, unet_call(pipe.unet, text), noise,
+                                         steps, guidance)
+        elif impl.startswith("diffusers"):
             loop, setup = diffusers_loop(s, call, noise, steps, guidance)
         else:
             setup = None
