@@ -26,6 +26,16 @@ def tol():
     return TOLERANCES.__getitem__
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of many small ops: on a shared 2-core runner, intra-op
+    threads waiting for each other make them several times slower than one thread."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
 def pytest_collection_modifyitems(config, items):
     if HAS_CUDA:
         return

@@ -85,12 +85,7 @@ def _grid(spacing: str, n: int) -> torch.Tensor:
     return torch.linspace(hi, lo, n + 1, dtype=F64)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():  # tiny tensors: intra-op threads only add synchronisation cost
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest
 
 
 @cache

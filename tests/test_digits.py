@@ -16,14 +16,7 @@ from fastdiff.models import digits  # noqa: E402
 GUIDANCE = 1.5  # the CLI default scale
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread: on a shared 2-core runner, OpenMP threads waiting for each other make
-    these small convolutions several times slower than one thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # small convolutions: see conftest
 
 
 @pytest.fixture(scope="module")

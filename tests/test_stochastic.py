@@ -81,12 +81,7 @@ def karras_sigmas(n: int) -> torch.Tensor:
     return torch.cat([s, s.new_zeros(1)])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest
 
 
 @cache
