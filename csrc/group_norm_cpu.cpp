@@ -18,8 +18,6 @@
 namespace fastdiff {
 namespace {
 
-// Below this many elements a parallel region costs more than it saves.
-constexpr int64_t kParallelThreshold = 1 << 15;
 // Values per chunk: the widened chunk stays in L1/L2 between the two passes.
 constexpr int64_t kChunk = 4096;
 
@@ -159,7 +157,7 @@ template <typename T>
 void run(const GroupNormArgs<T>& a, bool channels_last) {
   using A = typename Acc<T>::type;
   const int64_t N = a.N, C = a.C, G = a.G, Cg = C / G;
-  const bool parallel = N * C * a.HW >= kParallelThreshold;
+  const bool parallel = N * C * a.HW >= kCpuParallelThreshold;
 
   std::vector<Moments<A>> stats(N * G);
   if (channels_last) stats_channels_last(a, parallel, stats.data());

@@ -13,11 +13,6 @@
 namespace fastdiff {
 namespace {
 
-// Threads pay off only for large tensors (e.g. VAE activations). Below this, one thread runs
-// near memory bandwidth, and a parallel region can cost more than the work: torch brings its
-// own OpenMP runtime, whose spinning threads compete with ours for the cores, and on a loaded
-// machine a barrier can wait milliseconds for a preempted thread (both measured).
-constexpr int64_t kParallelThreshold = 1 << 22;
 // Elements per tile: inputs are widened into local arrays, which alias nothing, so the compiler
 // vectorises the element math; every tile is loaded before it is stored, which keeps an output
 // that is exactly an input (an in-place update) correct.
@@ -59,7 +54,7 @@ void lincomb_cpu_impl(const LincombArgs<T>& a) {
   A c[kLincombMaxOut][kLincombSlots];
   lincomb_load_coef(a, c);
   const int64_t tiles = (a.n + kTile - 1) / kTile;
-#pragma omp parallel for schedule(static) if (a.n >= kParallelThreshold)
+#pragma omp parallel for schedule(static) if (a.n >= kCpuParallelThreshold)
   for (int64_t tile = 0; tile < tiles; ++tile) {
     const int64_t begin = tile * kTile;
     const int64_t end = std::min(a.n, begin + kTile);
