@@ -61,11 +61,6 @@ class Plan:
     history: set[int] = field(default_factory=set)  # calls whose history entry is read later
 
     @property
-    def max_reads(self) -> int:
-        """Registers read by the widest stage (the current D counts as F and the output)."""
-        return max([len(s.terms) + 1 for s in self.stages] + [len(self.prologue)])
-
-    @property
     def nfe(self) -> int:
         return len(self.stages)
 
@@ -129,22 +124,12 @@ def _solve(target, dense, history, units):
     return None
 
 
-def compile_plan(trace: Trace, options: dict | None = None, history_kind: str | None = None
-                 ) -> Plan:
+def compile_plan(trace: Trace, options: dict | None = None, history_kind: str = "D") -> Plan:
     """Turns a trace into stages (see the module docstring). The history kept for later
-    stages is D (data-prediction solvers) or E = F - D (noise-prediction solvers); by default
-    both are tried and the plan whose widest stage reads fewer registers wins."""
-    if history_kind is None:
-        plans = []
-        for kind in ("D", "E"):
-            try:
-                plans.append(compile_plan(trace, options, kind))
-            except RuntimeError as e:
-                error = e
-        if not plans:
-            raise error
-        return min(plans, key=lambda p: p.max_reads)
-
+    stages is D (natural for data-prediction solvers) or E = F - D (noise-prediction ones);
+    the Sampler compiles both and keeps the one whose widest launch reads fewer tensors."""
+    if history_kind not in ("D", "E"):
+        raise ValueError(f"history_kind must be 'D' or 'E', got {history_kind!r}")
     inputs = [f[0] for f in trace.inputs]
     noise_index = {d.index: Ref("z", n) for n, d in enumerate(trace.noise)}
     x_t = torch.zeros(trace.dim, dtype=torch.float64)
