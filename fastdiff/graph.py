@@ -93,7 +93,7 @@ class GraphedCallable:
         return _clone_out(entry.out)  # the static output is overwritten by the next replay
 
     def _capture(self, args, kwargs) -> _Entry | None:
-        device = next(t.device for t in _tensors((args, kwargs)) if t.is_cuda)
+        device = next(t.device for t in tensors_in((args, kwargs)) if t.is_cuda)
         static_args, static_kwargs = _static(args), _static(kwargs)
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
@@ -116,12 +116,13 @@ class GraphedCallable:
         return _Entry(graph, static_args, static_kwargs, out)
 
 
-def _tensors(v):
+def tensors_in(v):
+    """Every tensor in nested tuples, lists and dicts."""
     if isinstance(v, torch.Tensor):
         yield v
     elif isinstance(v, dict):
         for x in v.values():
-            yield from _tensors(x)
+            yield from tensors_in(x)
     elif isinstance(v, list | tuple):
         for x in v:
-            yield from _tensors(x)
+            yield from tensors_in(x)

@@ -48,13 +48,9 @@ class _GraphedForward:
 
 
 def _has_cuda_tensor(v) -> bool:
-    if isinstance(v, torch.Tensor):
-        return v.is_cuda
-    if isinstance(v, dict):
-        return any(_has_cuda_tensor(x) for x in v.values())
-    if isinstance(v, list | tuple):
-        return any(_has_cuda_tensor(x) for x in v)
-    return False
+    from fastdiff.graph import tensors_in
+
+    return any(t.is_cuda for t in tensors_in(v))
 
 
 def accelerate(pipe, graph: bool = True, kernels: bool = True, backend: str = "auto"):
