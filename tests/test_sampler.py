@@ -187,6 +187,54 @@ def test_at_most_two_torch_ops_per_step_outside_the_model(name):
     assert mode.count / sampler.plan.nfe <= 2, f"{mode.count} ops for {sampler.plan.nfe} steps"
 
 
+class CountAllocations(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten.empty_like.default, torch.ops.aten.empty_strided.default,
+                    torch.ops.aten.empty.memory_format):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("name", ["dpmpp_2m", "unipc_bh2_3", "heun", "dpmpp_2m_sde"])
+def test_buffers_are_recycled_and_results_never_reused(name):
+    """Dead registers' buffers hold later outputs: on CPU a second run allocates only its
+    result, and an earlier result is never overwritten by a later run."""
+    model, x, sigmas = problem(name, torch.float32, steps=12)
+    sampler = Sampler(model, name, sigmas, backend=BACKENDS[-1] if DEVICE.type == "cpu"
+                      else "reference")
+    first = sampler(x, seed=3)
+    kept = first.clone()
+    mode = CountAllocations()
+    with mode:
+        second = sampler(x, seed=3)
+    if DEVICE.type == "cpu":
+        assert mode.count <= 1 + 1, f"{mode.count} allocations in a warm run"  # result + seeds
+    assert torch.equal(first, kept) and torch.equal(second, first)
+    assert second.data_ptr() != first.data_ptr()
+
+
+def test_a_buffer_shared_by_a_live_register_is_not_recycled():
+    """A model may return its input tensor: then the dead F register's buffer is still the live
+    D register, and recycling it would overwrite D before its last read."""
+    from fastdiff.sampler import _Buffers
+
+    x = torch.zeros(3)
+    buffers = _Buffers(x, {})
+    f = buffers.take()
+    regs = {("D", 0): f}  # the model returned f itself
+    buffers.release(f, regs)
+    assert buffers.take() is not f
+    regs.clear()
+    buffers.release(f, regs)  # now dead everywhere: reused
+    assert buffers.take() is f
+    buffers.release(x, {})  # never recycles a tensor it did not allocate (the user's noise)
+    assert buffers.take() is not x
+
+
 def test_plan_is_printable():
     _, x, sigmas = problem("dpmpp_2m")
     text = str(Sampler(GMM, "dpmpp_2m", sigmas).plan)
