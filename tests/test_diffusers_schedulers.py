@@ -215,8 +215,10 @@ def test_step_is_sync_free(name, config, monkeypatch):
     import fastdiff.diffusers._fused as fused
 
     launches = []
-    real = fused.lincomb
-    monkeypatch.setattr(fused, "lincomb", lambda *a, **k: launches.append(1) or real(*a, **k))
+    for op in ("lincomb", "launch_unchecked"):  # the checked op and the fast path
+        real = getattr(fused, op)
+        monkeypatch.setattr(fused, op,
+                            lambda *a, _real=real, **k: launches.append(1) or _real(*a, **k))
     sched = getattr(F, name)(**config)
     sched.set_timesteps(10, device="cpu")
     gen = torch.Generator().manual_seed(0)
@@ -230,7 +232,44 @@ def test_step_is_sync_free(name, config, monkeypatch):
             x = sched.step(model_output, t, x, **kwargs).prev_sample
         assert mode.bad == [], mode.bad
     per_step = 2 if name == "UniPCMultistepScheduler" else 1
-    assert len(launches) <= per_step * len(sched.timesteps)
+    assert 0 < len(launches) <= per_step * len(sched.timesteps)
+
+
+NOISE_CLASSES = sorted({c[0] for c in CASES} - {"DDIMScheduler", "DDPMScheduler", "PNDMScheduler",
+                                                 "LCMScheduler"})  # those index on the device
+
+
+@pytest.mark.parametrize("name", NOISE_CLASSES)
+def test_add_noise_is_diffusers_bitwise_and_sync_free(name):
+    """add_noise (scale_noise for flow matching) finds each timestep's sigma on the device:
+    bitwise diffusers' result, for schedule timesteps (repeats included: Heun, KDPM2), a begin
+    index, and an unknown timestep where diffusers has an answer for it."""
+    ref, ours = both(name, {})
+    for s in (ref, ours):
+        s.set_timesteps(7, device="cpu")
+    g = torch.Generator().manual_seed(5)
+    x, z = torch.randn(2, 4, *SHAPE[1:], generator=g)
+    method = "scale_noise" if name.startswith("FlowMatch") else "add_noise"
+
+    def noised(s, t):
+        return getattr(s, method)(x, t, z) if method == "scale_noise" else s.add_noise(x, z, t)
+
+    picks = torch.tensor([0, 1, 3, len(ref.timesteps) - 1])
+    t = ref.timesteps[picks]
+    noised(ours, t)  # the first call asks diffusers, on a host probe, what an unknown t gives
+    with _ScalarReads() as mode:
+        got = noised(ours, t)
+    assert torch.equal(got, noised(ref, t))
+    if ours._fd_missing_index() is not None:  # CPU validation of unknown timesteps aside
+        assert mode.bad == [], mode.bad
+        unknown = torch.tensor([-3.0, float(ref.timesteps[2]), 0.25, float(ref.timesteps[0])])
+        assert torch.equal(noised(ours, unknown), noised(ref, unknown))
+    else:
+        with pytest.raises(ValueError, match="not in the scheduler's timesteps"):
+            noised(ours, torch.tensor([float(ref.timesteps[1]), -3.0, 0.25, 1.5]))
+    for s in (ref, ours):
+        s.set_begin_index(2)
+    assert torch.equal(noised(ours, t), noised(ref, t))
 
 
 def test_scalar_read_detector_sees_diffusers_syncs():
@@ -331,8 +370,8 @@ def test_import_fastdiff_does_not_import_diffusers():
 @pytest.mark.parametrize("name", ["DDIMScheduler", "EulerDiscreteScheduler",
                                   "DPMSolverMultistepScheduler", "UniPCMultistepScheduler"])
 def test_cuda_sync_free_and_graph_capture(name):
-    """set_sync_debug_mode("error") over a whole loop, then one step captured in a CUDA graph
-    and replayed gives the eager step's result."""
+    """set_sync_debug_mode("error") over add_noise and a whole loop, then one step captured in
+    a CUDA graph and replayed gives the eager step's result."""
     config = dict(clip_sample=False) if name == "DDIMScheduler" else {}
     dev = torch.device("cuda")
     ref, ours = both(name, config)
@@ -340,11 +379,13 @@ def test_cuda_sync_free_and_graph_capture(name):
     for s in (ref, ours):
         s.set_timesteps(10, device=dev)
     xs = []
+    ours.add_noise(x0, x0, ours.timesteps[:1].expand(SHAPE[0]))  # first call: host probe
     for s in (ref, ours):
-        x = x0
+        x = x0 if s is ours else ref.add_noise(x0, x0, ref.timesteps[:1].expand(SHAPE[0]))
         if s is ours:
             torch.cuda.set_sync_debug_mode("error")
         try:
+            x = s.add_noise(x, x0, s.timesteps[:1].expand(SHAPE[0])) if s is ours else x
             for t in s.timesteps:
                 eps = torch.tanh(x) * 0.5 + 0.05
                 x = s.step(eps, t, s.scale_model_input(x, t)).prev_sample

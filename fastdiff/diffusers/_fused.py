@@ -206,6 +206,71 @@ class FusedStepMixin:
         except ValueError:
             raise ValueError(f"timestep {value} is not in the scheduler's timesteps") from None
 
+    # ---- add_noise / scale_noise without a host sync -------------------------------------------
+    # diffusers' sigma-based schedulers look each timestep up with `nonzero()` + `.item()` (one
+    # sync per sample) and index `sigmas` with a host list. Here the lookup is a comparison
+    # against the schedule on the device and a gather; the arithmetic after it is diffusers'
+    # own expression, so the result is bitwise diffusers'. (DDIM/DDPM/PNDM/LCM index
+    # `alphas_cumprod` with the device timesteps directly: already sync-free, left as is.)
+    _fd_noise_formula: str | None = None  # "sigma" | "alpha_sigma" | "flow"
+
+    def _fd_missing_index(self) -> int | None:
+        """What diffusers' index_for_timestep answers for a timestep not in the schedule: the
+        last index (DPM-Solver family) or an IndexError (Euler family, None here). Asked of
+        diffusers once per class, on a 2-element host schedule that cannot hold the probe."""
+        cls = type(self)
+        if "_fd_missing_last" not in cls.__dict__:
+            try:
+                self._fd_base.index_for_timestep(self, torch.tensor(0.5), torch.tensor([0., 1.]))
+                cls._fd_missing_last = True
+            except IndexError:
+                cls._fd_missing_last = False
+        return len(self.timesteps) - 1 if cls._fd_missing_last else None
+
+    def _fd_step_indices(self, timesteps, device) -> torch.Tensor:
+        """diffusers' per-sample step indices as an int64 device tensor, without a sync; -1 for
+        a timestep diffusers would reject."""
+        timesteps = torch.as_tensor(timesteps).reshape(-1)
+        if self.begin_index is not None:  # diffusers: [step_index or begin_index] * batch
+            index = self.step_index if self.step_index is not None else self.begin_index
+            return torch.full((timesteps.shape[0],), index, dtype=torch.int64, device=device)
+        eq = self.timesteps.to(device)[None, :] == timesteps.to(device)[:, None]
+        count = eq.sum(1)
+        # index_for_timestep: the second match when the timestep repeats, else the first
+        want = torch.where(count > 1, 2, 1)
+        index = (eq & (eq.cumsum(1) == want[:, None])).int().argmax(1).long()
+        fallback = self._fd_missing_index()
+        if fallback is None and device.type == "cpu" and bool((count == 0).any()):
+            bad = timesteps[(count == 0).cpu()].tolist()
+            raise ValueError(f"timesteps {bad} are not in the scheduler's timesteps")
+        # On a GPU an unknown timestep cannot raise without a sync: -1 makes its sigma NaN
+        # (loud, like an out-of-range device row of the fused kernel).
+        return torch.where(count == 0, -1 if fallback is None else fallback, index)
+
+    def _fd_sigma_at(self, timesteps, like: torch.Tensor) -> torch.Tensor:
+        sigmas = self.sigmas.to(device=like.device, dtype=like.dtype)
+        index = self._fd_step_indices(timesteps, like.device)
+        nan = torch.tensor(float("nan"), dtype=like.dtype, device=like.device)
+        sigma = torch.where(index >= 0, sigmas[index.clamp(min=0)], nan).flatten()
+        while len(sigma.shape) < len(like.shape):
+            sigma = sigma.unsqueeze(-1)
+        return sigma
+
+    def add_noise(self, original_samples, noise, timesteps):
+        if self._fd_noise_formula not in ("sigma", "alpha_sigma"):
+            return self._fd_base.add_noise(self, original_samples, noise, timesteps)
+        sigma = self._fd_sigma_at(timesteps, original_samples)
+        if self._fd_noise_formula == "sigma":
+            return original_samples + noise * sigma
+        alpha_t, sigma_t = self._sigma_to_alpha_sigma_t(sigma)
+        return alpha_t * original_samples + sigma_t * noise
+
+    def scale_noise(self, sample, timestep, noise=None):
+        if self._fd_noise_formula != "flow":
+            return self._fd_base.scale_noise(self, sample, timestep, noise)
+        sigma = self._fd_sigma_at(timestep, sample)
+        return sigma * noise + (1.0 - sigma) * sample
+
     # ---- the fused step ----------------------------------------------------------------------
     def step(self, model_output, timestep, sample, *args, **kwargs):
         if self.__dict__.get("_fd_fallback_reason", True) is not None \

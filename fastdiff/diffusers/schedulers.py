@@ -1,5 +1,6 @@
 """The drop-in scheduler classes: diffusers' own class (config, schedule, scale_model_input,
-add_noise, save/load) with the fused sync-free `step` of _fused.FusedStepMixin.
+save/load) with the fused sync-free `step` of _fused.FusedStepMixin, and `add_noise` /
+`scale_noise` that find the timesteps' sigmas on the device (no per-sample host lookup).
 
 Non-linear options run diffusers' own step (with a one-time warning; `fused_fallback_reason`
 says why): dynamic `thresholding` (a per-sample quantile), `clip_sample` (a clamp), and a
@@ -25,30 +26,34 @@ def _learned(value) -> bool:
 _THRESH = {"thresholding": _true}
 _CLIP = {"clip_sample": _true}
 _LEARNED = {"variance_type": _learned}
+# add_noise / scale_noise formulas reimplemented without diffusers' per-sample host lookup
+_SIGMA = {"_fd_noise_formula": "sigma"}  # x + noise * sigma
+_ALPHA_SIGMA = {"_fd_noise_formula": "alpha_sigma"}  # alpha_t x + sigma_t noise
+_FLOW = {"_fd_noise_formula": "flow"}  # scale_noise: sigma noise + (1 - sigma) x
 
 DDIMScheduler = fused_class(_d.DDIMScheduler, fallback={**_THRESH, **_CLIP},
                             doc="Step kwargs eta / use_clipped_model_output are traced per value.")
 EulerDiscreteScheduler = fused_class(
-    _d.EulerDiscreteScheduler,
+    _d.EulerDiscreteScheduler, **_SIGMA,
     doc="Step kwargs s_churn / s_tmin / s_tmax / s_noise are traced per value.")
-DPMSolverMultistepScheduler = fused_class(_d.DPMSolverMultistepScheduler,
+DPMSolverMultistepScheduler = fused_class(_d.DPMSolverMultistepScheduler, **_ALPHA_SIGMA,
                                           fallback={**_THRESH, **_LEARNED})
-UniPCMultistepScheduler = fused_class(_d.UniPCMultistepScheduler, fallback=_THRESH)
+UniPCMultistepScheduler = fused_class(_d.UniPCMultistepScheduler, **_ALPHA_SIGMA, fallback=_THRESH)
 DDPMScheduler = fused_class(_d.DDPMScheduler, fallback={**_THRESH, **_CLIP, **_LEARNED})
-EulerAncestralDiscreteScheduler = fused_class(_d.EulerAncestralDiscreteScheduler)
+EulerAncestralDiscreteScheduler = fused_class(_d.EulerAncestralDiscreteScheduler, **_SIGMA)
 LCMScheduler = fused_class(_d.LCMScheduler, fallback={**_THRESH, **_CLIP})
 FlowMatchEulerDiscreteScheduler = fused_class(
-    _d.FlowMatchEulerDiscreteScheduler, _fd_noise_f32=True,
+    _d.FlowMatchEulerDiscreteScheduler, **_FLOW, _fd_noise_f32=True,
     doc="stochastic_sampling draws float32 noise like diffusers.")
-HeunDiscreteScheduler = fused_class(_d.HeunDiscreteScheduler, fallback=_CLIP)
-LMSDiscreteScheduler = fused_class(_d.LMSDiscreteScheduler)
-DEISMultistepScheduler = fused_class(_d.DEISMultistepScheduler, fallback=_THRESH)
-KDPM2DiscreteScheduler = fused_class(_d.KDPM2DiscreteScheduler)
-KDPM2AncestralDiscreteScheduler = fused_class(_d.KDPM2AncestralDiscreteScheduler)
-DPMSolverSinglestepScheduler = fused_class(_d.DPMSolverSinglestepScheduler,
+HeunDiscreteScheduler = fused_class(_d.HeunDiscreteScheduler, **_SIGMA, fallback=_CLIP)
+LMSDiscreteScheduler = fused_class(_d.LMSDiscreteScheduler, **_SIGMA)
+DEISMultistepScheduler = fused_class(_d.DEISMultistepScheduler, **_ALPHA_SIGMA, fallback=_THRESH)
+KDPM2DiscreteScheduler = fused_class(_d.KDPM2DiscreteScheduler, **_SIGMA)
+KDPM2AncestralDiscreteScheduler = fused_class(_d.KDPM2AncestralDiscreteScheduler, **_SIGMA)
+DPMSolverSinglestepScheduler = fused_class(_d.DPMSolverSinglestepScheduler, **_ALPHA_SIGMA,
                                            fallback={**_THRESH, **_LEARNED})
-EDMEulerScheduler = fused_class(_d.EDMEulerScheduler)
-EDMDPMSolverMultistepScheduler = fused_class(_d.EDMDPMSolverMultistepScheduler,
+EDMEulerScheduler = fused_class(_d.EDMEulerScheduler, **_SIGMA)
+EDMDPMSolverMultistepScheduler = fused_class(_d.EDMDPMSolverMultistepScheduler, **_SIGMA,
                                              fallback=_THRESH)
 PNDMScheduler = fused_class(_d.PNDMScheduler, _fd_row_attr="counter")
 
