@@ -4,7 +4,9 @@
     fastdiff.restore(pipe)                  # undoes it
 
 1. The scheduler is swapped for its fused, sync-free twin in fastdiff.diffusers (same class
-   name and config; one fused kernel per step).
+   name and config; one fused kernel per step). backend="reference" keeps diffusers' own step
+   arithmetic in the twin (and the reference modules in 2.), so with kernels=False and
+   graph=False the pipeline's output is bitwise the original's.
 2. kernels=True: GroupNorm and attention modules of the UNet and VAE become fastdiff.nn modules
    (fastdiff.nn.swap_modules; same parameters and state-dict keys).
 3. graph=True: the UNet's forward is captured in CUDA graphs keyed by its input signature
@@ -57,7 +59,10 @@ def accelerate(pipe, graph: bool = True, kernels: bool = True, backend: str = "a
     """Swaps in fastdiff's fused scheduler, kernels and UNet graphs (see the module doc)."""
     import fastdiff.diffusers as fused_schedulers
     from fastdiff.nn import swap_modules
+    from fastdiff.ops import BACKENDS
 
+    if backend != "auto" and backend not in BACKENDS:
+        raise ValueError(f"backend must be 'auto' or one of {BACKENDS}, got {backend!r}")
     if getattr(pipe, _STATE, None) is not None:
         return pipe  # already accelerated
     state: dict = {}
@@ -71,6 +76,7 @@ def accelerate(pipe, graph: bool = True, kernels: bool = True, backend: str = "a
         else:
             state["scheduler"] = scheduler
             pipe.scheduler = twin.from_config(scheduler.config)
+            pipe.scheduler.fastdiff_backend = backend
     if kernels:
         state["swapped"] = [name for name in ("unet", "vae")
                             if isinstance(getattr(pipe, name, None), nn.Module)]

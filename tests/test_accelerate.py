@@ -138,6 +138,37 @@ def test_sd_style_loop_with_guidance_scheduler_only_and_kernels():
     assert torch.equal(run(pipe), run(make(torch.float32)))
 
 
+@pytest.mark.parametrize("name", ["DDPMScheduler", "DDIMScheduler", "EulerDiscreteScheduler",
+                                  "DPMSolverMultistepScheduler", "UniPCMultistepScheduler",
+                                  "HeunDiscreteScheduler", "PNDMScheduler"])
+def test_scheduler_swap_with_the_reference_backend_is_bitwise(name):
+    """Only the scheduler swapped, backend="reference": the pipeline's output is bitwise the
+    original's (set_timesteps, scale_model_input, add_noise and the step bookkeeping change
+    nothing); the same loop through the fused step differs only by rounding."""
+    base = sd_pipeline()
+    overrides = {"clip_sample": False} if name in ("DDPMScheduler", "DDIMScheduler") else {}
+    base.scheduler = getattr(diffusers, name).from_config(base.scheduler.config, **overrides)
+
+    def loop(pipe):
+        torch.manual_seed(7)  # DDPM's step draws from the global generator
+        return sd_like_loop(pipe)
+
+    want = loop(copy.deepcopy(base))
+    pipe = fastdiff.accelerate(copy.deepcopy(base), graph=False, kernels=False,
+                               backend="reference")
+    assert type(pipe.scheduler).__module__.startswith("fastdiff.diffusers")
+    assert torch.equal(loop(pipe), want)
+    fused = fastdiff.accelerate(copy.deepcopy(base), graph=False, kernels=False)
+    got = loop(fused)
+    assert not torch.equal(got, want)  # the fused arithmetic really ran
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
+def test_accelerate_rejects_an_unknown_backend():
+    with pytest.raises(ValueError, match="backend must be"):
+        fastdiff.accelerate(sd_pipeline(), backend="fast")
+
+
 def test_graph_on_cpu_warns_once_and_runs_eagerly():
     pipe = sd_pipeline()
     want = sd_like_loop(pipe, steps=3)

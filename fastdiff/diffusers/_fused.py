@@ -42,6 +42,11 @@ class FusedStepMixin:
     _fd_fallback: dict = {}
     _fd_noise_f32 = False  # diffusers draws float32 noise even for half inputs
     _fd_row_attr = None  # attribute holding the step index of a scheduler without _step_index
+    # Which implementation runs `step`: "auto" (the fastest fused kernel for the device), a
+    # fastdiff.ops backend ("cuda", "triton", "cpu") for the fused launch, or "reference":
+    # diffusers' own step, the specification the fused step is traced from (bitwise diffusers'
+    # results: the check that swapping the scheduler changes nothing else). Set it before a loop.
+    fastdiff_backend = "auto"
 
     # ---- configuration -------------------------------------------------------------------
     @property
@@ -273,6 +278,8 @@ class FusedStepMixin:
 
     # ---- the fused step ----------------------------------------------------------------------
     def step(self, model_output, timestep, sample, *args, **kwargs):
+        if self.fastdiff_backend == "reference":
+            return self._fd_base.step(self, model_output, timestep, sample, *args, **kwargs)
         if self.__dict__.get("_fd_fallback_reason", True) is not None \
                 and self.fused_fallback_reason is not None:
             if not getattr(self, "_fd_warned", False):
@@ -349,7 +356,7 @@ class FusedStepMixin:
         results = {}  # targets; the sources stay the values from before this step
         for chunk, coef in zip(plan.chunks, tables):
             inputs = [values[s] if s in values else get_slot(self, s) for s in chunk.sources]
-            results.update(zip(chunk.targets, _launch(inputs, coef)))
+            results.update(zip(chunk.targets, _launch(inputs, coef, self.fastdiff_backend)))
         for target, source in plan.moves:
             results[target] = values[source] if source in values else get_slot(self, source)
         for name, length in plan.list_lengths.items():
@@ -375,26 +382,28 @@ class FusedStepMixin:
 _BACKENDS: dict = {}
 
 
-def _launch(inputs: list[torch.Tensor], coef: torch.Tensor) -> list[torch.Tensor]:
+def _launch(inputs: list[torch.Tensor], coef: torch.Tensor, backend: str = "auto"
+            ) -> list[torch.Tensor]:
     """lincomb, split into a partial sum when there are more inputs than one launch takes.
     step() already guarantees what lincomb validates (one shape, dtype and device, coef in the
     accumulation dtype on that device), so a shared dense layout goes straight to the kernel."""
     if len(inputs) <= MAX_INPUTS:
         x0 = inputs[0]
         if same_dense_layout(inputs) and not torch.compiler.is_compiling():
-            backend = _BACKENDS.get(x0.device)
-            if backend is None:
-                backend = _BACKENDS[x0.device] = resolve("auto", x0.device)
+            key = (backend, x0.device)
+            kernel = _BACKENDS.get(key)
+            if kernel is None:
+                kernel = _BACKENDS[key] = resolve(backend, x0.device)
             outs = [torch.empty_like(x0) for _ in range(coef.shape[1])]
             if x0.numel():
-                launch_unchecked(inputs, coef, 0, outs, backend)
+                launch_unchecked(inputs, coef, 0, outs, kernel)
             return outs
-        return lincomb(inputs, coef, 0)
+        return lincomb(inputs, coef, 0, backend=backend)
     nout, head = coef.shape[1], MAX_INPUTS
-    partial = lincomb(inputs[:head], coef[:, :, :head].contiguous(), 0)
+    partial = lincomb(inputs[:head], coef[:, :, :head].contiguous(), 0, backend=backend)
     ident = torch.eye(nout, dtype=coef.dtype, device=coef.device).unsqueeze(0)
     rest = torch.cat([ident, coef[:, :, head:]], dim=2).contiguous()
-    return _launch(partial + inputs[head:], rest)
+    return _launch(partial + inputs[head:], rest, backend)
 
 
 def fused_class(base: type, fallback: dict | None = None,
