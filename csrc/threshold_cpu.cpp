@@ -28,12 +28,11 @@ void threshold_sample(const ThresholdArgs<T>& a, const typename Acc<T>::type (&c
     // weak order, which NaN breaks).
     s = A(NAN);
   } else {
-    const QuantileRank<A> r = quantile_rank<A>(n, a.ratio);
-    std::nth_element(buf.begin(), buf.begin() + r.lo, buf.end());
-    const A lo = buf[r.lo];
-    // After nth_element everything past r.lo is >= lo: the next order statistic is its minimum.
-    const A hi = r.hi == r.lo ? lo : *std::min_element(buf.begin() + r.lo + 1, buf.end());
-    s = torch_lerp(lo, hi, r.weight);
+    std::nth_element(buf.begin(), buf.begin() + a.lo, buf.end());
+    const A lo = buf[a.lo];
+    // After nth_element everything past a.lo is >= lo: the next order statistic is its minimum.
+    const A hi = a.hi == a.lo ? lo : *std::min_element(buf.begin() + a.lo + 1, buf.end());
+    s = torch_lerp(lo, hi, a.weight);
   }
   s = threshold_clamp(s, A(a.max_value));
   a.out[2 * b] = s;

@@ -62,11 +62,10 @@ __global__ void __launch_bounds__(kThreads) threshold_kernel(const ThresholdArgs
   const int lane = threadIdx.x % 32;
   A cw[kLincombMaxIn];
   threshold_load_coef(a, cw);
-  const QuantileRank<A> rank = quantile_rank<A>(n, a.ratio);
 
   K prefix = 0;          // digits chosen so far
   K chosen = 0;          // mask of the bits they cover
-  int64_t k = rank.lo;   // the wanted rank among the keys matching prefix
+  int64_t k = a.lo;      // the wanted rank among the keys matching prefix
   unsigned int equal = 0;
   bool nan = false;
   for (int shift = kKeyBits - kRadixBits; shift >= 0; shift -= kRadixBits) {
@@ -127,7 +126,7 @@ __global__ void __launch_bounds__(kThreads) threshold_kernel(const ThresholdArgs
   // Rank hi: the same key while rank lo + 1 stays among the keys equal to it, else the
   // smallest key above it (block-uniform condition; such a key exists since hi < n).
   K key_hi = prefix;
-  if (rank.hi != rank.lo && k + 1 >= equal) {
+  if (a.hi != a.lo && k + 1 >= equal) {
     if (threadIdx.x == 0) s_min = ~K(0);
     __syncthreads();
     K least = ~K(0);
@@ -144,11 +143,24 @@ __global__ void __launch_bounds__(kThreads) threshold_kernel(const ThresholdArgs
     key_hi = s_min;
   }
   if (threadIdx.x == 0) {
-    A s = nan ? A(NAN) : torch_lerp(key_value(prefix), key_value(key_hi), rank.weight);
+    A s = nan ? A(NAN) : torch_lerp(key_value(prefix), key_value(key_hi), a.weight);
     s = threshold_clamp(s, A(a.max_value));
     a.out[2 * blockIdx.x] = s;
     a.out[2 * blockIdx.x + 1] = s;
   }
+}
+
+// Above 48 KiB of dynamic shared memory a kernel must opt in; done once per device, for all
+// the room there is, so that calls inside a CUDA-graph capture need no attribute change.
+template <typename T>
+cudaError_t allow_cache(int device, int bytes) {
+  static int allowed[64] = {0};
+  const bool cached = device >= 0 && device < 64;
+  if (cached && allowed[device] >= bytes) return cudaSuccess;
+  const cudaError_t err = cudaFuncSetAttribute(
+      threshold_kernel<T, true>, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  if (err == cudaSuccess && cached) allowed[device] = bytes;
+  return err;
 }
 
 template <typename T>
@@ -159,11 +171,8 @@ int run(const ThresholdArgs<T>& a, int device, cudaStream_t stream) {
   const int64_t room = static_cast<int64_t>(cuda_smem_optin(device)) - 2048;
   const auto blocks = static_cast<unsigned int>(a.batch);
   if (cache_bytes <= room) {
-    if (cache_bytes > 48 * 1024) {  // above the default limit a kernel must opt in
-      const cudaError_t err =
-          cudaFuncSetAttribute(threshold_kernel<T, true>,
-                               cudaFuncAttributeMaxDynamicSharedMemorySize,
-                               static_cast<int>(cache_bytes));
+    if (cache_bytes > 48 * 1024) {
+      const cudaError_t err = allow_cache<T>(device, static_cast<int>(room));
       if (err != cudaSuccess) return static_cast<int>(err);
     }
     threshold_kernel<T, true><<<blocks, kThreads, static_cast<size_t>(cache_bytes), stream>>>(a);

@@ -51,8 +51,8 @@ def _coef(C, k: tl.constexpr, valid, NIN: tl.constexpr):
     return tl.where(valid, c, float("nan")).to(C.dtype.element_ty)
 
 
-# No specialisation on values: N = 1 or a zero bit pattern must stay a runtime integer.
-@triton.jit(do_not_specialize=["N", "ratio_bits", "max_value_bits"])
+# No specialisation on values: 1 or a zero bit pattern must stay a runtime integer.
+@triton.jit(do_not_specialize=["lo", "hi", "weight_bits", "max_value_bits"])
 def dynamic_threshold_kernel(
     X0, X1, X2, X3, X4, X5,  # input pointers, each [batch * N]; slots >= NIN are unused
     COEF,  # coefficient table [rows, out_rows, width], contiguous, fp32 (fp64 for fp64 data)
@@ -62,7 +62,9 @@ def dynamic_threshold_kernel(
     out_rows,  # COEF.shape[1]: the pre-clip row is the last
     width,  # COEF.shape[2]
     N,  # elements per sample (the batch dim is outermost in memory)
-    ratio_bits,  # quantile in [0, 1], as the bit pattern of a float64
+    lo,  # rank of the lower order statistic (quantile_rank)
+    hi,  # rank of the upper one: lo or lo + 1
+    weight_bits,  # weight of the upper one, as the bit pattern of a float64
     max_value_bits,  # upper clamp of s, as the bit pattern of a float64
     OUT,  # [batch, 2] (s, s), COEF's dtype
     NIN: tl.constexpr,
@@ -90,17 +92,12 @@ def dynamic_threshold_kernel(
     c4 = _coef(C, 4, valid, NIN)
     c5 = _coef(C, 5, valid, NIN)
 
-    # torch.quantile's 'linear' rule: rank q (n - 1) in the data's dtype (Sorting.cpp).
-    ratio = ratio_bits.to(tl.int64).to(tl.float64, bitcast=True)
-    pos = ratio.to(ACC) * (N - 1).to(ACC)
-    lo = pos.to(tl.int64)  # pos >= 0: truncation is floor
-    hi = lo + (pos > lo.to(ACC)).to(tl.int64)
-    weight = pos - lo.to(ACC)
+    weight = weight_bits.to(tl.int64).to(tl.float64, bitcast=True).to(ACC)  # exact
 
     bins = tl.arange(0, BINS)
     prefix = tl.full((), 0, KEY)  # digits chosen so far
     chosen = tl.full((), 0, KEY)  # mask of the bits they cover
-    k = lo  # the wanted rank among the keys matching prefix
+    k = lo.to(tl.int64)  # the wanted rank among the keys matching prefix
     equal = tl.full((), 0, tl.int64)
     for p in range(KEY_BITS // 8):
         shift = KEY_BITS - 8 - 8 * p
@@ -146,8 +143,19 @@ def dynamic_threshold_kernel(
 
 def _bits(value: float) -> int:
     """The float64 bit pattern of a non-negative float, as an int. Triton passes Python floats
-    as fp32 (the interpreter leaves them untyped): fp64 data needs ratio and max_value exactly."""
+    as fp32 (the interpreter leaves them untyped): fp64 data needs its values exactly."""
     return struct.unpack("<q", struct.pack("<d", value))[0]
+
+
+def quantile_rank(n: int, ratio: float, dtype: torch.dtype) -> tuple[int, int, float]:
+    """torch.quantile's 'linear' rule (aten/src/ATen/native/Sorting.cpp): rank q (n - 1) in
+    the data's dtype; the two ranks around it and the weight of the upper one. On the host, as
+    in csrc/include/fastdiff/threshold.h: a GPU compiler would fuse q (n - 1) - lo into an FMA."""
+    pos = torch.tensor(ratio, dtype=dtype) * (n - 1)
+    lo = int(pos)  # pos >= 0: truncation is floor
+    hi, weight = lo + int(float(pos) > lo), float(pos - lo)
+    # beyond 2^24 elements fp32 may round n - 1 up: stay inside the sample
+    return min(lo, n - 1), min(hi, n - 1), weight
 
 
 def dynamic_threshold(
@@ -164,8 +172,10 @@ def dynamic_threshold(
     if batch == 0:
         return
     x = list(inputs) + [inputs[0]] * (6 - len(inputs))
+    n = inputs[0].numel() // batch
+    lo, hi, weight = quantile_rank(n, ratio, coef.dtype)
     dynamic_threshold_kernel[(batch,)](
         *x, coef, row_tensor if row_tensor is not None else coef, row, coef.shape[0],
-        coef.shape[1], coef.shape[2], inputs[0].numel() // batch, _bits(ratio), _bits(max_value),
-        out, NIN=len(inputs), HAS_ROW_PTR=row_tensor is not None, BLOCK=BLOCK, num_warps=8,
+        coef.shape[1], coef.shape[2], n, lo, hi, _bits(weight), _bits(max_value), out,
+        NIN=len(inputs), HAS_ROW_PTR=row_tensor is not None, BLOCK=BLOCK, num_warps=8,
     )

@@ -31,7 +31,8 @@ struct ThresholdArgs {
   int64_t width;                         // coef.shape[2] >= num_in
   int64_t batch;
   int64_t sample_numel;                  // elements per sample (batch dim outermost), >= 1
-  double ratio;                          // quantile in [0, 1]
+  int64_t lo, hi;                        // the two ranks and the weight of hi (quantile_rank)
+  typename Acc<T>::type weight;
   double max_value;                      // upper clamp of s
   typename Acc<T>::type* out;            // [batch, 2]
 };
@@ -64,7 +65,8 @@ FD_HD typename Acc<T>::type threshold_w(const ThresholdArgs<T>& a,
 
 // torch.quantile's 'linear' rule (aten/src/ATen/native/Sorting.cpp, quantile_compute): rank
 // = q * (n - 1) evaluated in the data's dtype, the values at floor and ceil of it, weighted by
-// its fraction. Reproduced in the accumulator dtype so that every backend picks the same ranks.
+// its fraction. Reproduced in the accumulator dtype, on the host: a GPU compiler would fuse
+// the product into the subtraction (an FMA), which changes the weight.
 template <typename A>
 struct QuantileRank {
   int64_t lo;
@@ -73,12 +75,16 @@ struct QuantileRank {
 };
 
 template <typename A>
-FD_HD QuantileRank<A> quantile_rank(int64_t n, double ratio) {
+inline QuantileRank<A> quantile_rank(int64_t n, double ratio) {
   const A pos = A(ratio) * A(n - 1);
   QuantileRank<A> r;
   r.lo = static_cast<int64_t>(pos);  // pos >= 0: truncation is floor
   r.hi = r.lo + (pos > A(r.lo) ? 1 : 0);
   r.weight = pos - A(r.lo);
+  // Beyond 2^24 elements fp32 may round n - 1 up (torch.quantile refuses such sizes): stay
+  // inside the sample.
+  r.lo = r.lo < n - 1 ? r.lo : n - 1;
+  r.hi = r.hi < n - 1 ? r.hi : n - 1;
   return r;
 }
 
@@ -124,7 +130,10 @@ ThresholdArgs<T> make_threshold_args(const void* const* in, int num_in, const vo
   a.width = width;
   a.batch = batch;
   a.sample_numel = sample_numel;
-  a.ratio = ratio;
+  const auto rank = quantile_rank<typename Acc<T>::type>(sample_numel, ratio);
+  a.lo = rank.lo;
+  a.hi = rank.hi;
+  a.weight = rank.weight;
   a.max_value = max_value;
   a.out = static_cast<typename Acc<T>::type*>(out);
   return a;
