@@ -38,3 +38,27 @@ def bench_lincomb(benchmark, measure, backend, shape, dtype, arity):
             return lincomb(xs, coef, 2, out=outs, backend=backend)
     benchmark.group = f"lincomb {num_in}->{num_out} {'x'.join(map(str, shape))} {dtype}"
     measure(fn, (num_in + num_out) * xs[0].numel() * xs[0].element_size())
+
+
+@pytest.mark.parametrize("clip", [False, True], ids=["no-clip", "clip"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("backend", BACKENDS_HERE)
+def bench_lincomb_clip(benchmark, measure, backend, shape, dtype, clip):
+    """A DDIM step with x0 clipping (x, eps -> x_next, x0): the clipped term is one more
+    combination of the inputs in registers, so it should cost nothing over the plain step."""
+    if backend == "triton" and not HAS_CUDA and shape != SHAPES[0]:
+        pytest.skip("the Triton interpreter is for correctness on small shapes")
+    xs = [torch.randn(shape, device=DEVICE, dtype=dtype) for _ in range(2)]
+    coef = torch.randn(4, 3 if clip else 2, 3 if clip else 2, device=DEVICE)
+    bounds = torch.tensor([[1.5, 1.5]], device=DEVICE).expand(shape[0], 2).contiguous()
+    kwargs = dict(clip=bounds) if clip else {}
+    outs = [torch.empty_like(xs[0]) for _ in range(2)]
+    if backend == "reference":
+        def fn():
+            return reference(xs, coef, 2, **kwargs)
+    else:
+        def fn():
+            return lincomb(xs, coef, 2, out=outs, backend=backend, **kwargs)
+    benchmark.group = f"lincomb clip 2->2 {'x'.join(map(str, shape))} {dtype}"
+    measure(fn, 4 * xs[0].numel() * xs[0].element_size())

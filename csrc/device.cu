@@ -53,4 +53,19 @@ int cuda_sm_count(int device) {
   return cached[device];
 }
 
+int cuda_smem_optin(int device) {
+  static int cached[64] = {0};
+  if (device < 0 || device >= 64) return 48 * 1024;
+  if (cached[device] == 0) {
+    int bytes = 0;
+    if (cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) !=
+        cudaSuccess) {
+      cudaGetLastError();
+      bytes = 48 * 1024;
+    }
+    cached[device] = bytes;
+  }
+  return cached[device];
+}
+
 }  // namespace fastdiff

@@ -41,17 +41,20 @@ void check_arity(size_t num_in, size_t num_out) {
 void lincomb(int dtype, int device, const std::vector<uintptr_t>& inputs,
              const std::vector<uintptr_t>& outputs, uintptr_t coef, uintptr_t row_ptr,
              int64_t row, int64_t rows, int64_t n, uintptr_t stream, uintptr_t seeds,
-             int64_t sample_numel, const std::vector<uint32_t>& counters) {
+             int64_t sample_numel, const std::vector<uint32_t>& counters, uintptr_t clip) {
   check_arity(inputs.size(), outputs.size());
   if (counters.size() > static_cast<size_t>(kLincombMaxNoise))
     throw py::value_error("lincomb: at most 2 noise terms, got " + std::to_string(counters.size()));
   if (!counters.empty() && (seeds == 0 || sample_numel < 1))
     throw py::value_error("lincomb: noise terms need seeds and a positive sample_numel");
-  LincombNoise noise;
-  noise.num_noise = static_cast<int>(counters.size());
-  noise.seeds = reinterpret_cast<const int64_t*>(seeds);
-  noise.sample_numel = sample_numel;
-  for (size_t m = 0; m < counters.size(); ++m) noise.counters[m] = counters[m];
+  if (clip != 0 && sample_numel < 1)
+    throw py::value_error("lincomb: clipping needs a positive sample_numel");
+  LincombPerSample per_sample;
+  per_sample.num_noise = static_cast<int>(counters.size());
+  per_sample.seeds = reinterpret_cast<const int64_t*>(seeds);
+  per_sample.sample_numel = sample_numel;
+  for (size_t m = 0; m < counters.size(); ++m) per_sample.counters[m] = counters[m];
+  per_sample.clip = reinterpret_cast<const void*>(clip);
   const DType dt = to_dtype(dtype);
   const auto in = as_pointers<const void*>(inputs);
   const auto out = as_pointers<void*>(outputs);
@@ -61,12 +64,12 @@ void lincomb(int dtype, int device, const std::vector<uintptr_t>& inputs,
   int status = 0;
   if (device < 0) {
     py::gil_scoped_release release;
-    status = lincomb_cpu(dt, in.data(), out.data(), cp, rp, row, rows, n, ni, no, noise);
+    status = lincomb_cpu(dt, in.data(), out.data(), cp, rp, row, rows, n, ni, no, per_sample);
     if (status != 0) throw std::runtime_error("lincomb_cpu failed with code " + std::to_string(status));
     return;
   }
 #if defined(FASTDIFF_WITH_CUDA)
-  status = lincomb_cuda(dt, in.data(), out.data(), cp, rp, row, rows, n, ni, no, noise, device,
+  status = lincomb_cuda(dt, in.data(), out.data(), cp, rp, row, rows, n, ni, no, per_sample, device,
                         reinterpret_cast<void*>(stream));
   if (status != 0)
     throw std::runtime_error(std::string("lincomb_cuda: ") + cuda_error_string(status));
@@ -83,8 +86,9 @@ void bind_lincomb(py::module_& m) {
         py::arg("outputs"), py::arg("coef"), py::arg("row_ptr"), py::arg("row"),
         py::arg("rows"), py::arg("n"), py::arg("stream"), py::arg("seeds") = 0,
         py::arg("sample_numel") = 1, py::arg("counters") = std::vector<uint32_t>{},
-        "out_j = sum_k coef[row, j, k] * in_k (+ Philox noise terms) over n elements of one"
-        " dense layout");
+        py::arg("clip") = 0,
+        "out_j = sum_k coef[row, j, k] * in_k (+ Philox noise terms) (+ a clipped term:"
+        " clip = [batch, 2] per-sample (bound, divisor)) over n elements of one dense layout");
   m.def("philox_normal", &philox_normal, py::arg("seed"), py::arg("counter"), py::arg("element"),
         "the standard normal the kernels generate for (seed, counter, element)");
 }

@@ -18,13 +18,21 @@ namespace {
 // that is exactly an input (an in-place update) correct.
 constexpr int64_t kTile = 256;
 
-template <typename T, int NIN, int NOUT, bool NOISE>
+// Clipping's coefficients (lincomb_load_clip_coef), loaded once per launch.
+template <typename A>
+struct ClipCoef {
+  A w[kLincombMaxIn];
+  A y[kLincombMaxOut];
+};
+
+template <typename T, int NIN, int NOUT, bool NOISE, bool CLIP>
 void lincomb_tile(const LincombArgs<T>& a, const typename Acc<T>::type (&c)[kLincombMaxOut][kLincombSlots],
-                  int64_t begin, int64_t end) {
+                  const ClipCoef<typename Acc<T>::type>& cc, int64_t begin, int64_t end) {
   using A = typename Acc<T>::type;
   A x[NIN][kTile];
   A y[NOUT][kTile];
   A z[kLincombMaxNoise][kTile];
+  A clipped[CLIP ? kTile : 1];
   const int64_t len = end - begin;
   for (int k = 0; k < NIN; ++k)
     for (int64_t t = 0; t < len; ++t) x[k][t] = A(to_float(a.in[k][begin + t]));
@@ -35,6 +43,20 @@ void lincomb_tile(const LincombArgs<T>& a, const typename Acc<T>::type (&c)[kLin
       for (int m = 0; m < kLincombMaxNoise; ++m) z[m][t] = slots[kLincombMaxIn + m];
     }
   }
+  if (CLIP) {
+    // A tile may straddle samples: walk it in runs of one sample (one bound and divisor each).
+    for (int64_t t0 = 0; t0 < len;) {
+      const int64_t sample = (begin + t0) / a.sample_numel;
+      const int64_t t1 = std::min(len, (sample + 1) * a.sample_numel - begin);
+      const A bound = a.clip[2 * sample], divisor = a.clip[2 * sample + 1];
+      for (int64_t t = t0; t < t1; ++t) {
+        A e[kLincombSlots] = {};
+        for (int k = 0; k < NIN; ++k) e[k] = x[k][t];
+        clipped[t] = lincomb_clip_value(lincomb_preclip(cc.w, e, NIN), bound, divisor);
+      }
+      t0 = t1;
+    }
+  }
   for (int64_t t = 0; t < len; ++t) {
     A e[kLincombSlots] = {};
     A out[kLincombMaxOut];
@@ -42,6 +64,8 @@ void lincomb_tile(const LincombArgs<T>& a, const typename Acc<T>::type (&c)[kLin
     if (NOISE)
       for (int m = 0; m < kLincombMaxNoise; ++m) e[kLincombMaxIn + m] = z[m][t];
     lincomb_element(c, e, NIN, NOUT, NOISE ? a.num_noise : 0, out);
+    if (CLIP)
+      for (int j = 0; j < NOUT; ++j) out[j] += cc.y[j] * clipped[t];
     for (int j = 0; j < NOUT; ++j) y[j][t] = out[j];
   }
   for (int j = 0; j < NOUT; ++j)
@@ -53,13 +77,20 @@ void lincomb_cpu_impl(const LincombArgs<T>& a) {
   using A = typename Acc<T>::type;
   A c[kLincombMaxOut][kLincombSlots];
   lincomb_load_coef(a, c);
+  ClipCoef<A> cc{};
+  if (a.clip) lincomb_load_clip_coef(a, cc.w, cc.y);
   const int64_t tiles = (a.n + kTile - 1) / kTile;
 #pragma omp parallel for schedule(static) if (a.n >= kCpuParallelThreshold)
   for (int64_t tile = 0; tile < tiles; ++tile) {
     const int64_t begin = tile * kTile;
     const int64_t end = std::min(a.n, begin + kTile);
-    if (a.num_noise > 0) lincomb_tile<T, NIN, NOUT, true>(a, c, begin, end);
-    else lincomb_tile<T, NIN, NOUT, false>(a, c, begin, end);
+    if (a.clip) {
+      if (a.num_noise > 0) lincomb_tile<T, NIN, NOUT, true, true>(a, c, cc, begin, end);
+      else lincomb_tile<T, NIN, NOUT, false, true>(a, c, cc, begin, end);
+    } else {
+      if (a.num_noise > 0) lincomb_tile<T, NIN, NOUT, true, false>(a, c, cc, begin, end);
+      else lincomb_tile<T, NIN, NOUT, false, false>(a, c, cc, begin, end);
+    }
   }
 }
 
@@ -77,8 +108,8 @@ void dispatch_num_in(const LincombArgs<T>& a) {
 
 template <typename T>
 int run(const void* const* in, void* const* out, const void* coef, const int64_t* row_ptr,
-        int64_t row, int64_t rows, int64_t n, int num_in, int num_out, const LincombNoise& noise) {
-  const auto a = make_lincomb_args<T>(in, out, coef, row_ptr, row, rows, n, num_in, num_out, noise);
+        int64_t row, int64_t rows, int64_t n, int num_in, int num_out, const LincombPerSample& per_sample) {
+  const auto a = make_lincomb_args<T>(in, out, coef, row_ptr, row, rows, n, num_in, num_out, per_sample);
   if (num_out == 1) dispatch_num_in<T, 1>(a);
   else dispatch_num_in<T, 2>(a);
   return 0;
@@ -88,18 +119,19 @@ int run(const void* const* in, void* const* out, const void* coef, const int64_t
 
 int lincomb_cpu(DType dtype, const void* const* in, void* const* out, const void* coef,
                 const int64_t* row_ptr, int64_t row, int64_t rows, int64_t n, int num_in,
-                int num_out, const LincombNoise& noise) {
+                int num_out, const LincombPerSample& per_sample) {
   if (num_in < 1 || num_in > kLincombMaxIn || num_out < 1 || num_out > kLincombMaxOut) return 1;
-  if (noise.num_noise < 0 || noise.num_noise > kLincombMaxNoise) return 1;
+  if (per_sample.num_noise < 0 || per_sample.num_noise > kLincombMaxNoise) return 1;
+  if (per_sample.clip && per_sample.sample_numel < 1) return 1;
   switch (dtype) {
     case DType::kFloat16:
-      return run<f16>(in, out, coef, row_ptr, row, rows, n, num_in, num_out, noise);
+      return run<f16>(in, out, coef, row_ptr, row, rows, n, num_in, num_out, per_sample);
     case DType::kBFloat16:
-      return run<bf16>(in, out, coef, row_ptr, row, rows, n, num_in, num_out, noise);
+      return run<bf16>(in, out, coef, row_ptr, row, rows, n, num_in, num_out, per_sample);
     case DType::kFloat32:
-      return run<float>(in, out, coef, row_ptr, row, rows, n, num_in, num_out, noise);
+      return run<float>(in, out, coef, row_ptr, row, rows, n, num_in, num_out, per_sample);
     case DType::kFloat64:
-      return run<double>(in, out, coef, row_ptr, row, rows, n, num_in, num_out, noise);
+      return run<double>(in, out, coef, row_ptr, row, rows, n, num_in, num_out, per_sample);
   }
   return 2;
 }

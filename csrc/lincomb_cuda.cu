@@ -1,7 +1,8 @@
 // CUDA launcher of the fused linear combination (element math in lincomb.h).
 //
 // Memory-bound: each element is read once per input and written once per output, so the
-// kernel moves (num_in + num_out) * n * sizeof(T) bytes, the minimum possible. 128-bit vector
+// kernel moves (num_in + num_out) * n * sizeof(T) bytes, the minimum possible (clipping adds
+// none: the pre-clip value combines the inputs already in registers). 128-bit vector
 // loads/stores when every pointer is 16-byte aligned; a grid-stride loop sized to the SM count.
 #include <cuda_runtime.h>
 
@@ -20,11 +21,26 @@ struct alignas(sizeof(T) * VEC) Vec {
   T v[VEC];
 };
 
-template <typename T, int VEC>
+// The clipped term's contribution to element i: y_j += cy[j] * clamp(w, -b_n, b_n) / d_n.
+template <typename T>
+__device__ __forceinline__ void add_clipped(const LincombArgs<T>& a, const typename Acc<T>::type (&cw)[kLincombMaxIn],
+                                            const typename Acc<T>::type (&cy)[kLincombMaxOut],
+                                            int64_t sample, const typename Acc<T>::type (&x)[kLincombSlots],
+                                            typename Acc<T>::type (&y)[kLincombMaxOut]) {
+  using A = typename Acc<T>::type;
+  const A clipped = lincomb_clip_value(lincomb_preclip(cw, x, a.num_in), a.clip[2 * sample],
+                                       a.clip[2 * sample + 1]);
+#pragma unroll
+  for (int j = 0; j < kLincombMaxOut; ++j) y[j] += cy[j] * clipped;
+}
+
+template <typename T, int VEC, bool CLIP>
 __global__ void __launch_bounds__(kThreads) lincomb_kernel(const LincombArgs<T> a) {
   using A = typename Acc<T>::type;
   A c[kLincombMaxOut][kLincombSlots];
   lincomb_load_coef(a, c);
+  A cw[kLincombMaxIn], cy[kLincombMaxOut];
+  if (CLIP) lincomb_load_clip_coef(a, cw, cy);
 
   const int64_t nvec = a.n / VEC;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
@@ -35,6 +51,9 @@ __global__ void __launch_bounds__(kThreads) lincomb_kernel(const LincombArgs<T> 
     for (int k = 0; k < kLincombMaxIn; ++k)
       if (k < a.num_in) xin[k] = reinterpret_cast<const Vec<T, VEC>*>(a.in[k])[v];
     Vec<T, VEC> yout[kLincombMaxOut];
+    // One division per vector: later elements step into the next sample at most once each.
+    int64_t sample = CLIP ? v * VEC / a.sample_numel : 0;
+    int64_t next = CLIP ? (sample + 1) * a.sample_numel : 0;
 #pragma unroll
     for (int e = 0; e < VEC; ++e) {
       A x[kLincombSlots];
@@ -43,6 +62,13 @@ __global__ void __launch_bounds__(kThreads) lincomb_kernel(const LincombArgs<T> 
       for (int k = 0; k < kLincombMaxIn; ++k) x[k] = k < a.num_in ? A(to_float(xin[k].v[e])) : A(0);
       lincomb_noise(a, v * VEC + e, x);
       lincomb_element(c, x, a.num_in, a.num_out, a.num_noise, y);
+      if (CLIP) {
+        if (v * VEC + e >= next) {
+          ++sample;
+          next += a.sample_numel;
+        }
+        add_clipped(a, cw, cy, sample, x, y);
+      }
 #pragma unroll
       for (int j = 0; j < kLincombMaxOut; ++j) yout[j].v[e] = store_as<T>(y[j]);
     }
@@ -59,6 +85,7 @@ __global__ void __launch_bounds__(kThreads) lincomb_kernel(const LincombArgs<T> 
     for (int k = 0; k < kLincombMaxIn; ++k) x[k] = k < a.num_in ? A(to_float(a.in[k][i])) : A(0);
     lincomb_noise(a, i, x);
     lincomb_element(c, x, a.num_in, a.num_out, a.num_noise, y);
+    if (CLIP) add_clipped(a, cw, cy, i / a.sample_numel, x, y);
 #pragma unroll
     for (int j = 0; j < kLincombMaxOut; ++j)
       if (j < a.num_out) a.out[j][i] = store_as<T>(y[j]);
@@ -67,9 +94,9 @@ __global__ void __launch_bounds__(kThreads) lincomb_kernel(const LincombArgs<T> 
 
 template <typename T>
 int run(const void* const* in, void* const* out, const void* coef, const int64_t* row_ptr,
-        int64_t row, int64_t rows, int64_t n, int num_in, int num_out, const LincombNoise& noise,
+        int64_t row, int64_t rows, int64_t n, int num_in, int num_out, const LincombPerSample& per_sample,
         int device, cudaStream_t stream) {
-  const auto a = make_lincomb_args<T>(in, out, coef, row_ptr, row, rows, n, num_in, num_out, noise);
+  const auto a = make_lincomb_args<T>(in, out, coef, row_ptr, row, rows, n, num_in, num_out, per_sample);
   bool aligned = true;
   for (int k = 0; k < num_in; ++k) aligned &= reinterpret_cast<uintptr_t>(in[k]) % 16 == 0;
   for (int j = 0; j < num_out; ++j) aligned &= reinterpret_cast<uintptr_t>(out[j]) % 16 == 0;
@@ -79,8 +106,13 @@ int run(const void* const* in, void* const* out, const void* coef, const int64_t
   const int64_t work = std::max<int64_t>(n / vec, 1);
   const int64_t max_blocks = static_cast<int64_t>(cuda_sm_count(device)) * 8;
   const int blocks = static_cast<int>(std::min((work + kThreads - 1) / kThreads, max_blocks));
-  if (aligned) lincomb_kernel<T, kVec><<<blocks, kThreads, 0, stream>>>(a);
-  else lincomb_kernel<T, 1><<<blocks, kThreads, 0, stream>>>(a);
+  if (a.clip) {
+    if (aligned) lincomb_kernel<T, kVec, true><<<blocks, kThreads, 0, stream>>>(a);
+    else lincomb_kernel<T, 1, true><<<blocks, kThreads, 0, stream>>>(a);
+  } else {
+    if (aligned) lincomb_kernel<T, kVec, false><<<blocks, kThreads, 0, stream>>>(a);
+    else lincomb_kernel<T, 1, false><<<blocks, kThreads, 0, stream>>>(a);
+  }
   return static_cast<int>(cudaGetLastError());
 }
 
@@ -88,9 +120,10 @@ int run(const void* const* in, void* const* out, const void* coef, const int64_t
 
 int lincomb_cuda(DType dtype, const void* const* in, void* const* out, const void* coef,
                  const int64_t* row_ptr, int64_t row, int64_t rows, int64_t n, int num_in,
-                 int num_out, const LincombNoise& noise, int device, void* stream_handle) {
+                 int num_out, const LincombPerSample& per_sample, int device, void* stream_handle) {
   if (num_in < 1 || num_in > kLincombMaxIn || num_out < 1 || num_out > kLincombMaxOut) return -1;
-  if (noise.num_noise < 0 || noise.num_noise > kLincombMaxNoise) return -1;
+  if (per_sample.num_noise < 0 || per_sample.num_noise > kLincombMaxNoise) return -1;
+  if (per_sample.clip && per_sample.sample_numel < 1) return -1;
   if (n == 0) return 0;
   int current = -1;
   if (cudaGetDevice(&current) != cudaSuccess || current != device) {
@@ -100,16 +133,16 @@ int lincomb_cuda(DType dtype, const void* const* in, void* const* out, const voi
   auto stream = static_cast<cudaStream_t>(stream_handle);
   switch (dtype) {
     case DType::kFloat16:
-      return run<f16>(in, out, coef, row_ptr, row, rows, n, num_in, num_out, noise, device,
+      return run<f16>(in, out, coef, row_ptr, row, rows, n, num_in, num_out, per_sample, device,
                       stream);
     case DType::kBFloat16:
-      return run<bf16>(in, out, coef, row_ptr, row, rows, n, num_in, num_out, noise, device,
+      return run<bf16>(in, out, coef, row_ptr, row, rows, n, num_in, num_out, per_sample, device,
                       stream);
     case DType::kFloat32:
-      return run<float>(in, out, coef, row_ptr, row, rows, n, num_in, num_out, noise, device,
+      return run<float>(in, out, coef, row_ptr, row, rows, n, num_in, num_out, per_sample, device,
                       stream);
     case DType::kFloat64:
-      return run<double>(in, out, coef, row_ptr, row, rows, n, num_in, num_out, noise, device,
+      return run<double>(in, out, coef, row_ptr, row, rows, n, num_in, num_out, per_sample, device,
                       stream);
   }
   return -2;

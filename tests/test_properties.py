@@ -1,6 +1,7 @@
 """Property-based tests (hypothesis): the fused ops equal their references on random shapes
 (sizes 1 and primes), strides (permutations, slices), dtypes, numbers of inputs and outputs,
-coefficient magnitudes (1e-6 .. 1e4) and noise terms, on every backend that runs on CPU here
+coefficient magnitudes (1e-6 .. 1e4), noise terms and x0 clipping, and dynamic thresholding's
+quantile equals torch.quantile (ties included), on every backend that runs on CPU here
 (reference, native cpu, triton under the interpreter).
 
 Tolerance: the table's (atol, rtol) per dtype, with rtol applied to the magnitude of the sum
@@ -15,9 +16,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fastdiff.ops import BACKENDS, group_norm, lincomb, unavailable_reason
+from fastdiff.ops import BACKENDS, dynamic_threshold, group_norm, lincomb, unavailable_reason
 from fastdiff.reference.group_norm import group_norm as group_norm_reference
 from fastdiff.reference.lincomb import lincomb as lincomb_reference
+from fastdiff.reference.threshold import dynamic_threshold as threshold_reference
 
 CPU = torch.device("cpu")
 AVAILABLE = [b for b in BACKENDS if not unavailable_reason(b, CPU)]
@@ -137,6 +139,103 @@ def test_lincomb_equals_the_reference(tol, problem):
         assert got[0] is xs[0]
     else:  # inputs untouched
         assert all(torch.equal(x.nan_to_num(), k.nan_to_num()) for x, k in zip(xs, keep))
+
+
+@st.composite
+def clip_problems(draw):
+    backend = draw(st.sampled_from(AVAILABLE))
+    dtype = draw(st.sampled_from([d for d in DTYPES if usable(backend, d)]))
+    shape = tuple(draw(st.lists(SIZES, min_size=1, max_size=4)))
+    while math.prod(shape) > MAX_NUMEL:
+        shape = shape[1:]
+    num_in = draw(st.integers(1, 4))
+    num_out = draw(st.integers(1, 2))
+    num_noise = draw(st.integers(0, 2))
+    makers = [draw(layouts(shape)) for _ in range(num_in)]
+    # bounds from far inside to far outside the data's range; divisors as dynamic
+    # thresholding's (s = b) or clip_sample's (1)
+    log_bound = [draw(st.floats(-2, 1)) for _ in range(shape[0])]
+    same_divisor = draw(st.booleans())
+    seed = draw(st.integers(0, 2**31 - 1))
+    return backend, dtype, shape, num_in, num_out, num_noise, makers, log_bound, same_divisor, \
+        seed
+
+
+@SETTINGS
+@given(clip_problems())
+def test_lincomb_with_clip_equals_the_reference(tol, problem):
+    (backend, dtype, shape, num_in, num_out, num_noise, makers, log_bound, same_divisor,
+     seed) = problem
+    g = torch.Generator().manual_seed(seed)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    values = [(2 * torch.randn(shape, generator=g, dtype=torch.float64)).to(dtype)
+              for _ in range(num_in)]
+    xs = [make(v) for make, v in zip(makers, values)]
+    coef = torch.randn(2, num_out + 1, num_in + num_noise + 1, generator=g,
+                       dtype=torch.float64).to(acc)
+    bound = 10.0 ** torch.tensor(log_bound, dtype=torch.float64)
+    clip = torch.stack([bound, bound if same_divisor else torch.ones_like(bound)], 1).to(acc)
+    noise = None
+    if num_noise:
+        seeds = torch.randint(-(2**63), 2**63 - 1, (shape[0],), generator=g, dtype=torch.int64)
+        noise = (seeds, list(range(3, 3 + num_noise)))
+    got = lincomb(xs, coef, 1, noise=noise, clip=clip, backend=backend)
+
+    # the specification in float64 on the same values; the noise follows the kernels' layout:
+    # inputs[0]'s when dense with the batch dim outermost, else contiguous or empty_like's
+    x0 = xs[0]
+    if not (_dense(x0) and (shape[0] == 1 or x0.stride(0) == x0.numel() // shape[0])):
+        x0 = x0.contiguous() if _dense(x0) else torch.empty_like(x0).copy_(x0)
+    ref_in = [x0.double(), *[v.double() for v in values[1:]]]
+    want = lincomb_reference(ref_in, coef.double(), 1, noise, clip.double())
+    z = lincomb_reference([ref_in[0]], torch.eye(1 + num_noise, dtype=torch.float64)[None, 1:],
+                          0, noise) if num_noise else []
+    c = coef.double()[1]
+    # |y| error <= |w| error / d: the clamp is 1-Lipschitz
+    w_mag = sum(c[num_out, k].abs() * ref_in[k].abs() for k in range(num_in))
+    d = clip.double()[:, 1].reshape((-1,) + (1,) * (len(shape) - 1))
+    for j in range(num_out):
+        magnitude = sum(c[j, k].abs() * ref_in[k].abs() for k in range(num_in)) + sum(
+            c[j, num_in + m].abs() * z[m].abs() for m in range(num_noise)) + \
+            c[j, -1].abs() * (w_mag + clip.double()[:, :1].reshape(d.shape)) / d
+        assert got[j].dtype == dtype and got[j].shape == shape
+        close(got[j], want[j].to(dtype) if dtype != torch.float64 else want[j], dtype,
+              magnitude, tol, f"{backend} {dtype} {shape} out {j}")
+
+
+@st.composite
+def threshold_problems(draw):
+    backend = draw(st.sampled_from(AVAILABLE))
+    dtype = draw(st.sampled_from([d for d in DTYPES if usable(backend, d)]))
+    batch = draw(st.integers(1, 3))
+    sample = tuple(draw(st.lists(SIZES, min_size=0, max_size=3)))
+    while batch * math.prod(sample) > MAX_NUMEL:
+        sample = sample[1:]
+    num_in = draw(st.integers(1, 3))
+    grid = draw(st.sampled_from([0.0, 0.5, 1.0]))  # round values to it: ties (0: none)
+    ratio = draw(st.one_of(st.sampled_from([0.0, 0.5, 0.995, 1.0]), st.floats(0, 1)))
+    max_value = draw(st.sampled_from([1.0, 2.5, float("inf")]))
+    seed = draw(st.integers(0, 2**31 - 1))
+    return backend, dtype, (batch, *sample), num_in, grid, ratio, max_value, seed
+
+
+@SETTINGS
+@given(threshold_problems())
+def test_dynamic_threshold_equals_torch_quantile(tol, problem):
+    backend, dtype, shape, num_in, grid, ratio, max_value, seed = problem
+    g = torch.Generator().manual_seed(seed)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    xs = [4 * torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(num_in)]
+    if grid:
+        xs = [(x / grid).round() * grid for x in xs]
+    xs = [x.to(dtype) for x in xs]
+    # a clip table's pre-clip row; small integers keep ties exact in w
+    coef = torch.randint(-2, 3, (2, 2, num_in + 1), generator=g).to(acc)
+    got = dynamic_threshold(xs, coef, 1, ratio, max_value, backend=backend)
+    want = threshold_reference(xs, coef, 1, ratio, max_value)
+    assert got.shape == (shape[0], 2) and got.dtype == acc
+    torch.testing.assert_close(got, want, **tol(acc), equal_nan=True,
+                               msg=lambda m: f"{backend} {dtype} {shape} ratio {ratio}: {m}")
 
 
 def _dense(t: torch.Tensor) -> bool:

@@ -1,9 +1,10 @@
 """Triton kernel of the fused linear combination (reference: fastdiff/reference/lincomb.py).
 
-out_j = sum_k coef[row, j, k] * in_k (+ in-kernel Philox noise terms) over flat arrays of one
-dense layout. Memory-bound: each
-element is read once per input and written once per output. The row is an int or is read from a
-device scalar, so a captured CUDA graph can replay the same launch for every step.
+out_j = sum_k coef[row, j, k] * in_k (+ in-kernel Philox noise terms) (+ a clipped term
+coef[row, j, -1] * clamp(w, -b_n, b_n) / d_n, w the pre-clip row's combination of the inputs)
+over flat arrays of one dense layout. Memory-bound: each element is read once per input and
+written once per output. The row is an int or is read from a device scalar, so a captured CUDA
+graph can replay the same launch for every step.
 """
 
 from __future__ import annotations
@@ -18,15 +19,32 @@ BLOCK = 2048
 
 
 @triton.jit
-def _madd(acc0, acc1, X, C, k, valid, offs, mask, WIDTH: tl.constexpr, NOUT: tl.constexpr):
-    """acc_j += coef[j, k] * x_k for the loaded block of input k."""
+def _madd(acc0, acc1, accw, X, C, k, valid, offs, mask, WIDTH: tl.constexpr, NOUT: tl.constexpr,
+          CLIP: tl.constexpr):
+    """acc_j += coef[j, k] * x_k (and w += coef[NOUT, k] * x_k) for the block of input k."""
     x = tl.load(X + offs, mask=mask, other=0.0).to(acc0.dtype)
     c0 = tl.where(valid, tl.load(C + k).to(acc0.dtype), float("nan"))
     acc0 += c0 * x
     if NOUT > 1:
         c1 = tl.where(valid, tl.load(C + WIDTH + k).to(acc0.dtype), float("nan"))
         acc1 += c1 * x
-    return acc0, acc1
+    if CLIP:
+        cw = tl.where(valid, tl.load(C + NOUT * WIDTH + k).to(acc0.dtype), float("nan"))
+        accw += cw * x
+    return acc0, acc1, accw
+
+
+@triton.jit
+def clip_value(w, bound, divisor):
+    """clamp(w, -bound, bound) / divisor with torch.clamp's NaN semantics (NaN in w or the bound
+    stays NaN; a negative bound yields the bound), the division correctly rounded."""
+    y = tl.where(w < -bound, -bound, w)
+    y = tl.where(y > bound, bound, y)
+    y = tl.where(bound != bound, bound, y)
+    if y.dtype == tl.float32:
+        return tl.math.div_rn(y, divisor)  # plain `/` is an approximate division for fp32
+    else:
+        return y / divisor
 
 
 @triton.jit
@@ -70,7 +88,7 @@ def _madd_noise(acc0, acc1, C, k, valid, seed, counter, element, NOUT: tl.conste
 def lincomb_kernel(
     X0, X1, X2, X3, X4, X5,  # input pointers, each [N]; slots >= NIN are unused
     Y0, Y1,  # output pointers, each [N]; Y1 unused when NOUT == 1
-    COEF,  # coefficient table [rows, NOUT, NIN], contiguous, fp32 (fp64 for fp64 data)
+    COEF,  # coefficients [rows, NOUT + CLIP, WIDTH], contiguous, fp32 (fp64 for fp64 data)
     ROW_PTR,  # int64 device scalar holding the row (read when HAS_ROW_PTR)
     row,  # row index used when not HAS_ROW_PTR
     rows,  # number of rows of COEF (out-of-range row -> NaN output)
@@ -79,9 +97,11 @@ def lincomb_kernel(
     sample_numel,  # elements per sample (the batch dim is outermost in memory)
     counter0,  # Philox counter of noise term 0
     counter1,  # Philox counter of noise term 1
+    CLIP_PTR,  # per-sample (bound, divisor) [batch, 2], coefficient dtype (read when CLIP)
     NIN: tl.constexpr,
     NOUT: tl.constexpr,
     NNOISE: tl.constexpr,
+    CLIP: tl.constexpr,  # 1: fused x0 clipping (pre-clip row NOUT, clipped-term column last)
     HAS_ROW_PTR: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -93,24 +113,27 @@ def lincomb_kernel(
     else:
         r = row
     valid = (r >= 0) & (r < rows)
-    WIDTH = NIN + NNOISE  # coefficients per output row (a constexpr)
-    C = COEF + tl.where(valid, r, 0) * (NOUT * WIDTH)
+    WIDTH = NIN + NNOISE + CLIP  # coefficients per output row (a constexpr)
+    C = COEF + tl.where(valid, r, 0) * ((NOUT + CLIP) * WIDTH)
     # The sum starts from the first term (not from +0) so a zero result keeps its sign.
     x = tl.load(X0 + offs, mask=mask, other=0.0).to(COEF.dtype.element_ty)
     acc0 = tl.where(valid, tl.load(C), float("nan")).to(COEF.dtype.element_ty) * x
     acc1 = acc0
     if NOUT > 1:
         acc1 = tl.where(valid, tl.load(C + WIDTH), float("nan")).to(COEF.dtype.element_ty) * x
+    accw = acc0
+    if CLIP:
+        accw = tl.where(valid, tl.load(C + NOUT * WIDTH), float("nan")).to(acc0.dtype) * x
     if NIN > 1:
-        acc0, acc1 = _madd(acc0, acc1, X1, C, 1, valid, offs, mask, WIDTH, NOUT)
+        acc0, acc1, accw = _madd(acc0, acc1, accw, X1, C, 1, valid, offs, mask, WIDTH, NOUT, CLIP)
     if NIN > 2:
-        acc0, acc1 = _madd(acc0, acc1, X2, C, 2, valid, offs, mask, WIDTH, NOUT)
+        acc0, acc1, accw = _madd(acc0, acc1, accw, X2, C, 2, valid, offs, mask, WIDTH, NOUT, CLIP)
     if NIN > 3:
-        acc0, acc1 = _madd(acc0, acc1, X3, C, 3, valid, offs, mask, WIDTH, NOUT)
+        acc0, acc1, accw = _madd(acc0, acc1, accw, X3, C, 3, valid, offs, mask, WIDTH, NOUT, CLIP)
     if NIN > 4:
-        acc0, acc1 = _madd(acc0, acc1, X4, C, 4, valid, offs, mask, WIDTH, NOUT)
+        acc0, acc1, accw = _madd(acc0, acc1, accw, X4, C, 4, valid, offs, mask, WIDTH, NOUT, CLIP)
     if NIN > 5:
-        acc0, acc1 = _madd(acc0, acc1, X5, C, 5, valid, offs, mask, WIDTH, NOUT)
+        acc0, acc1, accw = _madd(acc0, acc1, accw, X5, C, 5, valid, offs, mask, WIDTH, NOUT, CLIP)
     if NNOISE > 0:
         sample = offs // sample_numel
         seed = tl.load(SEEDS + sample, mask=mask, other=0)
@@ -119,6 +142,14 @@ def lincomb_kernel(
         if NNOISE > 1:
             acc0, acc1 = _madd_noise(acc0, acc1, C, NIN + 1, valid, seed, counter1, element,
                                      NOUT, WIDTH)
+    if CLIP:
+        sample = offs // sample_numel
+        bound = tl.load(CLIP_PTR + 2 * sample, mask=mask, other=1.0)
+        divisor = tl.load(CLIP_PTR + 2 * sample + 1, mask=mask, other=1.0)
+        y = clip_value(accw, bound, divisor)
+        acc0 += tl.where(valid, tl.load(C + WIDTH - 1), float("nan")).to(acc0.dtype) * y
+        if NOUT > 1:
+            acc1 += tl.where(valid, tl.load(C + 2 * WIDTH - 1), float("nan")).to(acc0.dtype) * y
     tl.store(Y0 + offs, acc0.to(Y0.dtype.element_ty), mask=mask)
     if NOUT > 1:
         tl.store(Y1 + offs, acc1.to(Y1.dtype.element_ty), mask=mask)
@@ -132,6 +163,7 @@ def lincomb(
     outputs: Sequence[torch.Tensor],
     seeds: torch.Tensor | None = None,
     counters: Sequence[int] = (),
+    clip: torch.Tensor | None = None,
 ) -> None:
     """Launches the kernel; fastdiff.ops has validated shapes, dtypes, devices and layout."""
     n = inputs[0].numel()
@@ -143,7 +175,9 @@ def lincomb(
     c = list(counters) + [0] * (2 - len(counters))
     lincomb_kernel[grid](
         *x, *y, coef, row_tensor if row_tensor is not None else coef, row, coef.shape[0], n,
-        seeds if seeds is not None else coef, n // inputs[0].shape[0] if counters else 1, *c,
-        NIN=len(inputs), NOUT=len(outputs), NNOISE=len(counters),
+        seeds if seeds is not None else coef,
+        n // inputs[0].shape[0] if counters or clip is not None else 1, *c,
+        clip if clip is not None else coef,
+        NIN=len(inputs), NOUT=len(outputs), NNOISE=len(counters), CLIP=int(clip is not None),
         HAS_ROW_PTR=row_tensor is not None, BLOCK=BLOCK, num_warps=8,
     )

@@ -1,12 +1,15 @@
-"""The dispatch table: op -> {reference, cpu, cuda, triton}. Inputs are validated here, once;
+"""The dispatch table: op -> {reference, triton, cuda, cpu}. Inputs are validated here, once;
 ops are registered with torch.library (namespace `fastdiff`) so torch.compile can trace them."""
 
 from fastdiff.ops._backends import BACKENDS, resolve, status, unavailable_reason
 from fastdiff.ops.attention import attention, attention_block, attention_dispatch_info
 from fastdiff.ops.group_norm import group_norm
 from fastdiff.ops.lincomb import lincomb
+from fastdiff.ops.threshold import dynamic_threshold
 
-OPS = {"attention": attention, "group_norm": group_norm, "lincomb": lincomb}
+OPS = {"attention": attention, "dynamic_threshold": dynamic_threshold,
+       "group_norm": group_norm, "lincomb": lincomb}
 
 __all__ = ["BACKENDS", "OPS", "attention", "attention_block", "attention_dispatch_info",
-           "group_norm", "lincomb", "resolve", "status", "unavailable_reason"]
+           "dynamic_threshold", "group_norm", "lincomb", "resolve", "status",
+           "unavailable_reason"]

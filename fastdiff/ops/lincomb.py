@@ -4,7 +4,8 @@
     out_j = sum_k coef[row, j, k] * in_k  +  sum_m coef[row, j, num_in + m] * z_m
 
 with optional in-kernel Gaussian noise z_m (Philox, keyed by per-sample seeds, a counter per
-term and the element within the sample: fastdiff/reference/noise.py).
+term and the element within the sample: fastdiff/reference/noise.py), and optional fused x0
+clipping (`clip`: per-sample bound and divisor; fastdiff/reference/lincomb.py has the formula).
 
 `coef` is a device table [rows, num_out, num_in]; `row` is an int or an int64 device scalar, so
 the same call works for every step of a solver and inside a captured CUDA graph.
@@ -66,6 +67,52 @@ def _overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a0 < b1 and b0 < a1
 
 
+def _batch_outermost(t: torch.Tensor) -> bool:
+    """Dense with dim 0 outermost in memory: sample n is the flat range [n, n + 1) * numel / B
+    (what per-sample clipping needs; noise needs only a shared layout)."""
+    if t.dim() == 0 or t.shape[0] <= 1:
+        return _is_dense(t)
+    return _is_dense(t) and t.stride(0) == t.numel() // t.shape[0]
+
+
+def kernel_layout(x0: torch.Tensor, per_sample: bool) -> torch.Tensor:
+    """The tensor whose dense layout the kernels use: inputs[0] when it has a usable one (with
+    per_sample, each sample must be a contiguous range), else empty_like's (contiguous or
+    channels-last: batch outermost either way)."""
+    usable = _batch_outermost(x0) if per_sample else _is_dense(x0)
+    if usable:
+        return x0
+    if _is_dense(x0):  # dense but with the batch dim inside: fall back to contiguous
+        return torch.empty_like(x0, memory_format=torch.contiguous_format)
+    return torch.empty_like(x0)
+
+
+def to_layout(tensors: Sequence[torch.Tensor], ref: torch.Tensor) -> list[torch.Tensor]:
+    """The tensors in ref's dense layout: the ones already in it as they are, others copied."""
+    layout = _layout(ref)
+    return [t if _layout(t) == layout and _is_dense(t) else torch.empty_like(ref).copy_(t)
+            for t in tensors]
+
+
+def _validate_clip(clip, x0, acc: torch.dtype) -> torch.Tensor | None:
+    if clip is None:
+        return None
+    if not isinstance(clip, torch.Tensor):
+        raise TypeError(f"clip must be a torch.Tensor [batch, 2] of per-sample (bound, divisor),"
+                        f" got {type(clip).__name__}")
+    if x0.dim() == 0:
+        raise ValueError("clip needs inputs with a batch dim (dim 0), got a 0-d inputs[0]")
+    if tuple(clip.shape) != (x0.shape[0], 2):
+        raise ValueError(f"clip must have shape [batch, 2] = [{x0.shape[0]}, 2] (per-sample bound,"
+                         f" divisor), got {tuple(clip.shape)}")
+    if not clip.dtype.is_floating_point:
+        raise TypeError(f"clip must be a floating-point tensor (converted to {acc}), got"
+                        f" {clip.dtype}")
+    if clip.device != x0.device:
+        raise ValueError(f"clip is on {clip.device}, expected {x0.device} like the inputs")
+    return clip.to(acc).contiguous()
+
+
 def _validate_noise(noise, x0) -> tuple[torch.Tensor | None, list[int]]:
     if noise is None:
         return None, []
@@ -88,7 +135,8 @@ def _validate_noise(noise, x0) -> tuple[torch.Tensor | None, list[int]]:
     return seeds.contiguous(), counters
 
 
-def _validate(inputs, coef, row, out, noise=None):
+def validate_inputs(inputs) -> torch.Tensor:
+    """1 to 6 float tensors of one shape, dtype and device; returns inputs[0]."""
     if isinstance(inputs, torch.Tensor) or not isinstance(inputs, Sequence):
         raise TypeError(f"inputs must be a list or tuple of tensors, got {type(inputs).__name__}")
     if not 1 <= len(inputs) <= MAX_INPUTS:
@@ -107,18 +155,43 @@ def _validate(inputs, coef, row, out, noise=None):
         if t.shape != x0.shape:
             raise ValueError(f"inputs[{k}] has shape {tuple(t.shape)}, expected {tuple(x0.shape)}"
                              " like inputs[0]")
+    return x0
 
+
+def validate_row(row, rows: int, device: torch.device) -> tuple[int, torch.Tensor | None]:
+    """(row, None) for an int row in [0, rows), (0, row) for an int64 device scalar."""
+    if isinstance(row, torch.Tensor):
+        if row.dtype != torch.int64 or row.numel() != 1:
+            raise TypeError(f"row as a tensor must be a single int64 element, got {row.dtype}"
+                            f" with {row.numel()} elements")
+        if row.device != device:
+            raise ValueError(f"row is on {row.device}, expected {device} like the inputs")
+        return 0, row
+    if isinstance(row, bool) or not isinstance(row, int):
+        raise TypeError(f"row must be an int or an int64 tensor, got {type(row).__name__}")
+    if not 0 <= row < rows:
+        raise ValueError(f"row must be in [0, {rows}) for coef with {rows} rows, got {row}")
+    return row, None
+
+
+def _validate(inputs, coef, row, out, noise=None, clip=None):
+    x0 = validate_inputs(inputs)
     if not isinstance(coef, torch.Tensor):
         raise TypeError(f"coef must be a torch.Tensor, got {type(coef).__name__}")
     if coef.dim() != 3:
         raise ValueError(f"coef must have shape [rows, num_out, num_in], got {tuple(coef.shape)}")
     seeds, counters = _validate_noise(noise, x0)
+    clipped = clip is not None  # one more output row (pre-clip) and column (clipped term)
     rows, num_out, width = coef.shape
-    if width != len(inputs) + len(counters):
-        raise ValueError(f"coef.shape[2] must equal len(inputs) + noise terms ="
-                         f" {len(inputs) + len(counters)}, got {width}")
+    num_out -= clipped
+    if width != len(inputs) + len(counters) + clipped:
+        raise ValueError(f"coef.shape[2] must equal len(inputs) + noise terms"
+                         f"{' + 1 (the clipped term)' if clipped else ''} ="
+                         f" {len(inputs) + len(counters) + clipped}, got {width}")
     if not 1 <= num_out <= MAX_OUTPUTS:
-        raise ValueError(f"coef.shape[1] (number of outputs) must be 1 or 2, got {num_out}")
+        what = "number of outputs + 1 pre-clip row" if clipped else "number of outputs"
+        raise ValueError(f"coef.shape[1] ({what}) must be {'2 or 3' if clipped else '1 or 2'},"
+                         f" got {coef.shape[1]}")
     if rows < 1:
         raise ValueError("coef must have at least one row")
     want = torch.float64 if x0.dtype == torch.float64 else torch.float32
@@ -127,19 +200,9 @@ def _validate(inputs, coef, row, out, noise=None):
                         f" precision), got {coef.dtype}")
     if coef.device != x0.device:
         raise ValueError(f"coef is on {coef.device}, expected {x0.device} like the inputs")
+    clip = _validate_clip(clip, x0, want)
 
-    row_tensor = None
-    if isinstance(row, torch.Tensor):
-        if row.dtype != torch.int64 or row.numel() != 1:
-            raise TypeError(f"row as a tensor must be a single int64 element, got {row.dtype}"
-                            f" with {row.numel()} elements")
-        if row.device != x0.device:
-            raise ValueError(f"row is on {row.device}, expected {x0.device} like the inputs")
-        row_tensor, row = row, 0
-    elif isinstance(row, bool) or not isinstance(row, int):
-        raise TypeError(f"row must be an int or an int64 tensor, got {type(row).__name__}")
-    elif not 0 <= row < rows:
-        raise ValueError(f"row must be in [0, {rows}) for coef with {rows} rows, got {row}")
+    row, row_tensor = validate_row(row, rows, x0.device)
 
     if out is not None:
         if isinstance(out, torch.Tensor) or not isinstance(out, Sequence):
@@ -152,7 +215,7 @@ def _validate(inputs, coef, row, out, noise=None):
             if o.dtype != x0.dtype or o.device != x0.device or o.shape != x0.shape:
                 raise ValueError(f"out[{j}] must match the inputs ({tuple(x0.shape)}, {x0.dtype},"
                                  f" {x0.device}), got ({tuple(o.shape)}, {o.dtype}, {o.device})")
-    return list(inputs), coef.contiguous(), row, row_tensor, out, seeds, counters
+    return list(inputs), coef.contiguous(), row, row_tensor, out, seeds, counters, clip
 
 
 def _check_out_aliasing(inputs, out) -> None:
@@ -170,7 +233,7 @@ def _check_out_aliasing(inputs, out) -> None:
                 raise ValueError(f"out[{j}] overlaps out[{i}]")
 
 
-def _launch_native(inputs, coef, row, row_tensor, outs, seeds, counters) -> None:
+def _launch_native(inputs, coef, row, row_tensor, outs, seeds, counters, clip) -> None:
     device = inputs[0].device
     if device.type == "cuda":
         index, stream = device.index, torch.cuda.current_stream(device).cuda_stream
@@ -181,66 +244,73 @@ def _launch_native(inputs, coef, row, row_tensor, outs, seeds, counters) -> None
         [o.data_ptr() for o in outs], coef.data_ptr(),
         row_tensor.data_ptr() if row_tensor is not None else 0, row, coef.shape[0],
         inputs[0].numel(), stream, seeds.data_ptr() if seeds is not None else 0,
-        inputs[0].numel() // inputs[0].shape[0] if counters else 1, counters,
+        inputs[0].numel() // inputs[0].shape[0] if counters or clip is not None else 1, counters,
+        clip.data_ptr() if clip is not None else 0,
     )
 
 
-def _launch_triton(inputs, coef, row, row_tensor, outs, seeds, counters) -> None:
+def _launch_triton(inputs, coef, row, row_tensor, outs, seeds, counters, clip) -> None:
     from fastdiff.kernels.lincomb import lincomb as lincomb_triton
 
-    lincomb_triton(inputs, coef, row, row_tensor, outs, seeds, counters)
+    lincomb_triton(inputs, coef, row, row_tensor, outs, seeds, counters, clip)
 
 
 _LAUNCHERS = {"cpu": _launch_native, "cuda": _launch_native, "triton": _launch_triton}
 
 
-def _run(inputs, coef, row, row_tensor, out, backend: str, seeds=None, counters=()
+def _run(inputs, coef, row, row_tensor, out, backend: str, seeds=None, counters=(), clip=None
          ) -> list[torch.Tensor]:
     """Validated arguments in, results out (written into `out` when given)."""
     x0 = inputs[0]
     backend = resolve(backend, x0.device)
+    num_out = coef.shape[1] - (clip is not None)
+    # The kernels see flat arrays: every tensor must share one dense layout, inputs[0]'s own
+    # when it is dense (e.g. channels-last; with clipping also batch-outermost), else
+    # empty_like's. The noise follows that layout on every backend.
+    ref = kernel_layout(x0, clip is not None)
     if backend == "reference":
-        ref_x0 = x0 if _is_dense(x0) else torch.empty_like(x0)  # noise follows the kernels' layout
         noise = (seeds, counters) if counters else None
-        results = lincomb_reference([ref_x0.copy_(x0) if ref_x0 is not x0 else x0, *inputs[1:]],
-                                    coef, row_tensor if row_tensor is not None else row, noise)
+        results = lincomb_reference([ref.copy_(x0) if ref is not x0 else x0, *inputs[1:]],
+                                    coef, row_tensor if row_tensor is not None else row, noise,
+                                    clip)
         if out is None:
             return results
         for o, r in zip(out, results):
             o.copy_(r)
         return list(out)
-    # The kernels see flat arrays: every tensor must share one dense layout, that of
-    # empty_like(inputs[0]) (inputs[0]'s own when it is dense, e.g. channels-last).
-    ref = x0 if _is_dense(x0) else torch.empty_like(x0)
-    outs = [torch.empty_like(ref) for _ in range(coef.shape[1])] if out is None else list(out)
+    outs = [torch.empty_like(ref) for _ in range(num_out)] if out is None else list(out)
     layout = _layout(ref)
-    flat_in = [t if _layout(t) == layout and _is_dense(t) else torch.empty_like(ref).copy_(t)
-               for t in inputs]
+    flat_in = to_layout(inputs, ref)
     flat_out = [o if _layout(o) == layout and _is_dense(o) else torch.empty_like(ref)
                 for o in outs]
     if x0.numel() > 0:
-        _LAUNCHERS[backend](flat_in, coef, row, row_tensor, flat_out, seeds, counters)
+        _LAUNCHERS[backend](flat_in, coef, row, row_tensor, flat_out, seeds, counters, clip)
     for o, f in zip(outs, flat_out):
         if o is not f:
             o.copy_(f)
     return outs
 
 
-def launch_unchecked(inputs, coef, row: int, outs, backend: str, seeds=None, counters=()) -> None:
+def launch_unchecked(inputs, coef, row: int, outs, backend: str, seeds=None, counters=(),
+                     clip=None) -> None:
     """The kernel launch without validation, for callers that guarantee what lincomb() checks
     (the sampling engine, per stage): same shape, dtype and device; one dense layout shared by
-    every input and output; `coef` [rows, len(outs), len(inputs) + len(counters)] contiguous in
-    the accumulation dtype; `backend` already resolved; outputs fresh or exactly an input."""
+    every input and output (batch-outermost with `clip`); `coef` [rows, len(outs) (+ 1),
+    len(inputs) + len(counters) (+ 1)] contiguous in the accumulation dtype; `clip` None or
+    [batch, 2] contiguous in that dtype; `backend` already resolved; outputs fresh or exactly
+    an input."""
     if backend == "reference":
-        _run(list(inputs), coef, row, None, outs, backend, seeds, counters)
+        _run(list(inputs), coef, row, None, outs, backend, seeds, counters, clip)
     else:
-        _LAUNCHERS[backend](inputs, coef, row, None, outs, seeds, counters)
+        _LAUNCHERS[backend](inputs, coef, row, None, outs, seeds, counters, clip)
 
 
-def same_dense_layout(tensors: Sequence[torch.Tensor]) -> bool:
-    """True when all tensors share one dense layout (what launch_unchecked needs)."""
+def same_dense_layout(tensors: Sequence[torch.Tensor], batch_outermost: bool = False) -> bool:
+    """True when all tensors share one dense layout (what launch_unchecked needs); with
+    batch_outermost, also one in which each sample is a contiguous range (needed with clip)."""
     first = tensors[0]
-    return _is_dense(first) and all(t.stride() == first.stride() for t in tensors[1:])
+    dense = _batch_outermost(first) if batch_outermost else _is_dense(first)
+    return dense and all(t.stride() == first.stride() for t in tensors[1:])
 
 
 def lincomb(
@@ -250,6 +320,7 @@ def lincomb(
     *,
     out: Sequence[torch.Tensor] | None = None,
     noise: tuple[torch.Tensor, Sequence[int]] | None = None,
+    clip: torch.Tensor | None = None,
     backend: str = "auto",
 ) -> list[torch.Tensor]:
     """Fused linear combination ``out_j = sum_k coef[row, j, k] * inputs[k]`` (+ noise terms).
@@ -265,23 +336,31 @@ def lincomb(
         noise: optional (seeds, counters): per-sample int64 seeds [batch] and 1-2 counters;
             term m is the standard normal z(seeds[b], counters[m], element within sample b),
             generated in-kernel, the same on every backend and in any batch.
+        clip: optional [batch, 2] floating tensor of per-sample (bound b_n, divisor d_n), on
+            the inputs' device (converted to the accumulation dtype): fused x0 clipping. coef
+            is then [rows, num_out + 1, num_in + num_noise + 1]: its last output row is the
+            pre-clip combination w of the inputs (its other columns are ignored), its last
+            column weighs y = clamp(w, -b_n, b_n) / d_n, which is never rounded to the data
+            dtype. clip_sample(r) is clip = (r, 1); dynamic thresholding is
+            clip = fastdiff.ops.dynamic_threshold(...).
         backend: "auto", "reference", "cpu", "cuda" or "triton" (see `fastdiff info`).
 
     Returns:
         The num_out results (the `out` tensors when given). The inputs are never modified
         unless passed as `out`.
     """
-    inputs, coef, row, row_tensor, out, seeds, counters = _validate(inputs, coef, row, out, noise)
+    inputs, coef, row, row_tensor, out, seeds, counters, clip = _validate(inputs, coef, row, out,
+                                                                          noise, clip)
     if torch.compiler.is_compiling():
         if out is None:
             return torch.ops.fastdiff.lincomb(inputs, coef, row_tensor, row, backend, seeds,
-                                              counters)
+                                              counters, clip)
         torch.ops.fastdiff.lincomb_out(inputs, coef, row_tensor, row, backend, list(out), seeds,
-                                       counters)
+                                       counters, clip)
         return list(out)
     if out is not None:
         _check_out_aliasing(inputs, out)
-    return _run(inputs, coef, row, row_tensor, out, backend, seeds, counters)
+    return _run(inputs, coef, row, row_tensor, out, backend, seeds, counters, clip)
 
 
 # torch.library registration: torch.compile traces these instead of the Python above.
@@ -289,24 +368,26 @@ def lincomb(
 def _lincomb_op(
     inputs: list[torch.Tensor], coef: torch.Tensor, row_tensor: torch.Tensor | None, row: int,
     backend: str, seeds: torch.Tensor | None = None, counters: list[int] | None = None,
+    clip: torch.Tensor | None = None,
 ) -> list[torch.Tensor]:
-    return _run(inputs, coef, row, row_tensor, None, backend, seeds, counters or [])
+    return _run(inputs, coef, row, row_tensor, None, backend, seeds, counters or [], clip)
 
 
 @_lincomb_op.register_fake
-def _(inputs, coef, row_tensor, row, backend, seeds=None, counters=None):
-    return [torch.empty_like(inputs[0]) for _ in range(coef.shape[1])]
+def _(inputs, coef, row_tensor, row, backend, seeds=None, counters=None, clip=None):
+    ref = kernel_layout(inputs[0], clip is not None)
+    return [torch.empty_like(ref) for _ in range(coef.shape[1] - (clip is not None))]
 
 
 @torch.library.custom_op("fastdiff::lincomb_out", mutates_args=("out",))
 def _lincomb_out_op(
     inputs: list[torch.Tensor], coef: torch.Tensor, row_tensor: torch.Tensor | None, row: int,
     backend: str, out: list[torch.Tensor], seeds: torch.Tensor | None = None,
-    counters: list[int] | None = None,
+    counters: list[int] | None = None, clip: torch.Tensor | None = None,
 ) -> None:
-    _run(inputs, coef, row, row_tensor, out, backend, seeds, counters or [])
+    _run(inputs, coef, row, row_tensor, out, backend, seeds, counters or [], clip)
 
 
 @_lincomb_out_op.register_fake
-def _(inputs, coef, row_tensor, row, backend, out, seeds=None, counters=None):
+def _(inputs, coef, row_tensor, row, backend, out, seeds=None, counters=None, clip=None):
     return None

@@ -13,5 +13,8 @@ int cuda_device_capability(int device);
 // Streaming multiprocessors of `device` (cached; 132, an H100's count, if the query fails):
 // launchers size their grids with it.
 int cuda_sm_count(int device);
+// Shared memory one block of `device` may opt in to, in bytes (cached; 48 KiB, what every GPU
+// grants without opting in, if the query fails).
+int cuda_smem_optin(int device);
 
 }  // namespace fastdiff

@@ -6,6 +6,16 @@
 // a device table [rows, num_out, num_in] and the row is an integer or is read from device memory,
 // so one launch serves every step and can be captured in a CUDA graph. The optional noise terms
 // z_m are generated in-kernel (philox.h), so noise costs no memory traffic.
+//
+// Optional x0 clipping (diffusers' clip_sample, or dynamic thresholding: Saharia et al. 2022,
+// "Photorealistic Text-to-Image Diffusion Models with Deep Language Understanding", Sec. 2.3).
+// The predicted x0 is itself a combination of the inputs, and once clipped it enters the update
+// linearly, so with a clip table [B, 2] of per-sample (bound b_n, divisor d_n) and a coefficient
+// table [rows, num_out + 1, num_in + num_noise + 1]:
+//     w     = sum_k coef[row, num_out, k] * in_k                (the pre-clip row)
+//     y     = clamp(w, -b_n, b_n) / d_n                          (n: the element's sample)
+//     out_j = (the sum above) + coef[row, j, num_in + num_noise] * y
+// all in the accumulator precision: y is never rounded to the storage dtype.
 #pragma once
 
 #include <cmath>
@@ -28,7 +38,7 @@ template <typename T>
 struct LincombArgs {
   const T* in[kLincombMaxIn];  // num_in pointers, each [n]
   T* out[kLincombMaxOut];      // num_out pointers, each [n]; may alias an input exactly
-  const typename Acc<T>::type* coef;  // [rows, num_out, num_in + num_noise], contiguous
+  const typename Acc<T>::type* coef;  // [rows, num_out (+ 1: pre-clip row), width], contiguous
   const int64_t* row_ptr;      // optional device scalar holding the row (null: use `row`)
   int64_t row;                 // row used when row_ptr is null
   int64_t rows;                // number of rows in coef (bounds check for row_ptr)
@@ -39,7 +49,14 @@ struct LincombArgs {
   const int64_t* seeds;        // [batch] per-sample Philox seeds (when num_noise > 0)
   int64_t sample_numel;        // elements per sample: the batch dim is outermost in memory
   uint32_t counters[kLincombMaxNoise];  // Philox counter of each noise term
+  const typename Acc<T>::type* clip;    // [batch, 2] per-sample (bound, divisor), or null
 };
+
+// Coefficients per output row: inputs, noise terms, and the clipped term when clipping.
+template <typename T>
+FD_HD int lincomb_width(const LincombArgs<T>& a) {
+  return a.num_in + a.num_noise + (a.clip ? 1 : 0);
+}
 
 // Resolves the coefficient row. A device-resident row cannot be checked on the host without a
 // sync, so an out-of-range row yields NaN coefficients: loud, never an out-of-bounds read.
@@ -47,7 +64,7 @@ template <typename T>
 FD_HD const typename Acc<T>::type* lincomb_row(const LincombArgs<T>& a, bool* valid) {
   const int64_t r = a.row_ptr ? *a.row_ptr : a.row;
   *valid = r >= 0 && r < a.rows;
-  return a.coef + (*valid ? r : 0) * a.num_out * (a.num_in + a.num_noise);
+  return a.coef + (*valid ? r : 0) * (a.num_out + (a.clip ? 1 : 0)) * lincomb_width(a);
 }
 
 // The element math, shared verbatim by the CPU and CUDA launchers. `c` is the coefficient row
@@ -77,7 +94,7 @@ FD_HD void lincomb_load_coef(const LincombArgs<T>& a,
   using A = typename Acc<T>::type;
   bool valid;
   const A* src = lincomb_row(a, &valid);
-  const int width = a.num_in + a.num_noise;
+  const int width = lincomb_width(a);
   const A nan = A(NAN);
 #pragma unroll
   for (int j = 0; j < kLincombMaxOut; ++j)
@@ -88,6 +105,44 @@ FD_HD void lincomb_load_coef(const LincombArgs<T>& a,
                                                             : k - kLincombMaxIn < a.num_noise);
       c[j][k] = used ? (valid ? src[j * width + col] : nan) : A(0);
     }
+}
+
+// Clipping's coefficients: the pre-clip row (cw, over the inputs) and each output's factor of
+// the clipped value (cy). NaN if the row is invalid, as above.
+template <typename T>
+FD_HD void lincomb_load_clip_coef(const LincombArgs<T>& a, typename Acc<T>::type (&cw)[kLincombMaxIn],
+                                  typename Acc<T>::type (&cy)[kLincombMaxOut]) {
+  using A = typename Acc<T>::type;
+  bool valid;
+  const A* src = lincomb_row(a, &valid);
+  const int width = lincomb_width(a);
+  const A nan = A(NAN);
+#pragma unroll
+  for (int k = 0; k < kLincombMaxIn; ++k)
+    cw[k] = k < a.num_in ? (valid ? src[a.num_out * width + k] : nan) : A(0);
+#pragma unroll
+  for (int j = 0; j < kLincombMaxOut; ++j)
+    cy[j] = j < a.num_out ? (valid ? src[j * width + width - 1] : nan) : A(0);
+}
+
+// The pre-clip value w = sum_k cw[k] * x[k], from the first term as lincomb_element.
+template <typename A>
+FD_HD A lincomb_preclip(const A (&cw)[kLincombMaxIn], const A (&x)[kLincombSlots], int num_in) {
+  A w = cw[0] * x[0];
+#pragma unroll
+  for (int k = 1; k < kLincombMaxIn; ++k)
+    if (k < num_in) w += cw[k] * x[k];
+  return w;
+}
+
+// y = clamp(w, -bound, bound) / divisor with torch.clamp's semantics: NaN in w or in the bound
+// stays NaN (fmin/fmax would return the bound), and a negative bound yields the bound.
+template <typename A>
+FD_HD A lincomb_clip_value(A w, A bound, A divisor) {
+  A y = w < -bound ? -bound : w;
+  y = y > bound ? bound : y;
+  y = bound != bound ? bound : y;
+  return y / divisor;
 }
 
 // The noise values of element i (flat index in the shared dense layout) into their slots.
@@ -106,25 +161,28 @@ FD_HD void lincomb_noise(const LincombArgs<T>& a, int64_t i,
 
 // Launchers (csrc/lincomb_cpu.cpp, csrc/lincomb_cuda.cu). Return 0 on success or an error code
 // (for CUDA: the cudaError_t of the launch).
-struct LincombNoise {
+// Per-sample terms: in-kernel noise and clipping (both locate an element's sample n = i /
+// sample_numel: the batch dim is outermost in memory).
+struct LincombPerSample {
   int num_noise = 0;
   const int64_t* seeds = nullptr;
   int64_t sample_numel = 1;
   uint32_t counters[kLincombMaxNoise] = {0, 0};
+  const void* clip = nullptr;  // [batch, 2] (bound, divisor) in the accumulator dtype, or null
 };
 
 int lincomb_cpu(DType dtype, const void* const* in, void* const* out, const void* coef,
                 const int64_t* row_ptr, int64_t row, int64_t rows, int64_t n, int num_in,
-                int num_out, const LincombNoise& noise);
+                int num_out, const LincombPerSample& per_sample);
 int lincomb_cuda(DType dtype, const void* const* in, void* const* out, const void* coef,
                  const int64_t* row_ptr, int64_t row, int64_t rows, int64_t n, int num_in,
-                 int num_out, const LincombNoise& noise, int device, void* stream);
+                 int num_out, const LincombPerSample& per_sample, int device, void* stream);
 
 // Fills the shared fields of LincombArgs (both launchers).
 template <typename T>
 LincombArgs<T> make_lincomb_args(const void* const* in, void* const* out, const void* coef,
                                  const int64_t* row_ptr, int64_t row, int64_t rows, int64_t n,
-                                 int num_in, int num_out, const LincombNoise& noise) {
+                                 int num_in, int num_out, const LincombPerSample& per_sample) {
   LincombArgs<T> a{};
   for (int k = 0; k < num_in; ++k) a.in[k] = static_cast<const T*>(in[k]);
   for (int j = 0; j < num_out; ++j) a.out[j] = static_cast<T*>(out[j]);
@@ -135,10 +193,11 @@ LincombArgs<T> make_lincomb_args(const void* const* in, void* const* out, const 
   a.n = n;
   a.num_in = num_in;
   a.num_out = num_out;
-  a.num_noise = noise.num_noise;
-  a.seeds = noise.seeds;
-  a.sample_numel = noise.sample_numel;
-  for (int m = 0; m < kLincombMaxNoise; ++m) a.counters[m] = noise.counters[m];
+  a.num_noise = per_sample.num_noise;
+  a.seeds = per_sample.seeds;
+  a.sample_numel = per_sample.sample_numel;
+  for (int m = 0; m < kLincombMaxNoise; ++m) a.counters[m] = per_sample.counters[m];
+  a.clip = static_cast<const typename Acc<T>::type*>(per_sample.clip);
   return a;
 }
 
