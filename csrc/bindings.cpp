@@ -42,4 +42,5 @@ PYBIND11_MODULE(_C, m) {
 #endif
   bind_lincomb(m);
   bind_group_norm(m);
+  bind_schedule(m);
 }
