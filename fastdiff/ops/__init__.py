@@ -5,8 +5,11 @@ from fastdiff.ops._backends import BACKENDS, resolve, status, unavailable_reason
 from fastdiff.ops.attention import attention, attention_block, attention_dispatch_info
 from fastdiff.ops.group_norm import group_norm
 from fastdiff.ops.lincomb import lincomb
+from fastdiff.ops.schedule import ScheduleTables, schedule_tables
 
-OPS = {"attention": attention, "group_norm": group_norm, "lincomb": lincomb}
+OPS = {"attention": attention, "group_norm": group_norm, "lincomb": lincomb,
+       "schedule_tables": schedule_tables}
 
 __all__ = ["BACKENDS", "OPS", "attention", "attention_block", "attention_dispatch_info",
-           "group_norm", "lincomb", "resolve", "status", "unavailable_reason"]
+           "group_norm", "lincomb", "resolve", "ScheduleTables", "schedule_tables", "status",
+           "unavailable_reason"]
