@@ -43,4 +43,5 @@ PYBIND11_MODULE(_C, m) {
   bind_lincomb(m);
   bind_group_norm(m);
   bind_threshold(m);
+  bind_schedule(m);
 }

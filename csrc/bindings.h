@@ -10,5 +10,6 @@ namespace fastdiff {
 void bind_lincomb(pybind11::module_& m);
 void bind_group_norm(pybind11::module_& m);
 void bind_threshold(pybind11::module_& m);
+void bind_schedule(pybind11::module_& m);
 
 }  // namespace fastdiff

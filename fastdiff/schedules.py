@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -174,8 +175,41 @@ def betas_for_alpha_bar(num_diffusion_timesteps: int, max_beta: float = 0.999,
                          f"got {alpha_transform_type!r}")
     _check_count("num_diffusion_timesteps", num_diffusion_timesteps)
     fn, n = _ALPHA_BAR_FNS[alpha_transform_type], num_diffusion_timesteps
-    betas = [min(1 - fn((i + 1) / n) / fn(i / n), max_beta) for i in range(n)]
+    if alpha_transform_type == "cosine":
+        betas = [min(_cosine_beta(i, n), max_beta) for i in range(n)]
+    else:
+        betas = [min(1 - fn((i + 1) / n) / fn(i / n), max_beta) for i in range(n)]
     return torch.tensor(betas, dtype=torch.float64)
+
+
+def _cosine_beta(i: int, n: int) -> float:
+    """``1 - alpha_bar((i+1)/n) / alpha_bar(i/n)`` for the cosine schedule without cancellation.
+
+    With x, y the angles ``(t + 0.008) / 1.008 * pi / 2`` at t = i/n and (i+1)/n,
+    ``1 - cos^2 y / cos^2 x = sin(y - x) sin(y + x) / cos^2 x``, and every angle is formed from
+    integers: ``y - x = (1/n) / 1.008 * pi/2``, ``cos x = sin((n - i)/n / 1.008 * pi/2)``, and
+    ``y + x`` -- or ``pi - (y + x)`` past pi/2, where sin is ill-conditioned. Within 8 ulps of
+    the exact value (mpmath); the direct form subtracts two squares ~4e-5 apart at t = 0, which
+    turns an ulp of cos into ~5e-12 of beta there (so its value would depend on the libm)."""
+    h = math.pi / 2
+    c = math.sin((n - i) / n / 1.008 * h)
+    if (2 * i + 1) * 125 <= 124 * n:  # y + x <= pi / 2
+        s = ((2 * i + 1) / n + 0.016) / 1.008 * h
+    else:
+        s = (2 * n - 2 * i - 1) / n / 1.008 * h
+    return math.sin(1 / n / 1.008 * h) * math.sin(s) / (c * c)
+
+
+def _linspace(start: float, end: float, n: int) -> Tensor:
+    """``torch.linspace(start, end, n)`` in float64 by its scalar formula (from the start for the
+    first half, from the end after), the same on every CPU: torch's vectorised kernel rounds
+    some entries differently with 4 and with 8 SIMD lanes. The schedule kernels
+    (csrc/include/fastdiff/schedule.h) compute each entry alone, this way."""
+    if n == 1:
+        return torch.tensor([float(start)], dtype=torch.float64)
+    step = (end - start) / (n - 1)
+    i = torch.arange(n, dtype=torch.float64)
+    return torch.where(i < n // 2, start + step * i, end - step * (n - 1 - i))
 
 
 def make_betas(beta_schedule: str = "linear", num_train_timesteps: int = 1000,
@@ -199,17 +233,27 @@ def make_betas(beta_schedule: str = "linear", num_train_timesteps: int = 1000,
     _check_count("num_train_timesteps", num_train_timesteps)
     n = num_train_timesteps
     if beta_schedule == "linear":
-        return torch.linspace(beta_start, beta_end, n, dtype=torch.float64)
+        return _linspace(beta_start, beta_end, n)
     if beta_schedule == "scaled_linear":
-        return torch.linspace(beta_start**0.5, beta_end**0.5, n, dtype=torch.float64) ** 2
+        return _linspace(beta_start**0.5, beta_end**0.5, n) ** 2
     if beta_schedule == "squaredcos_cap_v2":
         return betas_for_alpha_bar(n, alpha_transform_type="cosine")
     if beta_schedule in ("laplace", "exp"):
         return betas_for_alpha_bar(n, alpha_transform_type=beta_schedule)
     if beta_schedule == "sigmoid":
-        ramp = torch.linspace(-6, 6, n, dtype=torch.float64)
+        ramp = _linspace(-6.0, 6.0, n)
         return torch.sigmoid(ramp) * (beta_end - beta_start) + beta_start
     raise ValueError(f"beta_schedule must be one of {BETA_SCHEDULES}, got {beta_schedule!r}")
+
+
+def _sqrt_rn(x: Tensor) -> Tensor:
+    """Correctly rounded sqrt. torch's AVX-512 float64 sqrt is an ulp off for ~1% of inputs, and
+    `rescale_zero_terminal_snr` amplifies an ulp of sqrt(abar) ~5000x in sigma near t = 0
+    (1 - abar is small there), so the host result would depend on the CPU; numpy's (and CUDA's)
+    sqrt is IEEE."""
+    if x.device.type != "cpu":
+        return x.sqrt()
+    return torch.from_numpy(np.sqrt(x.numpy()))
 
 
 def rescale_zero_terminal_snr(betas) -> Tensor:
@@ -218,7 +262,7 @@ def rescale_zero_terminal_snr(betas) -> Tensor:
     sqrt(abar) is shifted so its last value is 0 and scaled so its first value is unchanged.
     The result has ``betas[-1] = 1`` and ``alphas_cumprod[-1] = 0`` exactly.
     """
-    alphas_bar_sqrt = torch.cumprod(1 - _f64(betas), dim=0).sqrt()
+    alphas_bar_sqrt = _sqrt_rn(torch.cumprod(1 - _f64(betas), dim=0))
     first, last = alphas_bar_sqrt[0].clone(), alphas_bar_sqrt[-1].clone()
     alphas_bar_sqrt = (alphas_bar_sqrt - last) * (first / (first - last))
     alphas_bar = alphas_bar_sqrt**2
@@ -342,6 +386,7 @@ class DiscreteVPSchedule(NoiseSchedule):
         self.sigmas = alphas_cumprod_to_sigma(clamped)
         self.log_sigmas = self.sigmas.log()
         self.t_min, self.t_max = 0.0, float(a.numel() - 1)
+        self.config: dict | None = None  # from_betas' arguments, when it made the table
 
     @classmethod
     def from_betas(cls, beta_schedule: str = "linear", num_train_timesteps: int = 1000,
@@ -351,7 +396,13 @@ class DiscreteVPSchedule(NoiseSchedule):
         betas = make_betas(beta_schedule, num_train_timesteps, beta_start, beta_end, trained_betas)
         if rescale_betas_zero_snr:
             betas = rescale_zero_terminal_snr(betas)
-        return cls(alphas_cumprod_from_betas(betas), **kwargs)
+        schedule = cls(alphas_cumprod_from_betas(betas), **kwargs)
+        if trained_betas is None and not kwargs:  # a closed form: the kernels can rebuild it
+            schedule.config = dict(beta_schedule=beta_schedule,
+                                   num_train_timesteps=num_train_timesteps,
+                                   beta_start=beta_start, beta_end=beta_end,
+                                   rescale_betas_zero_snr=bool(rescale_betas_zero_snr))
+        return schedule
 
     @property
     def num_train_timesteps(self) -> int:
@@ -370,6 +421,27 @@ class DiscreteVPSchedule(NoiseSchedule):
 
     def t(self, sigma, quantize: bool = False) -> Tensor:
         return discrete_sigma_to_t(sigma, self.log_sigmas, quantize)
+
+    def tables(self, steps: int, *, spacing: str = "linspace", steps_offset: int = 0,
+               family: str = "euler", grid: str = "discrete", rho: float = 7.0,
+               final_sigma: str = "zero", device=None, out: Tensor | None = None,
+               backend: str = "auto"):
+        """The sampling tables for ``steps`` steps (timesteps, sigmas, alpha_t, sigma_t, lambda;
+        `fastdiff.ops.ScheduleTables`), made on ``device``: for a schedule from `from_betas`, by
+        one float64 kernel launch from its closed form (`fastdiff.ops.schedule_tables`, which
+        documents the arguments); for a table given as is, by the host float64 path, copied."""
+        kw = dict(spacing=spacing, steps_offset=steps_offset, family=family, grid=grid, rho=rho,
+                  final_sigma=final_sigma, device=device, out=out)
+        if self.config is not None:
+            from fastdiff.ops.schedule import schedule_tables
+
+            return schedule_tables(steps, **self.config, **kw, backend=backend)
+        if backend not in ("auto", "reference"):
+            raise ValueError(f"backend={backend!r}: this schedule was given as a table, which the"
+                             " kernels cannot rebuild; use backend='reference' (or 'auto')")
+        from fastdiff.ops.schedule import tables_from_schedule
+
+        return tables_from_schedule(self, steps, **kw)
 
 
 class VPSchedule(NoiseSchedule):

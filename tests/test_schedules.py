@@ -469,3 +469,32 @@ def test_user_sigmas_and_timesteps():
     torch.testing.assert_close(table[:-1], sched.sigmas[[999, 500, 0]], rtol=1e-14, atol=0)
     with pytest.raises(ValueError, match="timesteps"):
         P.sigmas_from_timesteps(sched, [0, 500])
+
+
+def test_betas_do_not_depend_on_the_platform():
+    """The host tables are the kernels' reference (fastdiff/reference/schedule.py), so their
+    rounding must not depend on the libm or the CPU's SIMD width: linear ramps by torch's scalar
+    linspace formula, the zero-SNR rescale with an IEEE sqrt, cosine betas in a form without
+    cancellation, within 8 ulps of the exact value (the direct 1 - cos^2 y / cos^2 x is 5e-12 off
+    at t = 0 for n = 1000, 1.6e-11 for n = 4000)."""
+    n = 1000
+    step = (0.02 - 0.0001) / (n - 1)
+    scalar = [0.0001 + step * i if i < n // 2 else 0.02 - step * (n - 1 - i) for i in range(n)]
+    assert S.make_betas("linear", n).tolist() == scalar
+    betas = S.make_betas("scaled_linear", n, 0.00085, 0.012).numpy()
+    root = np.sqrt(np.cumprod(1 - betas))
+    root = (root - root[-1]) * (root[0] / (root[0] - root[-1]))
+    abar = root * root
+    want = 1 - np.concatenate([abar[:1], abar[1:] / abar[:-1]])
+    assert S.rescale_zero_terminal_snr(torch.from_numpy(betas)).numpy().tolist() == want.tolist()
+    mpmath = pytest.importorskip("mpmath")
+    mpmath.mp.dps = 50
+
+    def alpha_bar(t):
+        return mpmath.cos((t + mpmath.mpf("0.008")) / mpmath.mpf("1.008") * mpmath.pi / 2) ** 2
+
+    for n in (7, 1000, 4000):
+        cosine = S.make_betas("squaredcos_cap_v2", n).tolist()
+        for i in range(n):
+            exact = min(1 - alpha_bar(mpmath.mpf(i + 1) / n) / alpha_bar(mpmath.mpf(i) / n), 0.999)
+            assert abs(cosine[i] / float(exact) - 1) <= 8 * 2.0**-53, (n, i)
