@@ -17,8 +17,8 @@ from collections.abc import Callable
 
 import torch
 
-from fastdiff.denoisers import CFGDenoiser, Denoiser
-from fastdiff.ops import BACKENDS, lincomb, resolve
+from fastdiff.denoisers import CFGDenoiser, Denoiser, ThresholdedDenoiser
+from fastdiff.ops import BACKENDS, dynamic_threshold, lincomb, resolve
 from fastdiff.ops.lincomb import launch_unchecked, same_dense_layout
 from fastdiff.reference.solvers import SOLVERS
 from fastdiff.reference.solvers._utils import default_noise_sampler
@@ -41,6 +41,12 @@ class _ModelAdapter:
 
     def __init__(self, model: Callable, guidance: float | None, param: str,
                  cond_key: str = "cond"):
+        # Thresholding / clipping of the (guided) D is fused into the step kernel (lowering.py).
+        self.threshold = None
+        if isinstance(model, ThresholdedDenoiser):
+            if model.dynamic_ratio is not None or model.clip is not None:
+                self.threshold = model
+            model = model.inner_model
         if isinstance(model, CFGDenoiser):
             if guidance is not None:
                 raise ValueError("guidance is given twice: model is a CFGDenoiser with scale"
@@ -54,6 +60,7 @@ class _ModelAdapter:
                             f" {type(model).__name__}")
         self.model, self.guidance, self.param = model, guidance, param
         self.denoiser = model if isinstance(model, Denoiser) else None
+        self._clip_constants: dict = {}
 
     def weights(self) -> tuple[float, ...]:
         return (1.0,) if self.guidance is None else (1.0 - self.guidance, self.guidance)
@@ -61,11 +68,29 @@ class _ModelAdapter:
     def scalings(self, sigmas: list[float]) -> Scalings:
         if self.denoiser is None:  # a k-diffusion denoiser: its output is D
             n = len(sigmas)
-            return Scalings((0.0,) * n, (1.0,) * n, (1.0,) * n, self.weights())
+            return Scalings((0.0,) * n, (1.0,) * n, (1.0,) * n, self.weights(),
+                            clip=self.threshold is not None)
         fn = self.denoiser.flow_scalings if self.param == "flow" else self.denoiser.scalings
         c_skip, c_out, c_in = fn(torch.tensor(sigmas, dtype=torch.float64))
         return Scalings(tuple(c_skip.tolist()), tuple(c_out.tolist()), tuple(c_in.tolist()),
-                        self.weights())
+                        self.weights(), clip=self.threshold is not None)
+
+    def clip_bounds(self, inputs: list[torch.Tensor], table: torch.Tensor, row: int,
+                    backend: str) -> torch.Tensor:
+        """Per-sample (bound, divisor) of the kernel's clip, as ThresholdedDenoiser defines it:
+        dynamic thresholding's s from a fused quantile reduction over the pre-clip row, then
+        the static clip (after dividing by s, clamp(., -c, c) is a bound of c * s)."""
+        th, x = self.threshold, inputs[0]
+        key = (x.shape[0], table.dtype, x.device)
+        if key not in self._clip_constants:  # built once: no host-to-device copy per step
+            static = torch.tensor([[th.clip or 1.0, 1.0]], dtype=table.dtype, device=x.device)
+            self._clip_constants[key] = static.expand(x.shape[0], 2).contiguous()
+        static = self._clip_constants[key]
+        if th.dynamic_ratio is None:
+            return static
+        bounds = dynamic_threshold(inputs, table, row, th.dynamic_ratio, th.max_value,
+                                   backend=backend)
+        return bounds * static if th.clip is not None and th.clip < 1 else bounds
 
     def levels(self, sigmas: list[float], batch: int, dtype, device) -> list[torch.Tensor]:
         """What the model gets as its noise level per call ([B] or [2B] with guidance)."""
@@ -341,13 +366,16 @@ class Sampler:
                 regs[("z", ref.index)] = drawn[ref.index]
         inputs = [regs[(r.kind, r.index)] for r in launch.inputs]
         outs = [buffers.take() for _ in launch.outputs]
-        if same_dense_layout([*inputs, *outs]):  # the common case: skip per-call validation
-            launch_unchecked(inputs, tables[launch.arity], launch.row, outs, backend, seeds,
-                             list(launch.noise))
+        table = tables[launch.arity]
+        clip = (self.adapter.clip_bounds(inputs, table, launch.row, backend) if launch.clip
+                else None)
+        if same_dense_layout([*inputs, *outs], batch_outermost=launch.clip):  # the common case:
+            # skip per-call validation
+            launch_unchecked(inputs, table, launch.row, outs, backend, seeds, list(launch.noise),
+                             clip=clip)
         else:  # e.g. a model answering channels-last for contiguous input: the checked op copies
             noise = (seeds, list(launch.noise)) if launch.noise else None
-            lincomb(inputs, tables[launch.arity], launch.row, out=outs, noise=noise,
-                    backend=backend)
+            lincomb(inputs, table, launch.row, out=outs, noise=noise, clip=clip, backend=backend)
         for name, t in zip(launch.outputs, outs):
             if name == "F":
                 regs[("F", launch.call + 1)] = t

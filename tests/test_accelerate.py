@@ -146,8 +146,8 @@ def test_scheduler_swap_with_the_reference_backend_is_bitwise(name):
     original's (set_timesteps, scale_model_input, add_noise and the step bookkeeping change
     nothing); the same loop through the fused step differs only by rounding."""
     base = sd_pipeline()
-    overrides = {"clip_sample": False} if name in ("DDPMScheduler", "DDIMScheduler") else {}
-    base.scheduler = getattr(diffusers, name).from_config(base.scheduler.config, **overrides)
+    base.scheduler = getattr(diffusers, name).from_config(base.scheduler.config)  # DDPM and
+    # DDIM clip x0 by default: fused too
 
     def loop(pipe):
         torch.manual_seed(7)  # DDPM's step draws from the global generator
@@ -161,7 +161,16 @@ def test_scheduler_swap_with_the_reference_backend_is_bitwise(name):
     fused = fastdiff.accelerate(copy.deepcopy(base), graph=False, kernels=False)
     got = loop(fused)
     assert not torch.equal(got, want)  # the fused arithmetic really ran
-    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+    # Against a float64 run, the fused loop's error is at most 2x diffusers' own float32 error.
+    # (Not a fixed 1e-5: with clip_sample, this random-UNet loop amplifies rounding to ~5e-5 in
+    # diffusers' own float32 run, and the fused run is as close to float64 as diffusers is.)
+    exact = copy.deepcopy(base)
+    exact.unet.double()
+    with float32_noise():  # DDPM's step noise: the same draws as the float32 runs
+        torch.manual_seed(7)
+        exact = sd_like_loop(exact, dtype=torch.float64)
+    own = (want.double() - exact).abs().max()
+    assert own < 1e-3 and (got.double() - exact).abs().max() <= 2 * own
 
 
 def test_accelerate_rejects_an_unknown_backend():

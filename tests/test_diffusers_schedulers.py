@@ -70,6 +70,27 @@ CASES = [
     ("EDMEulerScheduler", {}, {}, 12),
     ("EDMDPMSolverMultistepScheduler", dict(algorithm_type="sde-dpmsolver++"), {}, 12),
 ]
+# x0 clipping and dynamic thresholding (fused: the clamp in the step kernel, the quantile in a
+# reduction launch before it); sample_max_value > 1 so the threshold really varies per sample
+THRESH = dict(thresholding=True, sample_max_value=2.5, dynamic_thresholding_ratio=0.9)
+CLIP_CASES = [
+    ("DDIMScheduler", {}, {}, 12),  # clip_sample=True by default
+    ("DDIMScheduler", dict(clip_sample=False, **THRESH), dict(eta=0.5), 12),
+    ("DDPMScheduler", dict(clip_sample_range=1.5), {}, 12),
+    ("DDPMScheduler", dict(clip_sample=False, **THRESH), {}, 12),
+    ("LCMScheduler", dict(clip_sample=True, clip_sample_range=1.2), {}, 4),
+    ("HeunDiscreteScheduler", dict(clip_sample=True, clip_sample_range=2.0), {}, 10),
+    ("DPMSolverMultistepScheduler", dict(**THRESH), {}, 12),
+    ("DPMSolverMultistepScheduler", dict(algorithm_type="dpmsolver", solver_order=3,
+                                         final_sigmas_type="sigma_min", **THRESH),
+     {}, 12),
+    ("DPMSolverMultistepScheduler", dict(algorithm_type="sde-dpmsolver++", **THRESH), {}, 12),
+    ("DPMSolverSinglestepScheduler", dict(solver_order=2, **THRESH), {}, 12),
+    ("UniPCMultistepScheduler", dict(solver_order=3, **THRESH), {}, 12),
+    ("DEISMultistepScheduler", dict(**THRESH), {}, 12),
+    ("EDMDPMSolverMultistepScheduler", dict(**THRESH), {}, 12),
+]
+CASES += CLIP_CASES
 
 
 def fake_model(x, t):
@@ -112,6 +133,9 @@ def test_parity(name, config, step_kwargs, steps):
     ref, ours = both(name, config)
     x_ref, extras_ref = run(ref, steps, step_kwargs)
     x, extras = run(ours, steps, step_kwargs)
+    clips = {c.clip for plans in ours._fd_plans.values() for p in plans.values()
+             for c in p.chunks}
+    assert (clips != {None}) == ((name, config, step_kwargs, steps) in CLIP_CASES)
     assert x.dtype == x_ref.dtype and x.shape == x_ref.shape
     assert torch.isfinite(x_ref).all() and torch.isfinite(x).all()
     assert rel_err(x, x_ref) <= RTOL
@@ -206,9 +230,12 @@ class _ScalarReads(TorchDispatchMode):
 
 SYNC_CASES = [(c[0], c[1]) for c in CASES if c[2] == {}]
 SYNC_CASES = [c for i, c in enumerate(SYNC_CASES) if c[0] not in [d[0] for d in SYNC_CASES[:i]]]
+SYNC_CASES += [("DDPMScheduler", dict(clip_sample=False, **THRESH)),
+               ("DPMSolverMultistepScheduler", dict(**THRESH))]
 
 
-@pytest.mark.parametrize("name,config", SYNC_CASES, ids=[c[0] for c in SYNC_CASES])
+@pytest.mark.parametrize("name,config", SYNC_CASES,
+                         ids=[f"{c[0]}-{i}" for i, c in enumerate(SYNC_CASES)])
 def test_step_is_sync_free(name, config, monkeypatch):
     """No value read-back in scale_model_input + step (after set_timesteps(device=...)), and
     one fused launch per step (two for UniPC: its corrected sample is a third output)."""
@@ -310,12 +337,12 @@ def test_config_surface(tmp_path):
 
 
 @pytest.mark.parametrize("name,config", [
-    ("DDIMScheduler", {}),  # clip_sample=True by default
-    ("DPMSolverMultistepScheduler", dict(thresholding=True)),
     ("DDPMScheduler", dict(clip_sample=False, variance_type="learned_range")),
+    ("DPMSolverMultistepScheduler", dict(variance_type="learned_range")),
 ])
 def test_nonlinear_options_fall_back(name, config):
-    """Non-linear options run diffusers' own step, with one warning, and match it exactly."""
+    """A learned variance (non-linear) runs diffusers' own step, with one warning, and matches
+    it exactly."""
     ref, ours = both(name, config)
     assert ours.fused_fallback_reason is not None
     shape = (2, 6, 8, 8) if "learned" in str(config) else SHAPE
@@ -367,12 +394,13 @@ def test_import_fastdiff_does_not_import_diffusers():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("name", ["DDIMScheduler", "EulerDiscreteScheduler",
-                                  "DPMSolverMultistepScheduler", "UniPCMultistepScheduler"])
-def test_cuda_sync_free_and_graph_capture(name):
+@pytest.mark.parametrize("name,config", [
+    ("DDIMScheduler", dict(clip_sample=False)), ("DDIMScheduler", {}),
+    ("EulerDiscreteScheduler", {}), ("DPMSolverMultistepScheduler", {}),
+    ("DPMSolverMultistepScheduler", THRESH), ("UniPCMultistepScheduler", {})])
+def test_cuda_sync_free_and_graph_capture(name, config):
     """set_sync_debug_mode("error") over add_noise and a whole loop, then one step captured in
     a CUDA graph and replayed gives the eager step's result."""
-    config = dict(clip_sample=False) if name == "DDIMScheduler" else {}
     dev = torch.device("cuda")
     ref, ours = both(name, config)
     x0 = torch.randn(SHAPE, device=dev)

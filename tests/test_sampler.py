@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from fastdiff.denoisers import CFGDenoiser, Denoiser
+from fastdiff.denoisers import CFGDenoiser, Denoiser, ThresholdedDenoiser
 from fastdiff.models.gmm import GaussianMixture
 from fastdiff.ops import unavailable_reason
 from fastdiff.reference.solvers import SOLVERS
@@ -185,6 +185,33 @@ def test_at_most_two_torch_ops_per_step_outside_the_model(name):
     with mode:
         sampler(x)
     assert mode.count / sampler.plan.nfe <= 2, f"{mode.count} ops for {sampler.plan.nfe} steps"
+
+
+THRESHOLDS = {"dynamic": dict(dynamic_ratio=0.9, max_value=3.0),
+              "static": dict(dynamic_ratio=None, clip=1.5),
+              "both": dict(dynamic_ratio=0.8, max_value=4.0, clip=0.7)}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", list(THRESHOLDS))
+@pytest.mark.parametrize("name", ["ddim", "euler", "dpmpp_2m", "unipc_bh2_3", "heun",
+                                  "dpmpp_2m_sde", "ipndm", "lms"])
+def test_thresholding_is_fused_and_equals_the_reference(name, kind, backend):
+    """ThresholdedDenoiser around an epsilon network: the Sampler clips x0 inside the step
+    kernel (and finds dynamic thresholding's quantile with the fused reduction) instead of
+    running the wrapper; the result equals the reference solver run on the wrapper itself."""
+    model, x, sigmas = problem(name)
+    net = Denoiser(eps_network(), "epsilon")
+    wrapped = ThresholdedDenoiser(net, **THRESHOLDS[kind])
+    want = run_reference(name, wrapped, x, sigmas)
+    sampler = Sampler(wrapped, name, sigmas, backend=backend, noise="generator")
+    assert sampler.scalings.clip and any(la.clip for la in sampler.launches)
+    if "noise_sampler" in inspect.signature(SOLVERS[name].fn).parameters:
+        sampler.noise_sampler = seeded_noise(x, 1)
+    torch.manual_seed(1)
+    got = sampler(x)
+    assert rel_err(got, want) < 1e-10
+    assert rel_err(got, run_reference(name, net, x, sigmas)) > 1e-3  # the clip mattered
 
 
 class CountAllocations(TorchDispatchMode):

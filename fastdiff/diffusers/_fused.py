@@ -17,7 +17,8 @@ import warnings
 
 import torch
 
-from fastdiff.diffusers._trace import StepPlan, get_slot, set_slot, trace_steps
+from fastdiff.diffusers._trace import Clip, StepPlan, get_slot, set_slot, trace_steps
+from fastdiff.ops import dynamic_threshold
 from fastdiff.ops._backends import resolve
 from fastdiff.ops.lincomb import MAX_INPUTS, launch_unchecked, lincomb, same_dense_layout
 
@@ -356,7 +357,9 @@ class FusedStepMixin:
         results = {}  # targets; the sources stay the values from before this step
         for chunk, coef in zip(plan.chunks, tables):
             inputs = [values[s] if s in values else get_slot(self, s) for s in chunk.sources]
-            results.update(zip(chunk.targets, _launch(inputs, coef, self.fastdiff_backend)))
+            clip = self._fd_clip_bounds(chunk.clip, inputs, coef) if chunk.clip else None
+            results.update(zip(chunk.targets,
+                               _launch(inputs, coef, self.fastdiff_backend, clip)))
         for target, source in plan.moves:
             results[target] = values[source] if source in values else get_slot(self, source)
         for name, length in plan.list_lengths.items():
@@ -379,26 +382,47 @@ class FusedStepMixin:
         return plan.out_cls(**dict(zip(plan.out_fields, result)))
 
 
+    def _fd_clip_bounds(self, clip: Clip, inputs, coef) -> torch.Tensor:
+        """Per-sample (bound, divisor) of the kernel's clip: clip_sample's fixed range, or
+        dynamic thresholding's s from the fused quantile reduction (no host sync)."""
+        x = inputs[0]
+        if clip.kind == "dynamic":
+            ratio, max_value = clip.params
+            return dynamic_threshold(inputs, coef, 0, ratio, max_value,
+                                     backend=self.fastdiff_backend)
+        key = (clip.params, x.shape[0], coef.dtype, x.device)
+        cache = self.__dict__.setdefault("_fd_static_clips", {})
+        if key not in cache:
+            cache[key] = torch.tensor([[clip.params[0], 1.0]], dtype=coef.dtype,
+                                      device=x.device).expand(x.shape[0], 2).contiguous()
+        return cache[key]
+
+
 _BACKENDS: dict = {}
 
 
-def _launch(inputs: list[torch.Tensor], coef: torch.Tensor, backend: str = "auto"
-            ) -> list[torch.Tensor]:
+def _launch(inputs: list[torch.Tensor], coef: torch.Tensor, backend: str = "auto",
+            clip: torch.Tensor | None = None) -> list[torch.Tensor]:
     """lincomb, split into a partial sum when there are more inputs than one launch takes.
     step() already guarantees what lincomb validates (one shape, dtype and device, coef in the
     accumulation dtype on that device), so a shared dense layout goes straight to the kernel."""
     if len(inputs) <= MAX_INPUTS:
         x0 = inputs[0]
-        if same_dense_layout(inputs) and not torch.compiler.is_compiling():
+        if (same_dense_layout(inputs, batch_outermost=clip is not None)
+                and not torch.compiler.is_compiling()):
             key = (backend, x0.device)
             kernel = _BACKENDS.get(key)
             if kernel is None:
                 kernel = _BACKENDS[key] = resolve(backend, x0.device)
-            outs = [torch.empty_like(x0) for _ in range(coef.shape[1])]
+            outs = [torch.empty_like(x0) for _ in range(coef.shape[1] - (clip is not None))]
             if x0.numel():
-                launch_unchecked(inputs, coef, 0, outs, kernel)
+                launch_unchecked(inputs, coef, 0, outs, kernel, clip=clip)
             return outs
-        return lincomb(inputs, coef, 0, backend=backend)
+        return lincomb(inputs, coef, 0, clip=clip, backend=backend)
+    if clip is not None:  # never split: the clip row must see every input (DPM-Solver order 3
+        # with thresholding reads 4)
+        raise RuntimeError(f"fastdiff.diffusers: a clipped step reading {len(inputs)} tensors;"
+                           f" the fused kernel takes {MAX_INPUTS}")
     nout, head = coef.shape[1], MAX_INPUTS
     partial = lincomb(inputs[:head], coef[:, :, :head].contiguous(), 0, backend=backend)
     ident = torch.eye(nout, dtype=coef.dtype, device=coef.device).unsqueeze(0)

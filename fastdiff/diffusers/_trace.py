@@ -30,13 +30,26 @@ def _is_symbol(t) -> bool:
     return isinstance(t, torch.Tensor) and t.dtype == _F64 and tuple(t.shape) == (1, DIM)
 
 
+@dataclass(frozen=True)
+class Clip:
+    """The step clips its x0 prediction: ("static", r) is clamp(x0, -r, r) (`clip_sample`);
+    ("dynamic", ratio, max_value) is diffusers' `_threshold_sample` (Imagen's dynamic
+    thresholding, Saharia et al. 2022, arXiv:2205.11487)."""
+
+    kind: str
+    params: tuple
+
+
 @dataclass
 class Chunk:
-    """One fused launch: outputs (targets) = coef @ inputs (sources)."""
+    """One fused launch: outputs (targets) = coef @ inputs (sources). With `clip`, coef has one
+    more row, the pre-clip x0 over the sources, and one more column, each output's weight on
+    the clipped x0 (fastdiff.ops.lincomb's clip layout)."""
 
     sources: list[tuple]  # ("sample",), ("model_output",), ("slot", attr, idx), ("noise", k)
     targets: list[tuple]  # ("field", name) or ("slot", attr, idx)
-    coef: torch.Tensor  # [1, len(targets), len(sources)] float64
+    coef: torch.Tensor  # [1, len(targets) (+1), len(sources) (+1)] float64
+    clip: Clip | None = None
 
 
 @dataclass
@@ -54,13 +67,24 @@ class StepPlan:
 
 
 class _KeepF64(TorchFunctionMode):
-    """Symbols stay float64 through diffusers' `.to(torch.float32)` / `.float()` up-casts."""
+    """Symbols stay float64 through diffusers' `.to(torch.float32)` / `.float()` up-casts; a
+    symmetric clamp of a symbol (clip_sample) becomes the clip symbol."""
+
+    def __init__(self, clip=None):
+        super().__init__()
+        self.clip = clip
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if (func in (torch.Tensor.to, torch.Tensor.float, torch.Tensor.half, torch.Tensor.type)
                 and args and _is_symbol(args[0])):
             return args[0]
+        if func in (torch.Tensor.clamp, torch.clamp) and args and _is_symbol(args[0]):
+            lo = args[1] if len(args) > 1 else kwargs.get("min")
+            hi = args[2] if len(args) > 2 else kwargs.get("max")
+            if self.clip is None or lo is None or hi is None or float(lo) != -float(hi):
+                raise RuntimeError("fastdiff.diffusers: only a symmetric clamp of x0 is fused")
+            return self.clip(args[0], Clip("static", (float(hi),)))
         return func(*args, **kwargs)
 
 
@@ -143,15 +167,31 @@ def _trace_one(tracer, timestep, kwargs: dict) -> StepPlan:
         inputs[key] = sym.clone()
         return sym
 
+    clips: list[tuple[torch.Tensor, Clip]] = []
+
+    def clip_symbol(x0: torch.Tensor, spec: Clip) -> torch.Tensor:
+        """x0 clipped: a fresh symbol the kernel computes from x0's form (one per step)."""
+        if clips:
+            raise RuntimeError("fastdiff.diffusers: a step that clips twice is not fused")
+        clips.append((x0[0].clone(), spec))
+        return cols.fresh(("clip",))
+
+    def fake_threshold(x0):
+        cfg = tracer.config
+        return clip_symbol(x0, Clip("dynamic", (float(cfg.dynamic_thresholding_ratio),
+                                                float(cfg.sample_max_value))))
+
     saved = getattr(module, "randn_tensor", None)
     if saved is not None:
         module.randn_tensor = fake_randn
+    tracer._threshold_sample = fake_threshold  # an instance attribute shadows the method
     try:
-        with _KeepF64():
+        with _KeepF64(clip_symbol):
             out = tracer.step(model_output, timestep, sample, return_dict=True, **kwargs)
     finally:
         if saved is not None:
             module.randn_tensor = saved
+        del tracer._threshold_sample
     plan.out_cls = type(out)
     plan.out_fields = [f.name for f in dataclasses.fields(out)]
     targets = [(("field", n), getattr(out, n)) for n in plan.out_fields]
@@ -175,12 +215,21 @@ def _trace_one(tracer, timestep, kwargs: dict) -> StepPlan:
             plan.moves.append((target, src))
         else:
             computed.append((target, value[0]))
+    clip_col = cols.keys.index(("clip",)) if clips else None
     for c in range(0, len(computed), 2):  # lincomb writes at most two outputs per launch
         part = computed[c:c + 2]
         forms = torch.stack([f for _, f in part])  # [nout, DIM]
-        used = [k for k in range(len(cols.keys)) if forms[:, k].abs().max() > 0] or [0]
+        clip = None
+        if clip_col is not None and forms[:, clip_col].abs().max() > 0:
+            x0_form, clip = clips[0]
+            forms = torch.cat([forms, x0_form[None]])  # the pre-clip row, last (lincomb clip)
+        used = [k for k in range(len(cols.keys)) if k != clip_col
+                and forms[:, k].abs().max() > 0] or [0]
+        coef = forms[:, used]
+        if clip is not None:  # the clipped x0's column, last; the pre-clip row has none
+            coef = torch.cat([coef, forms[:, clip_col:clip_col + 1]], dim=1)
         plan.chunks.append(Chunk([cols.keys[k] for k in used], [t for t, _ in part],
-                                 forms[:, used].unsqueeze(0).contiguous()))
+                                 coef.unsqueeze(0).contiguous(), clip))
     plan.scalars = {k: v for k, v in _scalars(tracer).items()
                     if k not in scalars_before or scalars_before[k] is not v}
     return plan

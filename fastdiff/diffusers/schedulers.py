@@ -2,10 +2,12 @@
 save/load) with the fused sync-free `step` of _fused.FusedStepMixin, and `add_noise` /
 `scale_noise` that find the timesteps' sigmas on the device (no per-sample host lookup).
 
-Non-linear options run diffusers' own step (with a one-time warning; `fused_fallback_reason`
-says why): dynamic `thresholding` (a per-sample quantile), `clip_sample` (a clamp), and a
-learned variance (`variance_type="learned"/"learned_range"`: the model output carries extra
-channels). Everything else is traced, so it is fused whatever its value.
+`clip_sample` and dynamic `thresholding` are fused too: the clamp of x0 happens in the step
+kernel's registers, and thresholding's per-sample quantile is one fused reduction launch before
+it (fastdiff.ops.dynamic_threshold). A learned variance (`variance_type="learned" /
+"learned_range"`: extra output channels through exp/log) is non-linear: it runs diffusers' own
+step, with a one-time warning (`fused_fallback_reason` says why). Everything else is traced, so
+it is fused whatever its value.
 """
 
 from __future__ import annotations
@@ -15,46 +17,39 @@ import diffusers as _d
 from fastdiff.diffusers._fused import fused_class
 
 
-def _true(value) -> bool:
-    return bool(value)
-
-
 def _learned(value) -> bool:
     return value in ("learned", "learned_range")
 
 
-_THRESH = {"thresholding": _true}
-_CLIP = {"clip_sample": _true}
 _LEARNED = {"variance_type": _learned}
 # add_noise / scale_noise formulas reimplemented without diffusers' per-sample host lookup
 _SIGMA = {"_fd_noise_formula": "sigma"}  # x + noise * sigma
 _ALPHA_SIGMA = {"_fd_noise_formula": "alpha_sigma"}  # alpha_t x + sigma_t noise
 _FLOW = {"_fd_noise_formula": "flow"}  # scale_noise: sigma noise + (1 - sigma) x
 
-DDIMScheduler = fused_class(_d.DDIMScheduler, fallback={**_THRESH, **_CLIP},
+DDIMScheduler = fused_class(_d.DDIMScheduler,
                             doc="Step kwargs eta / use_clipped_model_output are traced per value.")
 EulerDiscreteScheduler = fused_class(
     _d.EulerDiscreteScheduler, **_SIGMA,
     doc="Step kwargs s_churn / s_tmin / s_tmax / s_noise are traced per value.")
 DPMSolverMultistepScheduler = fused_class(_d.DPMSolverMultistepScheduler, **_ALPHA_SIGMA,
-                                          fallback={**_THRESH, **_LEARNED})
-UniPCMultistepScheduler = fused_class(_d.UniPCMultistepScheduler, **_ALPHA_SIGMA, fallback=_THRESH)
-DDPMScheduler = fused_class(_d.DDPMScheduler, fallback={**_THRESH, **_CLIP, **_LEARNED})
+                                          fallback=_LEARNED)
+UniPCMultistepScheduler = fused_class(_d.UniPCMultistepScheduler, **_ALPHA_SIGMA)
+DDPMScheduler = fused_class(_d.DDPMScheduler, fallback=_LEARNED)
 EulerAncestralDiscreteScheduler = fused_class(_d.EulerAncestralDiscreteScheduler, **_SIGMA)
-LCMScheduler = fused_class(_d.LCMScheduler, fallback={**_THRESH, **_CLIP})
+LCMScheduler = fused_class(_d.LCMScheduler)
 FlowMatchEulerDiscreteScheduler = fused_class(
     _d.FlowMatchEulerDiscreteScheduler, **_FLOW, _fd_noise_f32=True,
     doc="stochastic_sampling draws float32 noise like diffusers.")
-HeunDiscreteScheduler = fused_class(_d.HeunDiscreteScheduler, **_SIGMA, fallback=_CLIP)
+HeunDiscreteScheduler = fused_class(_d.HeunDiscreteScheduler, **_SIGMA)
 LMSDiscreteScheduler = fused_class(_d.LMSDiscreteScheduler, **_SIGMA)
-DEISMultistepScheduler = fused_class(_d.DEISMultistepScheduler, **_ALPHA_SIGMA, fallback=_THRESH)
+DEISMultistepScheduler = fused_class(_d.DEISMultistepScheduler, **_ALPHA_SIGMA)
 KDPM2DiscreteScheduler = fused_class(_d.KDPM2DiscreteScheduler, **_SIGMA)
 KDPM2AncestralDiscreteScheduler = fused_class(_d.KDPM2AncestralDiscreteScheduler, **_SIGMA)
 DPMSolverSinglestepScheduler = fused_class(_d.DPMSolverSinglestepScheduler, **_ALPHA_SIGMA,
-                                           fallback={**_THRESH, **_LEARNED})
+                                           fallback=_LEARNED)
 EDMEulerScheduler = fused_class(_d.EDMEulerScheduler, **_SIGMA)
-EDMDPMSolverMultistepScheduler = fused_class(_d.EDMDPMSolverMultistepScheduler, **_SIGMA,
-                                             fallback=_THRESH)
+EDMDPMSolverMultistepScheduler = fused_class(_d.EDMDPMSolverMultistepScheduler, **_SIGMA)
 PNDMScheduler = fused_class(_d.PNDMScheduler, _fd_row_attr="counter")
 
 __all__ = [

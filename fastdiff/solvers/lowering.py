@@ -7,11 +7,15 @@ The model side is folded in, because everything is linear (DESIGN.md):
     classifier-free guidance out = w_u * u + w_c * c read from the two halves of the batched
     network output (two pointers into one tensor, no copy);
   - a past D_j is read from the history tensor stage j wrote (a second kernel output), or is
-    the model's own output when the model is a plain denoiser.
+    the model's own output when the model is a plain denoiser;
+  - with x0 clipping or dynamic thresholding (Scalings.clip), the current D_k is the kernel's
+    clipped value y = clamp(w, -b, b) / d of the pre-clip combination w = c_skip F + c_out out
+    (fastdiff.ops.lincomb's clip row), so every use of D_k, history included, reads y.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -30,11 +34,12 @@ class Scalings:
     c_out: tuple[float, ...]
     c_in: tuple[float, ...]
     weights: tuple[float, ...] = (1.0,)  # (1,) plain; (w_u, w_c) with guidance
+    clip: bool = False  # D is clipped / thresholded in the kernel
 
     @property
     def plain(self) -> bool:
         """D is exactly the model output: no conversion, no guidance, no input scaling."""
-        return (self.weights == (1.0,) and all(c == 0 for c in self.c_skip)
+        return (self.weights == (1.0,) and not self.clip and all(c == 0 for c in self.c_skip)
                 and all(c == 1 for c in self.c_out) and all(c == 1 for c in self.c_in))
 
 
@@ -47,10 +52,11 @@ class Launch:
     row: int  # row in the table of this launch's arity
     call: int  # the model call it follows (-1: the prologue, before the first call)
     noise: tuple[int, ...] = ()  # noise symbols generated in-kernel (Philox counters)
+    clip: bool = False  # the table has the pre-clip row and the clipped value's column
 
     @property
-    def arity(self) -> tuple[int, int]:
-        return len(self.outputs), len(self.inputs) + len(self.noise)
+    def arity(self) -> tuple[int, int, bool]:
+        return len(self.outputs), len(self.inputs) + len(self.noise), self.clip
 
 
 def _accumulate(acc: dict[Ref, float], ref: Ref, value: float) -> None:
@@ -64,6 +70,8 @@ def _expand(plan: Plan, terms, call: int, sc: Scalings, scale: float) -> dict[Re
         c = c * scale
         if ref.kind == "F":
             _accumulate(acc, ref, c / sc.c_in[ref.index])
+        elif ref.kind == "D" and ref.index == call and sc.clip:  # the kernel's clipped value
+            _accumulate(acc, Ref("y", call), c)
         elif ref.kind == "D" and ref.index == call:  # this call's output, converted in-kernel
             if sc.c_skip[call] != 0:
                 _accumulate(acc, Ref("F", call), c * sc.c_skip[call] / sc.c_in[call])
@@ -87,17 +95,22 @@ def lower(plan: Plan, sc: Scalings, in_kernel_noise: bool = False
     rows: dict[tuple[int, int], list[list[list[float]]]] = {}
 
     def add(outputs: tuple[str, ...], combos: list[dict[Ref, float]], call: int) -> None:
-        refs = tuple(dict.fromkeys(r for combo in combos for r in combo))
+        clipped = any(r.kind == "y" for combo in combos for r in combo)
+        if clipped:  # the pre-clip row: D_k before clipping, over tensors only
+            combos = combos + [_expand(plan, [(Ref("D", call), 1.0)], call,
+                                       dataclasses.replace(sc, clip=False), 1.0)]
+        refs = tuple(dict.fromkeys(r for combo in combos for r in combo if r.kind != "y"))
         noise = tuple(r for r in refs if in_kernel_noise and r.kind == "z")
         tensors = tuple(r for r in refs if r not in noise)
         if len(tensors) > MAX_INPUTS or len(noise) > MAX_NOISE:
             raise RuntimeError(f"{plan.solver}: a stage reads {len(tensors)} tensors and"
                                f" {len(noise)} noise terms ({', '.join(map(str, refs))}); the"
                                f" fused kernel takes {MAX_INPUTS} and {MAX_NOISE}")
-        launch = Launch(tensors, outputs, 0, call, tuple(r.index for r in noise))
+        launch = Launch(tensors, outputs, 0, call, tuple(r.index for r in noise), clipped)
         table = rows.setdefault(launch.arity, [])
-        launches.append(Launch(tensors, outputs, len(table), call, launch.noise))
-        table.append([[combo.get(r, 0.0) for r in tensors + noise] for combo in combos])
+        launches.append(dataclasses.replace(launch, row=len(table)))
+        columns = tensors + noise + ((Ref("y", call),) if clipped else ())
+        table.append([[combo.get(r, 0.0) for r in columns] for combo in combos])
 
     first = _expand(plan, plan.prologue, -1, sc, sc.c_in[0])
     if first != {Ref("x"): 1.0}:  # F[0] is not simply the user's noise
