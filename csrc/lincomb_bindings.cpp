@@ -34,7 +34,8 @@ void check_arity(size_t num_in, size_t num_out) {
   if (num_in < 1 || num_in > static_cast<size_t>(kLincombMaxIn))
     throw py::value_error("lincomb: 1 to 6 inputs expected, got " + std::to_string(num_in));
   if (num_out < 1 || num_out > static_cast<size_t>(kLincombMaxOut))
-    throw py::value_error("lincomb: 1 or 2 outputs expected, got " + std::to_string(num_out));
+    throw py::value_error("lincomb: 1 to " + std::to_string(kLincombMaxOut) + " outputs expected, got " +
+                          std::to_string(num_out));
 }
 
 // device < 0 runs the CPU launcher; otherwise the CUDA launcher on `stream` of `device`.

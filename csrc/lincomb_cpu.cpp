@@ -19,15 +19,15 @@ namespace {
 constexpr int64_t kTile = 256;
 
 // Clipping's coefficients (lincomb_load_clip_coef), loaded once per launch.
-template <typename A>
+template <typename A, int NOUT>
 struct ClipCoef {
   A w[kLincombMaxIn];
-  A y[kLincombMaxOut];
+  A y[NOUT];
 };
 
 template <typename T, int NIN, int NOUT, bool NOISE, bool CLIP>
-void lincomb_tile(const LincombArgs<T>& a, const typename Acc<T>::type (&c)[kLincombMaxOut][kLincombSlots],
-                  const ClipCoef<typename Acc<T>::type>& cc, int64_t begin, int64_t end) {
+void lincomb_tile(const LincombArgs<T>& a, const typename Acc<T>::type (&c)[NOUT][kLincombSlots],
+                  const ClipCoef<typename Acc<T>::type, NOUT>& cc, int64_t begin, int64_t end) {
   using A = typename Acc<T>::type;
   A x[NIN][kTile];
   A y[NOUT][kTile];
@@ -59,7 +59,7 @@ void lincomb_tile(const LincombArgs<T>& a, const typename Acc<T>::type (&c)[kLin
   }
   for (int64_t t = 0; t < len; ++t) {
     A e[kLincombSlots] = {};
-    A out[kLincombMaxOut];
+    A out[NOUT];
     for (int k = 0; k < NIN; ++k) e[k] = x[k][t];
     if (NOISE)
       for (int m = 0; m < kLincombMaxNoise; ++m) e[kLincombMaxIn + m] = z[m][t];
@@ -75,9 +75,9 @@ void lincomb_tile(const LincombArgs<T>& a, const typename Acc<T>::type (&c)[kLin
 template <typename T, int NIN, int NOUT>
 void lincomb_cpu_impl(const LincombArgs<T>& a) {
   using A = typename Acc<T>::type;
-  A c[kLincombMaxOut][kLincombSlots];
+  A c[NOUT][kLincombSlots];
   lincomb_load_coef(a, c);
-  ClipCoef<A> cc{};
+  ClipCoef<A, NOUT> cc{};
   if (a.clip) lincomb_load_clip_coef(a, cc.w, cc.y);
   const int64_t tiles = (a.n + kTile - 1) / kTile;
 #pragma omp parallel for schedule(static) if (a.n >= kCpuParallelThreshold)
@@ -111,7 +111,8 @@ int run(const void* const* in, void* const* out, const void* coef, const int64_t
         int64_t row, int64_t rows, int64_t n, int num_in, int num_out, const LincombPerSample& per_sample) {
   const auto a = make_lincomb_args<T>(in, out, coef, row_ptr, row, rows, n, num_in, num_out, per_sample);
   if (num_out == 1) dispatch_num_in<T, 1>(a);
-  else dispatch_num_in<T, 2>(a);
+  else if (num_out == 2) dispatch_num_in<T, 2>(a);
+  else dispatch_num_in<T, 3>(a);
   return 0;
 }
 

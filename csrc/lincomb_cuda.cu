@@ -22,24 +22,27 @@ struct alignas(sizeof(T) * VEC) Vec {
 };
 
 // The clipped term's contribution to element i: y_j += cy[j] * clamp(w, -b_n, b_n) / d_n.
-template <typename T>
+template <typename T, int NO>
 __device__ __forceinline__ void add_clipped(const LincombArgs<T>& a, const typename Acc<T>::type (&cw)[kLincombMaxIn],
-                                            const typename Acc<T>::type (&cy)[kLincombMaxOut],
+                                            const typename Acc<T>::type (&cy)[NO],
                                             int64_t sample, const typename Acc<T>::type (&x)[kLincombSlots],
-                                            typename Acc<T>::type (&y)[kLincombMaxOut]) {
+                                            typename Acc<T>::type (&y)[NO]) {
   using A = typename Acc<T>::type;
   const A clipped = lincomb_clip_value(lincomb_preclip(cw, x, a.num_in), a.clip[2 * sample],
                                        a.clip[2 * sample + 1]);
 #pragma unroll
-  for (int j = 0; j < kLincombMaxOut; ++j) y[j] += cy[j] * clipped;
+  for (int j = 0; j < NO; ++j) y[j] += cy[j] * clipped;
 }
 
-template <typename T, int VEC, bool CLIP>
+// NO: output capacity. Launches of 1 or 2 outputs use NO = 2, the same SASS as the kernel had
+// before 3 outputs existed (sm_90a: same registers, same instructions); 3 outputs use NO = 3,
+// so their extra registers never cost the common 1- and 2-output steps occupancy.
+template <typename T, int VEC, bool CLIP, int NO>
 __global__ void __launch_bounds__(kThreads) lincomb_kernel(const LincombArgs<T> a) {
   using A = typename Acc<T>::type;
-  A c[kLincombMaxOut][kLincombSlots];
+  A c[NO][kLincombSlots];
   lincomb_load_coef(a, c);
-  A cw[kLincombMaxIn], cy[kLincombMaxOut];
+  A cw[kLincombMaxIn], cy[NO];
   if (CLIP) lincomb_load_clip_coef(a, cw, cy);
 
   const int64_t nvec = a.n / VEC;
@@ -50,14 +53,14 @@ __global__ void __launch_bounds__(kThreads) lincomb_kernel(const LincombArgs<T> 
 #pragma unroll
     for (int k = 0; k < kLincombMaxIn; ++k)
       if (k < a.num_in) xin[k] = reinterpret_cast<const Vec<T, VEC>*>(a.in[k])[v];
-    Vec<T, VEC> yout[kLincombMaxOut];
+    Vec<T, VEC> yout[NO];
     // One division per vector: later elements step into the next sample at most once each.
     int64_t sample = CLIP ? v * VEC / a.sample_numel : 0;
     int64_t next = CLIP ? (sample + 1) * a.sample_numel : 0;
 #pragma unroll
     for (int e = 0; e < VEC; ++e) {
       A x[kLincombSlots];
-      A y[kLincombMaxOut];
+      A y[NO];
 #pragma unroll
       for (int k = 0; k < kLincombMaxIn; ++k) x[k] = k < a.num_in ? A(to_float(xin[k].v[e])) : A(0);
       lincomb_noise(a, v * VEC + e, x);
@@ -70,25 +73,37 @@ __global__ void __launch_bounds__(kThreads) lincomb_kernel(const LincombArgs<T> 
         add_clipped(a, cw, cy, sample, x, y);
       }
 #pragma unroll
-      for (int j = 0; j < kLincombMaxOut; ++j) yout[j].v[e] = store_as<T>(y[j]);
+      for (int j = 0; j < NO; ++j) yout[j].v[e] = store_as<T>(y[j]);
     }
 #pragma unroll
-    for (int j = 0; j < kLincombMaxOut; ++j)
+    for (int j = 0; j < NO; ++j)
       if (j < a.num_out) reinterpret_cast<Vec<T, VEC>*>(a.out[j])[v] = yout[j];
   }
   // Tail (n % VEC elements), one element per thread of the first block.
   const int64_t i = nvec * VEC + tid;
   if (i < a.n) {
     A x[kLincombSlots];
-    A y[kLincombMaxOut];
+    A y[NO];
 #pragma unroll
     for (int k = 0; k < kLincombMaxIn; ++k) x[k] = k < a.num_in ? A(to_float(a.in[k][i])) : A(0);
     lincomb_noise(a, i, x);
     lincomb_element(c, x, a.num_in, a.num_out, a.num_noise, y);
     if (CLIP) add_clipped(a, cw, cy, i / a.sample_numel, x, y);
 #pragma unroll
-    for (int j = 0; j < kLincombMaxOut; ++j)
+    for (int j = 0; j < NO; ++j)
       if (j < a.num_out) a.out[j][i] = store_as<T>(y[j]);
+  }
+}
+
+template <typename T, int NO>
+void launch(const LincombArgs<T>& a, bool aligned, int blocks, cudaStream_t stream) {
+  constexpr int kVec = 16 / sizeof(T);
+  if (a.clip) {
+    if (aligned) lincomb_kernel<T, kVec, true, NO><<<blocks, kThreads, 0, stream>>>(a);
+    else lincomb_kernel<T, 1, true, NO><<<blocks, kThreads, 0, stream>>>(a);
+  } else {
+    if (aligned) lincomb_kernel<T, kVec, false, NO><<<blocks, kThreads, 0, stream>>>(a);
+    else lincomb_kernel<T, 1, false, NO><<<blocks, kThreads, 0, stream>>>(a);
   }
 }
 
@@ -106,13 +121,8 @@ int run(const void* const* in, void* const* out, const void* coef, const int64_t
   const int64_t work = std::max<int64_t>(n / vec, 1);
   const int64_t max_blocks = static_cast<int64_t>(cuda_sm_count(device)) * 8;
   const int blocks = static_cast<int>(std::min((work + kThreads - 1) / kThreads, max_blocks));
-  if (a.clip) {
-    if (aligned) lincomb_kernel<T, kVec, true><<<blocks, kThreads, 0, stream>>>(a);
-    else lincomb_kernel<T, 1, true><<<blocks, kThreads, 0, stream>>>(a);
-  } else {
-    if (aligned) lincomb_kernel<T, kVec, false><<<blocks, kThreads, 0, stream>>>(a);
-    else lincomb_kernel<T, 1, false><<<blocks, kThreads, 0, stream>>>(a);
-  }
+  if (num_out <= 2) launch<T, 2>(a, aligned, blocks, stream);
+  else launch<T, 3>(a, aligned, blocks, stream);
   return static_cast<int>(cudaGetLastError());
 }
 

@@ -19,19 +19,24 @@ BLOCK = 2048
 
 
 @triton.jit
-def _madd(acc0, acc1, accw, X, C, k, valid, offs, mask, WIDTH: tl.constexpr, NOUT: tl.constexpr,
-          CLIP: tl.constexpr):
+def _coef(C, valid, j, k, WIDTH: tl.constexpr, dtype: tl.constexpr):
+    """coef[row, j, k] in the accumulation dtype; NaN when the row is out of range."""
+    return tl.where(valid, tl.load(C + j * WIDTH + k).to(dtype), float("nan"))
+
+
+@triton.jit
+def _madd(acc0, acc1, acc2, accw, X, C, k, valid, offs, mask, WIDTH: tl.constexpr,
+          NOUT: tl.constexpr, CLIP: tl.constexpr):
     """acc_j += coef[j, k] * x_k (and w += coef[NOUT, k] * x_k) for the block of input k."""
     x = tl.load(X + offs, mask=mask, other=0.0).to(acc0.dtype)
-    c0 = tl.where(valid, tl.load(C + k).to(acc0.dtype), float("nan"))
-    acc0 += c0 * x
+    acc0 += _coef(C, valid, 0, k, WIDTH, acc0.dtype) * x
     if NOUT > 1:
-        c1 = tl.where(valid, tl.load(C + WIDTH + k).to(acc0.dtype), float("nan"))
-        acc1 += c1 * x
+        acc1 += _coef(C, valid, 1, k, WIDTH, acc0.dtype) * x
+    if NOUT > 2:
+        acc2 += _coef(C, valid, 2, k, WIDTH, acc0.dtype) * x
     if CLIP:
-        cw = tl.where(valid, tl.load(C + NOUT * WIDTH + k).to(acc0.dtype), float("nan"))
-        accw += cw * x
-    return acc0, acc1, accw
+        accw += _coef(C, valid, NOUT, k, WIDTH, acc0.dtype) * x
+    return acc0, acc1, acc2, accw
 
 
 @triton.jit
@@ -74,20 +79,22 @@ def philox_normal(seed, counter, element):
 
 
 @triton.jit
-def _madd_noise(acc0, acc1, C, k, valid, seed, counter, element, NOUT: tl.constexpr,
+def _madd_noise(acc0, acc1, acc2, C, k, valid, seed, counter, element, NOUT: tl.constexpr,
                 WIDTH: tl.constexpr):
     """acc_j += coef[j, k] * z for the in-kernel noise term with this counter."""
     z = philox_normal(seed, counter, element).to(acc0.dtype)
-    acc0 += tl.where(valid, tl.load(C + k).to(acc0.dtype), float("nan")) * z
+    acc0 += _coef(C, valid, 0, k, WIDTH, acc0.dtype) * z
     if NOUT > 1:
-        acc1 += tl.where(valid, tl.load(C + WIDTH + k).to(acc0.dtype), float("nan")) * z
-    return acc0, acc1
+        acc1 += _coef(C, valid, 1, k, WIDTH, acc0.dtype) * z
+    if NOUT > 2:
+        acc2 += _coef(C, valid, 2, k, WIDTH, acc0.dtype) * z
+    return acc0, acc1, acc2
 
 
 @triton.jit
 def lincomb_kernel(
     X0, X1, X2, X3, X4, X5,  # input pointers, each [N]; slots >= NIN are unused
-    Y0, Y1,  # output pointers, each [N]; Y1 unused when NOUT == 1
+    Y0, Y1, Y2,  # output pointers, each [N]; slots >= NOUT are unused
     COEF,  # coefficients [rows, NOUT + CLIP, WIDTH], contiguous, fp32 (fp64 for fp64 data)
     ROW_PTR,  # int64 device scalar holding the row (read when HAS_ROW_PTR)
     row,  # row index used when not HAS_ROW_PTR
@@ -120,39 +127,52 @@ def lincomb_kernel(
     acc0 = tl.where(valid, tl.load(C), float("nan")).to(COEF.dtype.element_ty) * x
     acc1 = acc0
     if NOUT > 1:
-        acc1 = tl.where(valid, tl.load(C + WIDTH), float("nan")).to(COEF.dtype.element_ty) * x
+        acc1 = _coef(C, valid, 1, 0, WIDTH, acc0.dtype) * x
+    acc2 = acc0
+    if NOUT > 2:
+        acc2 = _coef(C, valid, 2, 0, WIDTH, acc0.dtype) * x
     accw = acc0
     if CLIP:
-        accw = tl.where(valid, tl.load(C + NOUT * WIDTH), float("nan")).to(acc0.dtype) * x
+        accw = _coef(C, valid, NOUT, 0, WIDTH, acc0.dtype) * x
     if NIN > 1:
-        acc0, acc1, accw = _madd(acc0, acc1, accw, X1, C, 1, valid, offs, mask, WIDTH, NOUT, CLIP)
+        acc0, acc1, acc2, accw = _madd(acc0, acc1, acc2, accw, X1, C, 1, valid, offs, mask,
+                                       WIDTH, NOUT, CLIP)
     if NIN > 2:
-        acc0, acc1, accw = _madd(acc0, acc1, accw, X2, C, 2, valid, offs, mask, WIDTH, NOUT, CLIP)
+        acc0, acc1, acc2, accw = _madd(acc0, acc1, acc2, accw, X2, C, 2, valid, offs, mask,
+                                       WIDTH, NOUT, CLIP)
     if NIN > 3:
-        acc0, acc1, accw = _madd(acc0, acc1, accw, X3, C, 3, valid, offs, mask, WIDTH, NOUT, CLIP)
+        acc0, acc1, acc2, accw = _madd(acc0, acc1, acc2, accw, X3, C, 3, valid, offs, mask,
+                                       WIDTH, NOUT, CLIP)
     if NIN > 4:
-        acc0, acc1, accw = _madd(acc0, acc1, accw, X4, C, 4, valid, offs, mask, WIDTH, NOUT, CLIP)
+        acc0, acc1, acc2, accw = _madd(acc0, acc1, acc2, accw, X4, C, 4, valid, offs, mask,
+                                       WIDTH, NOUT, CLIP)
     if NIN > 5:
-        acc0, acc1, accw = _madd(acc0, acc1, accw, X5, C, 5, valid, offs, mask, WIDTH, NOUT, CLIP)
+        acc0, acc1, acc2, accw = _madd(acc0, acc1, acc2, accw, X5, C, 5, valid, offs, mask,
+                                       WIDTH, NOUT, CLIP)
     if NNOISE > 0:
         sample = offs // sample_numel
         seed = tl.load(SEEDS + sample, mask=mask, other=0)
         element = offs - sample * sample_numel
-        acc0, acc1 = _madd_noise(acc0, acc1, C, NIN, valid, seed, counter0, element, NOUT, WIDTH)
+        acc0, acc1, acc2 = _madd_noise(acc0, acc1, acc2, C, NIN, valid, seed, counter0, element,
+                                       NOUT, WIDTH)
         if NNOISE > 1:
-            acc0, acc1 = _madd_noise(acc0, acc1, C, NIN + 1, valid, seed, counter1, element,
-                                     NOUT, WIDTH)
+            acc0, acc1, acc2 = _madd_noise(acc0, acc1, acc2, C, NIN + 1, valid, seed, counter1,
+                                           element, NOUT, WIDTH)
     if CLIP:
         sample = offs // sample_numel
         bound = tl.load(CLIP_PTR + 2 * sample, mask=mask, other=1.0)
         divisor = tl.load(CLIP_PTR + 2 * sample + 1, mask=mask, other=1.0)
         y = clip_value(accw, bound, divisor)
-        acc0 += tl.where(valid, tl.load(C + WIDTH - 1), float("nan")).to(acc0.dtype) * y
+        acc0 += _coef(C, valid, 0, WIDTH - 1, WIDTH, acc0.dtype) * y
         if NOUT > 1:
-            acc1 += tl.where(valid, tl.load(C + 2 * WIDTH - 1), float("nan")).to(acc0.dtype) * y
+            acc1 += _coef(C, valid, 1, WIDTH - 1, WIDTH, acc0.dtype) * y
+        if NOUT > 2:
+            acc2 += _coef(C, valid, 2, WIDTH - 1, WIDTH, acc0.dtype) * y
     tl.store(Y0 + offs, acc0.to(Y0.dtype.element_ty), mask=mask)
     if NOUT > 1:
         tl.store(Y1 + offs, acc1.to(Y1.dtype.element_ty), mask=mask)
+    if NOUT > 2:
+        tl.store(Y2 + offs, acc2.to(Y2.dtype.element_ty), mask=mask)
 
 
 def lincomb(
@@ -170,7 +190,7 @@ def lincomb(
     if n == 0:
         return
     x = list(inputs) + [inputs[0]] * (6 - len(inputs))
-    y = list(outputs) + [outputs[0]] * (2 - len(outputs))
+    y = list(outputs) + [outputs[0]] * (3 - len(outputs))
     grid = (triton.cdiv(n, BLOCK),)
     c = list(counters) + [0] * (2 - len(counters))
     lincomb_kernel[grid](

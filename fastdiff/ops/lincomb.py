@@ -22,7 +22,7 @@ from fastdiff.ops._backends import resolve
 from fastdiff.reference.lincomb import lincomb as lincomb_reference
 
 MAX_INPUTS = 6
-MAX_OUTPUTS = 2
+MAX_OUTPUTS = 3  # a UniPC step's three new tensors in one launch (csrc kLincombMaxOut)
 MAX_NOISE = 2
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -190,7 +190,8 @@ def _validate(inputs, coef, row, out, noise=None, clip=None):
                          f" {len(inputs) + len(counters) + clipped}, got {width}")
     if not 1 <= num_out <= MAX_OUTPUTS:
         what = "number of outputs + 1 pre-clip row" if clipped else "number of outputs"
-        raise ValueError(f"coef.shape[1] ({what}) must be {'2 or 3' if clipped else '1 or 2'},"
+        raise ValueError(f"coef.shape[1] ({what}) must be {1 + clipped} to"
+                         f" {MAX_OUTPUTS + clipped} (at most {MAX_OUTPUTS} outputs per launch),"
                          f" got {coef.shape[1]}")
     if rows < 1:
         raise ValueError("coef must have at least one row")
@@ -328,7 +329,7 @@ def lincomb(
     Args:
         inputs: 1 to 6 tensors of one shape, dtype (fp16/bf16/fp32/fp64) and device; any
             strides (tensors not sharing inputs[0]'s dense layout are copied into it first).
-        coef: [rows, num_out, num_in + num_noise] table, num_out in {1, 2}, float32 (float64
+        coef: [rows, num_out, num_in + num_noise] table, num_out in {1, 2, 3}, float32 (float64
             for float64 inputs: the accumulation precision), on the inputs' device.
         row: which row of `coef` to use: an int, or an int64 device scalar (no host sync; an
             out-of-range device row yields NaN outputs instead of reading out of bounds).

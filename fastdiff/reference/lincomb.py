@@ -1,6 +1,6 @@
 """Reference of the fused linear combination: the specification every backend must match.
 
-    out_j = sum_k coef[row, j, k] * in_k                (j < num_out <= 2, k < num_in <= 6)
+    out_j = sum_k coef[row, j, k] * in_k                (j < num_out <= 3, k < num_in <= 6)
           + sum_m coef[row, j, num_in + m] * z_m        (m < 2 noise terms, optional)
 
 z_m is the counter-based normal of fastdiff/reference/noise.py for (seeds[b], counters[m],

@@ -19,7 +19,7 @@
 namespace fastdiff {
 
 // Bumped whenever a binding's signature or meaning changes; Python refuses a mismatching _C.
-constexpr int kAbiVersion = 3;
+constexpr int kAbiVersion = 4;
 
 // CPU launchers go multi-threaded (OpenMP) only from this many elements. Below it one thread
 // runs near memory bandwidth and a parallel region's fork/join costs more than it saves. In a

@@ -26,7 +26,10 @@
 namespace fastdiff {
 
 constexpr int kLincombMaxIn = 6;
-constexpr int kLincombMaxOut = 2;
+// Three outputs make the widest solver step one launch: a UniPC step (Zhao et al. 2023,
+// arXiv:2302.04867) writes the corrected sample, the new model-output history entry and the
+// predictor's next sample.
+constexpr int kLincombMaxOut = 3;
 constexpr int kLincombMaxNoise = 2;
 // Register slots: inputs at [0, num_in), noise at [kLincombMaxIn, kLincombMaxIn + num_noise):
 // fixed positions, so the GPU never indexes a register array dynamically.
@@ -68,12 +71,15 @@ FD_HD const typename Acc<T>::type* lincomb_row(const LincombArgs<T>& a, bool* va
 }
 
 // The element math, shared verbatim by the CPU and CUDA launchers. `c` is the coefficient row
-// already in registers; `x` are the widened inputs and noise values (slots as above).
-template <typename A>
-FD_HD void lincomb_element(const A (&c)[kLincombMaxOut][kLincombSlots], const A (&x)[kLincombSlots],
-                           int num_in, int num_out, int num_noise, A (&y)[kLincombMaxOut]) {
+// already in registers; `x` are the widened inputs and noise values (slots as above). NO is the
+// launcher's output capacity (num_out <= NO <= kLincombMaxOut): sizing the register arrays by
+// it, not by kLincombMaxOut, keeps launches with fewer outputs from paying for the widest one.
+template <typename A, int NO>
+FD_HD void lincomb_element(const A (&c)[NO][kLincombSlots], const A (&x)[kLincombSlots],
+                           int num_in, int num_out, int num_noise, A (&y)[NO]) {
+  static_assert(NO >= 1 && NO <= kLincombMaxOut, "output capacity out of range");
 #pragma unroll
-  for (int j = 0; j < kLincombMaxOut; ++j) {
+  for (int j = 0; j < NO; ++j) {
     // Starting from the first term (not from +0) keeps the sign of a zero result, as the
     // plain expression c0 * x0 + c1 * x1 + ... does.
     A acc = c[j][0] * x[0];
@@ -88,16 +94,15 @@ FD_HD void lincomb_element(const A (&c)[kLincombMaxOut][kLincombSlots], const A 
 }
 
 // Loads the coefficient row into the register slots (NaN if the row is invalid).
-template <typename T>
-FD_HD void lincomb_load_coef(const LincombArgs<T>& a,
-                             typename Acc<T>::type (&c)[kLincombMaxOut][kLincombSlots]) {
+template <typename T, int NO>
+FD_HD void lincomb_load_coef(const LincombArgs<T>& a, typename Acc<T>::type (&c)[NO][kLincombSlots]) {
   using A = typename Acc<T>::type;
   bool valid;
   const A* src = lincomb_row(a, &valid);
   const int width = lincomb_width(a);
   const A nan = A(NAN);
 #pragma unroll
-  for (int j = 0; j < kLincombMaxOut; ++j)
+  for (int j = 0; j < NO; ++j)
 #pragma unroll
     for (int k = 0; k < kLincombSlots; ++k) {
       const int col = k < kLincombMaxIn ? k : a.num_in + (k - kLincombMaxIn);
@@ -109,9 +114,9 @@ FD_HD void lincomb_load_coef(const LincombArgs<T>& a,
 
 // Clipping's coefficients: the pre-clip row (cw, over the inputs) and each output's factor of
 // the clipped value (cy). NaN if the row is invalid, as above.
-template <typename T>
+template <typename T, int NO>
 FD_HD void lincomb_load_clip_coef(const LincombArgs<T>& a, typename Acc<T>::type (&cw)[kLincombMaxIn],
-                                  typename Acc<T>::type (&cy)[kLincombMaxOut]) {
+                                  typename Acc<T>::type (&cy)[NO]) {
   using A = typename Acc<T>::type;
   bool valid;
   const A* src = lincomb_row(a, &valid);
@@ -121,7 +126,7 @@ FD_HD void lincomb_load_clip_coef(const LincombArgs<T>& a, typename Acc<T>::type
   for (int k = 0; k < kLincombMaxIn; ++k)
     cw[k] = k < a.num_in ? (valid ? src[a.num_out * width + k] : nan) : A(0);
 #pragma unroll
-  for (int j = 0; j < kLincombMaxOut; ++j)
+  for (int j = 0; j < NO; ++j)
     cy[j] = j < a.num_out ? (valid ? src[j * width + width - 1] : nan) : A(0);
 }
 
