@@ -19,7 +19,8 @@ DTYPES = [torch.float16, torch.float32] if HAS_CUDA else [torch.float32]
 BACKENDS_HERE = [b for b in BACKENDS if b == "reference" or not unavailable_reason(b, DEVICE)]
 
 
-@pytest.mark.parametrize("arity", [(3, 1), (4, 2)], ids=lambda a: f"{a[0]}in{a[1]}out")
+@pytest.mark.parametrize("arity", [(3, 1), (4, 2), (6, 3)],  # (6, 3): a UniPC order-3 step
+                         ids=lambda a: f"{a[0]}in{a[1]}out")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("backend", BACKENDS_HERE)

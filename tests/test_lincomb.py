@@ -55,7 +55,7 @@ SHAPES = [(1,), (7,), (131,), (2, 4, 8, 8), (3, 7, 13), (1, 1, 1, 1), (2, 3, 17,
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 def test_matches_reference(backend, dtype, shape, tol):
     skip_unsupported(backend, dtype)
-    for num_in, num_out in [(1, 1), (2, 1), (3, 2), (6, 2)]:
+    for num_in, num_out in [(1, 1), (2, 1), (3, 2), (6, 2), (1, 3), (4, 3), (6, 3)]:
         xs = make_inputs(shape, num_in, dtype)
         coef = make_coef(5, num_out, num_in, dtype)
         got = lincomb(xs, coef, 3, backend=backend)
@@ -68,16 +68,18 @@ def test_matches_reference(backend, dtype, shape, tol):
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 @pytest.mark.parametrize("layout", ["channels_last", "transposed", "sliced", "mixed"])
-def test_layouts(backend, layout, tol):
+@pytest.mark.parametrize("num_out", [2, 3])
+def test_layouts(backend, layout, num_out, tol):
     dtype = torch.float32
     xs = make_inputs((2, 3, 5, 7), 4, dtype, layout)
-    coef = make_coef(2, 2, 4, dtype)
+    coef = make_coef(2, num_out, 4, dtype)
     got = lincomb(xs, coef, 1, backend=backend)
     want = reference([x.contiguous() for x in xs], coef, 1)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, **tol(dtype))
-    if layout == "channels_last":  # the result keeps the inputs' layout
-        assert got[0].is_contiguous(memory_format=torch.channels_last)
+    assert len(got) == num_out
+    if layout == "channels_last":  # the results keep the inputs' layout
+        assert all(g.is_contiguous(memory_format=torch.channels_last) for g in got)
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy, inside the Triton interpreter
@@ -99,9 +101,10 @@ def test_16bit_rounding_is_exact_for_every_bit_pattern(backend, dtype):
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
-def test_row_tensor_equals_int_row_and_bad_device_row_gives_nan(backend):
+@pytest.mark.parametrize("num_out", [2, 3])
+def test_row_tensor_equals_int_row_and_bad_device_row_gives_nan(backend, num_out):
     xs = make_inputs((4, 9), 3, torch.float32)
-    coef = make_coef(4, 2, 3, torch.float32)
+    coef = make_coef(4, num_out, 3, torch.float32)
     for r in range(4):
         by_tensor = lincomb(xs, coef, torch.tensor(r, device=DEVICE), backend=backend)
         by_int = lincomb(xs, coef, r, backend=backend)
@@ -109,7 +112,7 @@ def test_row_tensor_equals_int_row_and_bad_device_row_gives_nan(backend):
             assert torch.equal(a, b)
     for bad in (-1, 4):
         outs = lincomb(xs, coef, torch.tensor(bad, device=DEVICE), backend=backend)
-        assert all(bool(o.isnan().all()) for o in outs)
+        assert len(outs) == num_out and all(bool(o.isnan().all()) for o in outs)
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
@@ -129,6 +132,21 @@ def test_in_place_and_inputs_untouched(backend, tol):
     assert res[0] is xs[0] and res[1] is second
     torch.testing.assert_close(xs[0], want[0], **tol(torch.float32))
     torch.testing.assert_close(second, want[1], **tol(torch.float32))
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_three_outputs_in_place_over_two_inputs(backend, dtype, tol):
+    """A UniPC-like step: outputs 0 and 2 overwrite inputs 2 and 0, output 1 is fresh; every
+    output reads the inputs from before the launch (odd size: vector body and scalar tail)."""
+    xs = make_inputs((3, 5, 7, 9), 4, dtype)
+    coef = make_coef(2, 3, 4, dtype)
+    want = reference(xs, coef, 1)
+    fresh = torch.empty_like(xs[0])
+    res = lincomb(xs, coef, 1, out=[xs[2], fresh, xs[0]], backend=backend)
+    assert res[0] is xs[2] and res[1] is fresh and res[2] is xs[0]
+    for g, w in zip(res, want):
+        torch.testing.assert_close(g, w, **tol(dtype))
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
@@ -159,7 +177,8 @@ def _bad_calls():
     yield "inputs[0] must be float", TypeError, dict(base, inputs=[x.int(), x.int()])
     yield "coef must have shape", ValueError, dict(base, coef=c[0])
     yield "coef.shape[2]", ValueError, dict(base, coef=torch.zeros(2, 1, 3, device=DEVICE))
-    yield "coef.shape[1]", ValueError, dict(base, coef=torch.zeros(2, 3, 2, device=DEVICE))
+    yield "coef.shape[1]", ValueError, dict(base, coef=torch.zeros(2, 4, 2, device=DEVICE))
+    yield "coef.shape[1]", ValueError, dict(base, coef=torch.zeros(2, 0, 2, device=DEVICE))
     yield "coef must be torch.float32", TypeError, dict(base, coef=c.double())
     yield "row must be in", ValueError, dict(base, row=2)
     yield "row must be in", ValueError, dict(base, row=-1)
@@ -172,6 +191,12 @@ def _bad_calls():
         inputs=[buf[:20].view(4, 5)], coef=c[:, :, :1], out=[buf[1:].view(4, 5)])
     yield "overlapping", ValueError, dict(
         base, out=[torch.zeros(1, 5, device=DEVICE).expand(4, 5)])
+    c3 = torch.zeros(2, 3, 2, device=DEVICE)
+    y = torch.zeros(4, 5, device=DEVICE)
+    yield "out must hold", ValueError, dict(base, coef=c3, out=[x, y])
+    yield "out[2] overlaps out[0]", ValueError, dict(base, coef=c3, out=[y, x, y])
+    yield "out[2] partially overlaps inputs[0]", ValueError, dict(
+        inputs=[buf[:20].view(4, 5)], coef=c3[:, :, :1], out=[x, y, buf[1:].view(4, 5)])
 
 
 @pytest.mark.parametrize("needle,exc,kwargs", list(_bad_calls()), ids=lambda v: str(v)[:30])
@@ -200,6 +225,12 @@ def test_opcheck(backend):
     with_noise = make_coef(3, 2, 4, torch.float32)
     torch.library.opcheck(torch.ops.fastdiff.lincomb.default,
                           (xs, with_noise, None, 1, backend, seeds, [9]))
+    three = make_coef(3, 3, 4, torch.float32)
+    torch.library.opcheck(torch.ops.fastdiff.lincomb.default,
+                          (xs, three, None, 2, backend, seeds, [9]))
+    outs = [torch.empty_like(xs[0]) for _ in range(3)]
+    torch.library.opcheck(torch.ops.fastdiff.lincomb_out.default,
+                          (xs, three, None, 2, backend, outs, seeds, [9]))
 
 
 def test_torch_compile_traces_the_op():
@@ -220,6 +251,10 @@ def test_native_module_has_cuda_code_where_nvcc_exists():
         assert mod.has_cuda()
         assert mod.cuda_archs(), "built with nvcc but for no architecture"
     assert mod.abi_version() == _native.ABI_VERSION
+    x, coef = torch.zeros(8), torch.zeros(1, 4, 1)  # the binding checks the arity itself
+    with pytest.raises(ValueError, match="1 to 3 outputs expected, got 4"):
+        mod.lincomb(_native.DTYPE_CODES[x.dtype], -1, [x.data_ptr()], [x.data_ptr()] * 4,
+                    coef.data_ptr(), 0, 0, 1, x.numel(), 0)
 
 
 @pytest.mark.gpu
@@ -263,12 +298,14 @@ SEEDS = [3, 2**40 + 17, -5]
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_noise_terms_equal_the_reference(backend, layout):
+@pytest.mark.parametrize("num_out", [2, 3])
+def test_noise_terms_equal_the_reference(backend, layout, num_out):
     xs = make_inputs((3, 4, 6, 5), 2, torch.float32, layout)
-    coef = make_coef(3, 2, 4, torch.float32)  # 2 inputs + 2 noise terms
+    coef = make_coef(3, num_out, 4, torch.float32)  # 2 inputs + 2 noise terms
     seeds = torch.tensor(SEEDS, device=DEVICE)
     got = lincomb(xs, coef, 1, noise=(seeds, [7, 8]), backend=backend)
     want = reference(xs, coef, 1, noise=(seeds, [7, 8]))
+    assert len(got) == num_out
     for g, w in zip(got, want):
         # Box-Muller is evaluated in float64 on every backend, so the fp32 results agree
         # exactly unless a libm last-ulp difference lands on an fp32 rounding tie.
@@ -338,7 +375,8 @@ def test_clip_matches_reference(backend, dtype, shape, tol):
     skip_unsupported(backend, dtype)
     clip = make_clip(shape[0], dtype)
     seeds = torch.arange(3, 3 + shape[0], device=DEVICE)
-    for num_in, num_out, num_noise in [(1, 1, 0), (3, 1, 0), (2, 2, 1), (6, 2, 2)]:
+    for num_in, num_out, num_noise in [(1, 1, 0), (3, 1, 0), (2, 2, 1), (6, 2, 2), (3, 3, 0),
+                                       (6, 3, 2)]:
         xs = [3 * x for x in make_inputs(shape, num_in, dtype)]  # |w| often above the bounds
         coef = make_coef(4, num_out + 1, num_in + num_noise + 1, dtype)
         noise = (seeds, list(range(5, 5 + num_noise))) if num_noise else None
@@ -389,9 +427,10 @@ def test_clip_propagates_nan(backend, dtype):
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
-def test_clip_row_tensor_equals_int_row_and_bad_device_row_gives_nan(backend):
+@pytest.mark.parametrize("num_out", [2, 3])
+def test_clip_row_tensor_equals_int_row_and_bad_device_row_gives_nan(backend, num_out):
     xs = make_inputs((4, 9), 3, torch.float32)
-    coef = make_coef(4, 3, 4, torch.float32)
+    coef = make_coef(4, num_out + 1, 4, torch.float32)  # the clip row last
     clip = make_clip(4, torch.float32)
     for r in range(4):
         by_tensor = lincomb(xs, coef, torch.tensor(r, device=DEVICE), clip=clip, backend=backend)
@@ -399,7 +438,7 @@ def test_clip_row_tensor_equals_int_row_and_bad_device_row_gives_nan(backend):
         for a, b in zip(by_tensor, by_int):
             assert torch.equal(a, b)
     outs = lincomb(xs, coef, torch.tensor(4, device=DEVICE), clip=clip, backend=backend)
-    assert all(bool(o.isnan().all()) for o in outs)
+    assert len(outs) == num_out and all(bool(o.isnan().all()) for o in outs)
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)
@@ -427,6 +466,15 @@ def test_clip_in_place_and_clip_converted(backend, tol):
     assert all(torch.equal(x, o) for x, o in zip(xs, originals))
     lincomb(xs, coef, out=[xs[0]], clip=clip, backend=backend)
     torch.testing.assert_close(xs[0], want[0], **tol(torch.float32))
+    # Three outputs + the clip row (4 rows), two of them in place: the clipped x0 is formed
+    # from the inputs before any output overwrites them.
+    xs = [3 * x for x in originals]
+    coef = make_coef(1, 4, 3, torch.float32)
+    want = reference(xs, coef, 0, clip=clip)
+    res = lincomb(xs, coef, out=[xs[1], torch.empty_like(xs[0]), xs[0]], clip=clip,
+                  backend=backend)
+    for g, w in zip(res, want):
+        torch.testing.assert_close(g, w, **tol(torch.float32))
 
 
 def _bad_clip_calls():
@@ -443,7 +491,7 @@ def _bad_clip_calls():
         base, inputs=[x[0, 0]] * 2)
     yield "coef.shape[2]", ValueError, dict(base, coef=torch.zeros(2, 2, 2, device=DEVICE))
     yield "coef.shape[1]", ValueError, dict(base, coef=torch.zeros(2, 1, 3, device=DEVICE))
-    yield "coef.shape[1]", ValueError, dict(base, coef=torch.zeros(2, 4, 3, device=DEVICE))
+    yield "coef.shape[1]", ValueError, dict(base, coef=torch.zeros(2, 5, 3, device=DEVICE))
 
 
 @pytest.mark.parametrize("needle,exc,kwargs", list(_bad_clip_calls()), ids=lambda v: str(v)[:30])
@@ -463,6 +511,9 @@ def test_opcheck_with_clip(backend):
     outs = [torch.empty_like(xs[0]) for _ in range(2)]
     torch.library.opcheck(torch.ops.fastdiff.lincomb_out.default,
                           (xs, coef, None, 1, backend, outs, seeds, [9], clip))
+    three = make_coef(3, 4, 4, torch.float32)  # 3 outputs + the pre-clip row
+    torch.library.opcheck(torch.ops.fastdiff.lincomb.default,
+                          (xs, three, None, 1, backend, seeds, [9], clip))
 
 
 def test_torch_compile_traces_the_op_with_clip():

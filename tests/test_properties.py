@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fastdiff.ops import BACKENDS, dynamic_threshold, group_norm, lincomb, unavailable_reason
+from fastdiff.ops.lincomb import MAX_OUTPUTS
 from fastdiff.reference.group_norm import group_norm as group_norm_reference
 from fastdiff.reference.lincomb import lincomb as lincomb_reference
 from fastdiff.reference.threshold import dynamic_threshold as threshold_reference
@@ -76,6 +77,31 @@ def close(got, want, dtype, magnitude, tol, what=""):
 
 
 @st.composite
+def aliases(draw, num_in, num_out):
+    """Per output, None (a fresh buffer) or the index of the input it overwrites in place;
+    distinct inputs (an output may alias an input exactly, never two outputs one input)."""
+    order = draw(st.permutations(range(num_in)))
+    return [order[j] if j < num_in and draw(st.booleans()) else None for j in range(num_out)]
+
+
+def outputs_for(xs, alias):
+    """The `out` list of `aliases`: the aliased inputs themselves, else fresh buffers (None
+    when no output is in place, to exercise the allocating path too)."""
+    if all(a is None for a in alias):
+        return None
+    return [xs[a] if a is not None else torch.empty_like(xs[0]) for a in alias]
+
+
+def check_outputs(got, out, xs, keep, alias):
+    """`out` returned as given; inputs that no output overwrites are untouched."""
+    if out is not None:
+        assert all(g is o for g, o in zip(got, out))
+    written = {a for a in alias if a is not None}
+    assert all(torch.equal(x.nan_to_num(), k.nan_to_num())
+               for i, (x, k) in enumerate(zip(xs, keep)) if i not in written)
+
+
+@st.composite
 def lincomb_problems(draw):
     backend = draw(st.sampled_from(AVAILABLE))
     dtype = draw(st.sampled_from([d for d in DTYPES if usable(backend, d)]))
@@ -83,7 +109,7 @@ def lincomb_problems(draw):
     while math.prod(shape) > MAX_NUMEL:
         shape = shape[1:]
     num_in = draw(st.integers(1, 6))
-    num_out = draw(st.integers(1, 2))
+    num_out = draw(st.integers(1, MAX_OUTPUTS))
     num_noise = draw(st.integers(0, 2))
     rows = draw(st.integers(1, 3))
     row = draw(st.integers(0, rows - 1))
@@ -92,16 +118,16 @@ def lincomb_problems(draw):
     exponent = draw(st.integers(-6, top))
     makers = [draw(layouts(shape)) for _ in range(num_in)]
     seed = draw(st.integers(0, 2**31 - 1))
-    in_place = num_out == 1 and draw(st.booleans())
+    alias = draw(aliases(num_in, num_out))
     return backend, dtype, shape, num_in, num_out, num_noise, rows, row, exponent, makers, seed, \
-        in_place
+        alias
 
 
 @SETTINGS
 @given(lincomb_problems())
 def test_lincomb_equals_the_reference(tol, problem):
     (backend, dtype, shape, num_in, num_out, num_noise, rows, row, exponent, makers, seed,
-     in_place) = problem
+     alias) = problem
     g = torch.Generator().manual_seed(seed)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     values = [torch.randn(shape, generator=g, dtype=torch.float64).clamp(-4, 4).to(dtype)
@@ -117,7 +143,7 @@ def test_lincomb_equals_the_reference(tol, problem):
     if num_noise:
         seeds = torch.randint(-(2**63), 2**63 - 1, (shape[0],), generator=g, dtype=torch.int64)
         noise = (seeds, list(range(7, 7 + num_noise)))
-    out = [xs[0]] if in_place else None
+    out = outputs_for(xs, alias)
     got = lincomb(xs, coef, row, out=out, noise=noise, backend=backend)
 
     # the specification: the reference in float64 on the same values; the noise follows the
@@ -135,10 +161,8 @@ def test_lincomb_equals_the_reference(tol, problem):
         assert got[j].dtype == dtype and got[j].shape == shape
         close(got[j], want[j].to(dtype) if dtype != torch.float64 else want[j], dtype,
               magnitude, tol, f"{backend} {dtype} {shape} out {j}")
-    if in_place:
-        assert got[0] is xs[0]
-    else:  # inputs untouched
-        assert all(torch.equal(x.nan_to_num(), k.nan_to_num()) for x, k in zip(xs, keep))
+    assert len(got) == num_out
+    check_outputs(got, out, xs, keep, alias)
 
 
 @st.composite
@@ -149,7 +173,7 @@ def clip_problems(draw):
     while math.prod(shape) > MAX_NUMEL:
         shape = shape[1:]
     num_in = draw(st.integers(1, 4))
-    num_out = draw(st.integers(1, 2))
+    num_out = draw(st.integers(1, MAX_OUTPUTS))
     num_noise = draw(st.integers(0, 2))
     makers = [draw(layouts(shape)) for _ in range(num_in)]
     # bounds from far inside to far outside the data's range; divisors as dynamic
@@ -157,20 +181,22 @@ def clip_problems(draw):
     log_bound = [draw(st.floats(-2, 1)) for _ in range(shape[0])]
     same_divisor = draw(st.booleans())
     seed = draw(st.integers(0, 2**31 - 1))
+    alias = draw(aliases(num_in, num_out))
     return backend, dtype, shape, num_in, num_out, num_noise, makers, log_bound, same_divisor, \
-        seed
+        seed, alias
 
 
 @SETTINGS
 @given(clip_problems())
 def test_lincomb_with_clip_equals_the_reference(tol, problem):
     (backend, dtype, shape, num_in, num_out, num_noise, makers, log_bound, same_divisor,
-     seed) = problem
+     seed, alias) = problem
     g = torch.Generator().manual_seed(seed)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     values = [(2 * torch.randn(shape, generator=g, dtype=torch.float64)).to(dtype)
               for _ in range(num_in)]
     xs = [make(v) for make, v in zip(makers, values)]
+    keep = [x.clone() for x in xs]
     coef = torch.randn(2, num_out + 1, num_in + num_noise + 1, generator=g,
                        dtype=torch.float64).to(acc)
     bound = 10.0 ** torch.tensor(log_bound, dtype=torch.float64)
@@ -179,14 +205,15 @@ def test_lincomb_with_clip_equals_the_reference(tol, problem):
     if num_noise:
         seeds = torch.randint(-(2**63), 2**63 - 1, (shape[0],), generator=g, dtype=torch.int64)
         noise = (seeds, list(range(3, 3 + num_noise)))
-    got = lincomb(xs, coef, 1, noise=noise, clip=clip, backend=backend)
-
     # the specification in float64 on the same values; the noise follows the kernels' layout:
     # inputs[0]'s when dense with the batch dim outermost, else contiguous or empty_like's
     x0 = xs[0]
     if not (_dense(x0) and (shape[0] == 1 or x0.stride(0) == x0.numel() // shape[0])):
         x0 = x0.contiguous() if _dense(x0) else torch.empty_like(x0).copy_(x0)
-    ref_in = [x0.double(), *[v.double() for v in values[1:]]]
+    x0 = x0.clone()  # same strides (dense); an output may overwrite inputs[0]
+    ref_in = [x0.double(), *[k.double() for k in keep[1:]]]
+    out = outputs_for(xs, alias)  # in place: w must be formed before any input is overwritten
+    got = lincomb(xs, coef, 1, out=out, noise=noise, clip=clip, backend=backend)
     want = lincomb_reference(ref_in, coef.double(), 1, noise, clip.double())
     z = lincomb_reference([ref_in[0]], torch.eye(1 + num_noise, dtype=torch.float64)[None, 1:],
                           0, noise) if num_noise else []
@@ -201,6 +228,8 @@ def test_lincomb_with_clip_equals_the_reference(tol, problem):
         assert got[j].dtype == dtype and got[j].shape == shape
         close(got[j], want[j].to(dtype) if dtype != torch.float64 else want[j], dtype,
               magnitude, tol, f"{backend} {dtype} {shape} out {j}")
+    assert len(got) == num_out
+    check_outputs(got, out, xs, keep, alias)
 
 
 @st.composite
