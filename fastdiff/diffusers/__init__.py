@@ -7,7 +7,7 @@ Each class subclasses diffusers' class of the same name (same config keys, `from
 `save_pretrained`/`from_pretrained`, `compatibles`, `timesteps`, `sigmas`, `scale_model_input`,
 `add_noise`, ...). Only `step` differs: diffusers' step traced at `set_timesteps` into exact
 per-step linear forms (fastdiff/diffusers/_trace.py) and run as one fastdiff.ops.lincomb launch
-per two outputs, with no host synchronisation (fastdiff/diffusers/_fused.py). Noise comes from
+per step, with no host synchronisation (fastdiff/diffusers/_fused.py). Noise comes from
 diffusers' own `randn_tensor` with the caller's generator, so results match diffusers'.
 
 This package imports the `diffusers` library; `import fastdiff` never does.

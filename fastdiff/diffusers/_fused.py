@@ -4,9 +4,11 @@
 diffusers'), then traces diffusers' `step` on a CPU twin of the scheduler into one StepPlan per
 step index and uploads every coefficient in one host-to-device copy. `step` then only does host
 bookkeeping (which step index, which history tensors) and launches `fastdiff.ops.lincomb` once
-per two outputs: no `.item()`, no `nonzero()`, no device-to-host copy, so it is CUDA-graph
-capturable. The history tensors live in diffusers' own attributes (`model_outputs`,
-`last_sample`, ...), so the scheduler state stays inspectable exactly as in diffusers.
+per step (up to three outputs per launch: UniPC's corrected sample, history entry and next
+sample; a step reading more than six tensors adds a partial-sum launch): no `.item()`, no
+`nonzero()`, no device-to-host copy, so it is CUDA-graph capturable. The history tensors live
+in diffusers' own attributes (`model_outputs`, `last_sample`, ...), so the scheduler state stays
+inspectable exactly as in diffusers.
 """
 
 from __future__ import annotations

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 import torch
 from torch.overrides import TorchFunctionMode
 
+from fastdiff.ops.lincomb import MAX_OUTPUTS
+
 DIM = 37  # symbol count per step; odd so no schedule tensor is mistaken for a [1, DIM] symbol
 _F64 = torch.float64
 _SCALAR_TYPES = (int, float, bool, type(None))
@@ -216,8 +218,10 @@ def _trace_one(tracer, timestep, kwargs: dict) -> StepPlan:
         else:
             computed.append((target, value[0]))
     clip_col = cols.keys.index(("clip",)) if clips else None
-    for c in range(0, len(computed), 2):  # lincomb writes at most two outputs per launch
-        part = computed[c:c + 2]
+    # One launch per MAX_OUTPUTS targets: a UniPC step's three (corrected sample, history
+    # entry, next sample) are one launch.
+    for c in range(0, len(computed), MAX_OUTPUTS):
+        part = computed[c:c + MAX_OUTPUTS]
         forms = torch.stack([f for _, f in part])  # [nout, DIM]
         clip = None
         if clip_col is not None and forms[:, clip_col].abs().max() > 0:
