@@ -22,7 +22,7 @@ from fastdiff.ops import BACKENDS, dynamic_threshold, lincomb, resolve
 from fastdiff.ops.lincomb import launch_unchecked, same_dense_layout
 from fastdiff.reference.solvers import SOLVERS
 from fastdiff.reference.solvers._utils import default_noise_sampler
-from fastdiff.solvers import compile_plan, trace_solver
+from fastdiff.solvers import plans_for
 from fastdiff.solvers.lowering import Launch, Scalings, lower
 
 # Solvers whose reference draws Brownian-bridge noise over overlapping intervals.
@@ -251,22 +251,23 @@ class Sampler:
                              f" sigmas[0] = {float(self.sigmas[0])}")
         self.adapter = _ModelAdapter(model, guidance, info.param, cond_key)
         mode = "brownian" if noise == "philox" and solver in _BROWNIAN else "calls"
-        trace = trace_solver(solver, self.sigmas.to(torch.float64).cpu(), noise_mode=mode,
-                             **self.options)
-        self.scalings = self.adapter.scalings(trace.sigmas)
+        call_sigmas, plans = plans_for(solver, self.sigmas, noise_mode=mode, **self.options)
+        self.scalings = self.adapter.scalings(list(call_sigmas))
         # The history a stage keeps (D, or E = F - D) is chosen after lowering: the model side
         # (parameterisation, the two guidance halves) decides how many tensors a stage reads.
         lowered, error = [], None
-        for kind in ("D", "E"):
+        for plan in plans.values():
+            if isinstance(plan, RuntimeError):  # no plan with this history kind
+                error = plan
+                continue
             try:
-                plan = compile_plan(trace, self.options, kind)
                 launches, tables = lower(plan, self.scalings, in_kernel_noise=noise == "philox")
             except RuntimeError as e:
                 error = e
                 continue
             lowered.append((max(len(la.inputs) for la in launches), plan, launches, tables))
         if not lowered:
-            raise error
+            raise RuntimeError(str(error))
         _, self.plan, self.launches, tables = min(lowered, key=lambda c: c[0])
         self._tables64 = tables
         self._dead_after = _lifetimes(self.launches, self.plan.history_kind)

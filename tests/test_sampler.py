@@ -273,6 +273,20 @@ def test_one_shot_sample_equals_sampler():
     assert torch.equal(sample(model, x, sigmas, "dpmpp_2m"), Sampler(model, "dpmpp_2m", sigmas)(x))
 
 
+def test_plans_are_memoised_by_solver_sigmas_and_options():
+    """A second Sampler (or fastdiff.sample call) with the same settings reuses the traced plan;
+    any change of sigmas or options builds a new one, and results do not depend on which."""
+    model, x, sigmas = problem("dpmpp_2m_sde")
+    first = Sampler(model, "dpmpp_2m_sde", sigmas.clone(), eta=0.5)
+    again = Sampler(model, "dpmpp_2m_sde", sigmas.clone(), eta=0.5)
+    assert again.plan is first.plan
+    assert Sampler(model, "dpmpp_2m_sde", sigmas, eta=0.75).plan is not first.plan
+    nudged = sigmas.clone()
+    nudged[3] *= 1 + 1e-12
+    assert Sampler(model, "dpmpp_2m_sde", nudged, eta=0.5).plan is not first.plan
+    assert torch.equal(first(x, seed=3), again(x, seed=3))
+
+
 def test_bad_arguments_are_clear_errors():
     model, x, sigmas = problem("euler")
     with pytest.raises(ValueError, match="solver must be one of"):

@@ -1,10 +1,15 @@
 """Solvers as plan builders: every fixed-step reference solver compiles into a Plan (plan.py)
 by tracing it on linear forms (trace.py)."""
 
+import functools
+
 from fastdiff.solvers.plan import Plan, Ref, Stage, compile_plan
 from fastdiff.solvers.trace import Trace, trace_solver
 
-__all__ = ["Plan", "Ref", "Stage", "Trace", "build_plan", "compile_plan", "trace_solver"]
+__all__ = ["Plan", "Ref", "Stage", "Trace", "build_plan", "compile_plan", "plans_for",
+           "trace_solver"]
+
+HISTORY_KINDS = ("D", "E")
 
 
 def build_plan(solver: str, sigmas, noise_mode: str = "calls", history_kind: str = "D",
@@ -17,3 +22,34 @@ def build_plan(solver: str, sigmas, noise_mode: str = "calls", history_kind: str
     sigmas = torch.as_tensor(sigmas, dtype=torch.float64).cpu()
     trace = trace_solver(solver, sigmas, noise_mode=noise_mode, **options)
     return compile_plan(trace, options, history_kind)
+
+
+def plans_for(solver: str, sigmas, noise_mode: str = "calls", **options
+              ) -> tuple[tuple[float, ...], dict[str, Plan | RuntimeError]]:
+    """The noise level of every model call, and the plan for each history kind (or the
+    RuntimeError saying why there is none), memoised: tracing and compiling cost 5-200 ms on
+    the host, and `fastdiff.sample` or a server builds the same settings again and again.
+    Plans are shared between callers, so they must not be modified."""
+    import torch
+
+    key = tuple(torch.as_tensor(sigmas, dtype=torch.float64).cpu().tolist())
+    try:
+        return _plans(solver, key, noise_mode, tuple(sorted(options.items())))
+    except TypeError:  # an unhashable option value: build without the cache
+        return _plans.__wrapped__(solver, key, noise_mode, tuple(sorted(options.items())))
+
+
+@functools.lru_cache(maxsize=64)
+def _plans(solver: str, sigmas: tuple, noise_mode: str, options: tuple):
+    import torch
+
+    options = dict(options)
+    trace = trace_solver(solver, torch.tensor(sigmas, dtype=torch.float64),
+                         noise_mode=noise_mode, **options)
+    plans: dict[str, Plan | RuntimeError] = {}
+    for kind in HISTORY_KINDS:
+        try:
+            plans[kind] = compile_plan(trace, options, kind)
+        except RuntimeError as e:
+            plans[kind] = e
+    return tuple(trace.sigmas), plans

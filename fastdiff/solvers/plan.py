@@ -18,7 +18,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
 
-import torch
+import numpy as np
 
 from fastdiff.solvers.trace import Trace
 
@@ -80,21 +80,24 @@ class Plan:
 
 
 def _fit(target, dense, units):
-    """Exact target = sum a_m dense_m + sum b_i e_i (i in units) or None; terms with c != 0."""
-    free = torch.ones(target.numel(), dtype=torch.bool)
-    free[list(units)] = False
-    scale = target.abs().max().item() + 1.0
+    """Exact target = sum a_m dense_m + sum b_i e_i (i in units) or None; terms with c != 0.
+    (numpy float64: a plan costs ~1,000 of these small fits, where torch's per-op overhead
+    dominates.)"""
+    unit_index = sorted(units)
+    free = np.ones(target.size, dtype=bool)
+    free[unit_index] = False
+    scale = float(np.abs(target).max()) + 1.0
     if dense:
-        m = torch.stack([v for _, v in dense], dim=1)  # [dim, n]
-        a = torch.linalg.lstsq(m[free], target[free, None]).solution[:, 0]
+        m = np.stack([v for _, v in dense], axis=1)  # [dim, n]
+        a = np.linalg.lstsq(m[free], target[free], rcond=None)[0]
         residual = target - m @ a
     else:
-        a, residual = torch.zeros(0, dtype=target.dtype), target
-    if residual[free].abs().max().item() > _TOL * scale:
+        a, residual = np.zeros(0), target
+    if np.abs(residual[free]).max() > _TOL * scale:
         return None
-    terms = [(r, float(c)) for (r, _), c in zip(dense, a) if abs(c) > _TOL * scale]
-    return terms + [(units[i], float(residual[i])) for i in sorted(units)
-                    if abs(residual[i]) > _TOL * scale]
+    terms = [(r, c) for (r, _), c in zip(dense, a.tolist()) if abs(c) > _TOL * scale]
+    return terms + [(units[i], c) for i, c in zip(unit_index, residual[unit_index].tolist())
+                    if abs(c) > _TOL * scale]
 
 
 def _solve(target, dense, history, units):
@@ -130,13 +133,14 @@ def compile_plan(trace: Trace, options: dict | None = None, history_kind: str = 
     the Sampler compiles both and keeps the one whose widest launch reads fewer tensors."""
     if history_kind not in ("D", "E"):
         raise ValueError(f"history_kind must be 'D' or 'E', got {history_kind!r}")
-    inputs = [f[0] for f in trace.inputs]
+    inputs = [f[0].numpy() for f in trace.inputs]
+    final = trace.final[0].numpy()
     noise_index = {d.index: Ref("z", n) for n, d in enumerate(trace.noise)}
-    x_t = torch.zeros(trace.dim, dtype=torch.float64)
+    x_t = np.zeros(trace.dim)
     x_t[0] = 1.0
 
-    def unit(i: int) -> torch.Tensor:
-        e = torch.zeros(trace.dim, dtype=torch.float64)
+    def unit(i: int) -> np.ndarray:
+        e = np.zeros(trace.dim)
         e[i] = 1.0
         return e
 
@@ -154,13 +158,13 @@ def compile_plan(trace: Trace, options: dict | None = None, history_kind: str = 
         return history, units
 
     history, units = registers(-1)
-    prologue = _solve(inputs[0] if inputs else trace.final[0], [(Ref("x"), x_t)], [], units)
+    prologue = _solve(inputs[0] if inputs else final, [(Ref("x"), x_t)], [], units)
     if prologue is None:
         raise RuntimeError(f"{trace.solver}: the first model input is not linear in x_T and noise")
     stages = []
     for k in range(len(inputs)):
         last = k == len(inputs) - 1
-        target = trace.final[0] if last else inputs[k + 1]
+        target = final if last else inputs[k + 1]
         dense = [(Ref("F", m), inputs[m]) for m in range(k, max(-1, k - F_WINDOW), -1)]
         if k < F_WINDOW:
             dense.append((Ref("x"), x_t))
