@@ -180,6 +180,34 @@ def test_lazy_plans_and_tuple_return():
             assert rel_err(b, a) <= RTOL
 
 
+def test_traced_plans_are_shared_by_equal_settings(monkeypatch):
+    """A pipeline calls set_timesteps on every call: equal (class, config, set_timesteps
+    arguments) reuse one trace, across calls and instances; any difference traces anew."""
+    import collections
+
+    import numpy as np
+
+    import fastdiff.diffusers._fused as fused
+
+    monkeypatch.setattr(fused, "_SHARED", collections.OrderedDict())
+    traced = []
+    real = fused.trace_steps
+    monkeypatch.setattr(fused, "trace_steps", lambda *a, **k: traced.append(1) or real(*a, **k))
+    config = dict(solver_order=3, trained_betas=np.linspace(1e-4, 0.02, 1000))
+    first = F.UniPCMultistepScheduler(**config)
+    x1, _ = run(first, 9, {})
+    assert len(traced) == 1
+    x2, _ = run(first, 9, {})  # the pipeline's next call
+    x3, _ = run(F.UniPCMultistepScheduler(**config), 9, {})  # a new instance, an equal array
+    assert len(traced) == 1
+    assert torch.equal(x1, x2) and torch.equal(x1, x3)
+    run(first, 10, {})  # other arguments
+    run(F.UniPCMultistepScheduler(**config, thresholding=True), 9, {})  # another config
+    config["trained_betas"] = config["trained_betas"] * (1 + 1e-9)
+    run(F.UniPCMultistepScheduler(**config), 9, {})
+    assert len(traced) == 4
+
+
 def test_float64_inputs():
     for name in ("DDIMScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler"):
         ref, ours = both(name, dict(clip_sample=False) if name == "DDIMScheduler" else {})

@@ -2,7 +2,9 @@
 
 `set_timesteps` runs diffusers' own `set_timesteps` (so `timesteps`, `sigmas`, ... are exactly
 diffusers'), then traces diffusers' `step` on a CPU twin of the scheduler into one StepPlan per
-step index and uploads every coefficient in one host-to-device copy. `step` then only does host
+step index and uploads every coefficient in one host-to-device copy (both shared by every
+scheduler with the same class, config and `set_timesteps` arguments: a pipeline calls
+`set_timesteps` on every call, and tracing costs 10-60 ms). `step` then only does host
 bookkeeping (which step index, which history tensors) and launches `fastdiff.ops.lincomb` once
 per step (up to three outputs per launch: UniPC's corrected sample, history entry and next
 sample; a step reading more than six tensors adds a partial-sum launch): no `.item()`, no
@@ -13,6 +15,7 @@ inspectable exactly as in diffusers.
 
 from __future__ import annotations
 
+import collections
 import functools
 import inspect
 import warnings
@@ -35,6 +38,46 @@ def _signature(fn) -> inspect.Signature:
 
 def _key(kwargs: dict) -> tuple:
     return tuple(sorted(kwargs.items()))
+
+
+def _freeze(value):
+    """A hashable, exact stand-in for a config or argument value (lists, arrays, tensors)."""
+    if hasattr(value, "tolist") and not isinstance(value, (int, float)):
+        value = value.tolist()
+    if isinstance(value, dict):
+        return tuple(sorted((k, _freeze(v)) for k, v in value.items()))
+    if isinstance(value, (list, tuple)):
+        return tuple(_freeze(v) for v in value)
+    return value
+
+
+class _Traced:
+    """What set_timesteps derives from (class, config, arguments) alone, shared by every
+    scheduler with the same ones: the twin's schedule, the traced plans, the device tables."""
+
+    def __init__(self):
+        self.schedule = None  # (timesteps on the CPU, whether the class keeps a _step_index)
+        self.plans: dict = {}
+        self.tables: dict = {}
+
+
+_SHARED: collections.OrderedDict = collections.OrderedDict()  # least recently used first
+_SHARED_SIZE = 32
+
+
+def _shared_state(cls: type, config, arguments: dict) -> _Traced:
+    try:
+        key = (cls, _freeze(dict(config)), _freeze(arguments))
+        hash(key)
+    except TypeError:  # an unhashable value: this scheduler traces for itself
+        return _Traced()
+    if key in _SHARED:
+        _SHARED.move_to_end(key)
+    else:
+        _SHARED[key] = _Traced()
+        while len(_SHARED) > _SHARED_SIZE:
+            _SHARED.popitem(last=False)
+    return _SHARED[key]
 
 
 class FusedStepMixin:
@@ -71,13 +114,14 @@ class FusedStepMixin:
         if "device" in inspect.signature(self._fd_base.set_timesteps).parameters:
             arguments["device"] = "cpu"
         self._fd_set_args = arguments
-        self._fd_plans: dict = {}
-        self._fd_tables: dict = {}
+        shared = _shared_state(self._fd_base, self.config, arguments)
+        self._fd_plans, self._fd_tables = shared.plans, shared.tables
         self._fd_start = None
-        twin = self._fd_twin()
-        self._fd_timesteps_cpu = twin.timesteps
-        self._fd_timesteps_list = twin.timesteps.tolist()
-        self._fd_index_based = hasattr(twin, "_step_index")
+        if shared.schedule is None:
+            twin = self._fd_twin()
+            shared.schedule = (twin.timesteps, hasattr(twin, "_step_index"))
+        self._fd_timesteps_cpu, self._fd_index_based = shared.schedule
+        self._fd_timesteps_list = self._fd_timesteps_cpu.tolist()
         if self.fused_fallback_reason is None and device is not None:
             start = self._fd_default_start()
             plans = self._fd_get_plans(start, ())
