@@ -16,6 +16,17 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(s) for s in text.lower().split("x"))
+    except ValueError:
+        shape = ()
+    if not shape or any(s < 1 for s in shape):
+        raise argparse.ArgumentTypeError(f"sizes joined by 'x' expected (e.g. 2x4x64x64), got"
+                                         f" {text!r}")
+    return shape
+
+
 def _cmd_compare(args: argparse.Namespace) -> int:
     """Runs the fused linear combination on every available backend: error and time."""
     import torch
@@ -25,7 +36,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, args.dtype)
-    shape = tuple(int(s) for s in args.shape.split("x"))
+    shape = args.shape
     g = torch.Generator().manual_seed(0)
     xs = [torch.randn(shape, generator=g).to(device, dtype) for _ in range(4)]
     acc = torch.float64 if dtype == torch.float64 else torch.float32
@@ -33,7 +44,8 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     exact = [sum(coef[0, j, k] * xs[k].double() for k in range(4)) for j in range(2)]
     coef = coef.to(device, acc)
     nbytes = 6 * xs[0].numel() * xs[0].element_size()
-    print(f"lincomb: 4 inputs -> 2 outputs, {args.shape} {args.dtype} on {device}"
+    print(f"lincomb: 4 inputs -> 2 outputs, {'x'.join(map(str, shape))} {args.dtype} on"
+          f" {device}"
           f" ({nbytes / 1e6:.1f} MB moved per call)")
     print(f"  {'backend':<12}{'max |err| vs fp64':>20}{'time / call':>16}{'GB/s':>10}")
     for backend in BACKENDS:
@@ -56,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=_cmd_info)
     p = sub.add_parser("compare", help="run the fused linear combination on every backend")
-    p.add_argument("--shape", default="2x4x64x64", help="tensor shape, e.g. 2x4x64x64")
+    p.add_argument("--shape", type=_shape, default="2x4x64x64",
+                   help="tensor shape, e.g. 2x4x64x64")
     p.add_argument("--dtype", default="float32", choices=["float16", "bfloat16", "float32",
                                                           "float64"])
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")

@@ -32,6 +32,26 @@ def _parse_labels(text: str) -> list[int]:
     return labels
 
 
+def _finite(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"a finite number expected, got {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"a positive integer expected, got {text!r}")
+    return value
+
+
 def _cmd_sample(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
@@ -79,8 +99,8 @@ def add_sample_parser(subparsers) -> argparse.ArgumentParser:
     ve = sorted(k for k, v in SOLVERS.items() if v.param == "ve")
     p.add_argument("--solver", default="dpmpp_2m", choices=ve, metavar="NAME",
                    help="a VE solver of fastdiff.reference.solvers.SOLVERS (default dpmpp_2m)")
-    p.add_argument("--steps", type=int, default=20, help="solver steps (default 20)")
-    p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE,
+    p.add_argument("--steps", type=_positive_int, default=20, help="solver steps (default 20)")
+    p.add_argument("--guidance", type=_finite, default=DEFAULT_GUIDANCE,
                    help=f"classifier-free guidance scale (default {DEFAULT_GUIDANCE})")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--backend", default="auto", choices=("auto", *BACKENDS),

@@ -633,6 +633,21 @@ def cli_generate_nan_guidance(keep):
          "fastdiff.generate")
 
 
+@case("SystemExit", "--shape")
+def cli_compare_bad_shape(keep):
+    _cli(["compare", "--shape", "2xfoo"])
+
+
+@case("SystemExit", "--guidance")
+def cli_sample_nan_guidance(keep):
+    _cli(["sample", "--guidance", "nan", "--out", "/nonexistent/x.png"])
+
+
+@case("SystemExit", "--steps")
+def cli_sample_zero_steps(keep):
+    _cli(["sample", "--steps", "0", "--out", "/nonexistent/x.png"])
+
+
 @case("ArgumentTypeError", "--labels")
 def cli_sample_bad_labels(keep):
     from fastdiff.sample_cli import _parse_labels
