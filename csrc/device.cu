@@ -39,6 +39,12 @@ int cuda_device_capability(int device) {
   return major * 10 + minor;
 }
 
+int cuda_use_device(int device) {
+  int current = -1;
+  if (cudaGetDevice(&current) == cudaSuccess && current == device) return 0;
+  return static_cast<int>(cudaSetDevice(device));
+}
+
 int cuda_sm_count(int device) {
   static int cached[64] = {0};
   if (device < 0 || device >= 64) return 132;

@@ -135,11 +135,7 @@ int lincomb_cuda(DType dtype, const void* const* in, void* const* out, const voi
   if (per_sample.num_noise < 0 || per_sample.num_noise > kLincombMaxNoise) return -1;
   if (per_sample.clip && per_sample.sample_numel < 1) return -1;
   if (n == 0) return 0;
-  int current = -1;
-  if (cudaGetDevice(&current) != cudaSuccess || current != device) {
-    const cudaError_t err = cudaSetDevice(device);
-    if (err != cudaSuccess) return static_cast<int>(err);
-  }
+  if (const int err = cuda_use_device(device)) return err;
   auto stream = static_cast<cudaStream_t>(stream_handle);
   switch (dtype) {
     case DType::kFloat16:

@@ -10,6 +10,7 @@
 // the output buffer (train rows), read back after block barriers.
 #include <cuda_runtime.h>
 
+#include "fastdiff/device.h"
 #include "fastdiff/schedule.h"
 
 namespace fastdiff {
@@ -65,11 +66,7 @@ __global__ void __launch_bounds__(kThreads) schedule_kernel(const ScheduleSpec s
 
 int schedule_tables_cuda(const ScheduleSpec& spec, double* out, int device, void* stream) {
   if (spec.T < 2 || spec.n < 1 || spec.n > spec.T) return -1;
-  int current = -1;
-  if (cudaGetDevice(&current) != cudaSuccess || current != device) {
-    const cudaError_t err = cudaSetDevice(device);
-    if (err != cudaSuccess) return static_cast<int>(err);
-  }
+  if (const int err = cuda_use_device(device)) return err;
   schedule_kernel<<<1, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(spec, out);
   return static_cast<int>(cudaGetLastError());
 }

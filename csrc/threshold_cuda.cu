@@ -193,11 +193,7 @@ int dynamic_threshold_cuda(DType dtype, const void* const* in, int num_in, const
       sample_numel >= (int64_t(1) << 31) || batch >= (int64_t(1) << 31))
     return -1;
   if (batch == 0) return 0;
-  int current = -1;
-  if (cudaGetDevice(&current) != cudaSuccess || current != device) {
-    const cudaError_t err = cudaSetDevice(device);
-    if (err != cudaSuccess) return static_cast<int>(err);
-  }
+  if (const int err = cuda_use_device(device)) return err;
   auto stream = static_cast<cudaStream_t>(stream_handle);
   switch (dtype) {
     case DType::kFloat16:

@@ -158,6 +158,18 @@ def validate_inputs(inputs) -> torch.Tensor:
     return x0
 
 
+def validate_coef_placement(coef: torch.Tensor, x0: torch.Tensor) -> torch.dtype:
+    """The accumulation dtype (float64 for float64 inputs, else float32), which coef must have,
+    on the inputs' device."""
+    acc = torch.float64 if x0.dtype == torch.float64 else torch.float32
+    if coef.dtype != acc:
+        raise TypeError(f"coef must be {acc} for {x0.dtype} inputs (it sets the accumulation"
+                        f" precision), got {coef.dtype}")
+    if coef.device != x0.device:
+        raise ValueError(f"coef is on {coef.device}, expected {x0.device} like the inputs")
+    return acc
+
+
 def validate_row(row, rows: int, device: torch.device) -> tuple[int, torch.Tensor | None]:
     """(row, None) for an int row in [0, rows), (0, row) for an int64 device scalar."""
     if isinstance(row, torch.Tensor):
@@ -195,12 +207,7 @@ def _validate(inputs, coef, row, out, noise=None, clip=None):
                          f" got {coef.shape[1]}")
     if rows < 1:
         raise ValueError("coef must have at least one row")
-    want = torch.float64 if x0.dtype == torch.float64 else torch.float32
-    if coef.dtype != want:
-        raise TypeError(f"coef must be {want} for {x0.dtype} inputs (it sets the accumulation"
-                        f" precision), got {coef.dtype}")
-    if coef.device != x0.device:
-        raise ValueError(f"coef is on {coef.device}, expected {x0.device} like the inputs")
+    want = validate_coef_placement(coef, x0)
     clip = _validate_clip(clip, x0, want)
 
     row, row_tensor = validate_row(row, rows, x0.device)

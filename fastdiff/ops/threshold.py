@@ -20,7 +20,8 @@ import torch
 
 from fastdiff import _native
 from fastdiff.ops._backends import resolve
-from fastdiff.ops.lincomb import kernel_layout, to_layout, validate_inputs, validate_row
+from fastdiff.ops.lincomb import (kernel_layout, to_layout, validate_coef_placement,
+                                  validate_inputs, validate_row)
 from fastdiff.reference.threshold import dynamic_threshold as dynamic_threshold_reference
 
 
@@ -45,12 +46,7 @@ def _validate(inputs, coef, row, ratio, max_value, out):
     if coef.shape[2] < len(inputs):
         raise ValueError(f"coef.shape[2] must be at least len(inputs) = {len(inputs)} (the"
                          f" pre-clip row's input columns), got {coef.shape[2]}")
-    acc = torch.float64 if x0.dtype == torch.float64 else torch.float32
-    if coef.dtype != acc:
-        raise TypeError(f"coef must be {acc} for {x0.dtype} inputs (it sets the accumulation"
-                        f" precision), got {coef.dtype}")
-    if coef.device != x0.device:
-        raise ValueError(f"coef is on {coef.device}, expected {x0.device} like the inputs")
+    acc = validate_coef_placement(coef, x0)
     row, row_tensor = validate_row(row, coef.shape[0], x0.device)
     ratio = _number("ratio", ratio)
     if not 0.0 <= ratio <= 1.0:

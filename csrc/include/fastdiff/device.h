@@ -13,6 +13,9 @@ int cuda_device_capability(int device);
 // Streaming multiprocessors of `device` (cached; 132, an H100's count, if the query fails):
 // launchers size their grids with it.
 int cuda_sm_count(int device);
+// Makes `device` current for the calling host thread (launchers run on torch's stream of that
+// device, which need not be the current one). 0 on success, else the CUDA error code.
+int cuda_use_device(int device);
 // Shared memory one block of `device` may opt in to, in bytes (cached; 48 KiB, what every GPU
 // grants without opting in, if the query fails).
 int cuda_smem_optin(int device);
