@@ -66,7 +66,7 @@ def _beta(kind, i, T, beta_start, beta_end):
     else:
         t0 = i.to(tl.float64) / T.to(tl.float64)
         t1 = (i + 1).to(tl.float64) / T.to(tl.float64)
-        if kind == 2:  # cosine without cancellation (fastdiff.schedules._cosine_beta)
+        if kind == 2:  # cosine without cancellation (fastdiff.betas._cosine_beta)
             # (pi / 2 written out: a float constant bound to a name would become float32)
             n = T.to(tl.float64)
             c = tl.sin((T - i).to(tl.float64) / n / 1.008 * 1.5707963267948966)

@@ -20,8 +20,13 @@ import torch
 
 from fastdiff import _native
 from fastdiff.ops._backends import resolve
-from fastdiff.ops.lincomb import (kernel_layout, to_layout, validate_coef_placement,
-                                  validate_inputs, validate_row)
+from fastdiff.ops.lincomb import (
+    kernel_layout,
+    to_layout,
+    validate_coef_placement,
+    validate_inputs,
+    validate_row,
+)
 from fastdiff.reference.threshold import dynamic_threshold as dynamic_threshold_reference
 
 

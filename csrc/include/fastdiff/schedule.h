@@ -91,7 +91,7 @@ FD_HD double alpha_bar_laplace(double t) {
 
 FD_HD double alpha_bar_exp(double t) { return exp(t * -12.0); }
 
-// The cosine schedule's beta without cancellation (fastdiff.schedules._cosine_beta, which
+// The cosine schedule's beta without cancellation (fastdiff.betas._cosine_beta, which
 // explains it): sin(y - x) sin(y + x) / cos^2 x with every angle formed from integers. The
 // direct 1 - cos^2 y / cos^2 x would turn an ulp of the device's cos into ~5e-12 of beta_0.
 FD_HD double cosine_beta(int64_t i, int64_t T) {
