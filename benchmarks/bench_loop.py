@@ -2,15 +2,18 @@
 
 Digits: the embedded class-conditional model (fastdiff.models.digits), DPM-Solver++(2M), 20
 steps on a GPU (5 on CPU), classifier-free guidance 1.5 with one batched network call per step:
-diffusers' DPMSolverMultistepScheduler loop on the same network, a k-diffusion-style eager loop
-(fastdiff.reference.solvers.sample_dpmpp_2m), fastdiff.Sampler eager and graph=True (GPU only).
+diffusers' DPMSolverMultistepScheduler loop on the same network (and the same loop with the
+scheduler swapped for fastdiff.diffusers' fused twin: "fastdiff-scheduler"), a k-diffusion-style
+eager loop (fastdiff.reference.solvers.sample_dpmpp_2m), fastdiff.Sampler eager and graph=True
+(GPU only).
 The network is tiny, so these loops measure per-step overhead: launches and Python.
 
 SD1.5-shaped (GPU only): diffusers' UNet2DConditionModel built from Stable Diffusion 1.5's
 config with random weights (no download), fp16, 512x512 (latents 1x4x64x64), CFG 7.5 (the
-network sees batch 2), 20 steps: diffusers' scheduler loop vs fastdiff.Sampler eager / graph,
-each also with torch.compile(unet) (mode in extra_info; FASTDIFF_BENCH_COMPILE_MODE overrides;
-only in full timed runs: not with --benchmark-disable or `fastdiff bench --quick`).
+network sees batch 2), 20 steps: diffusers' scheduler loop, the same loop with the fused twin
+scheduler ("fastdiff-scheduler") and after fastdiff.accelerate, fastdiff.Sampler eager /
+graph, and torch.compile(unet) (mode in extra_info; FASTDIFF_BENCH_COMPILE_MODE overrides; only
+in full timed runs: not with --benchmark-disable or `fastdiff bench --quick`).
 The SDPA backend is pinned (torch.nn.attention.sdpa_kernel; FASTDIFF_BENCH_SDPA overrides) and
 recorded. Every result records ms_per_step and the largest difference of its samples from the
 baseline loops of its group (diffusers, k-diffusion) that ran before it.
@@ -65,6 +68,15 @@ def dpm_scheduler(steps: int, **betas):
 def scheduler_sigmas(s) -> torch.Tensor:
     """The scheduler's noise levels (float64, ending in 0): every loop walks the same ones."""
     return s.sigmas.double().cpu()
+
+
+def fused_twin(s):
+    """The scheduler swapped for fastdiff's drop-in twin, as a user does in one line."""
+    import fastdiff.diffusers
+
+    twin = getattr(fastdiff.diffusers, type(s).__name__).from_config(s.config)
+    twin.set_timesteps(len(s.timesteps), device=DEVICE)
+    return twin
 
 
 def diffusers_loop(s, call, noise, steps, guidance):
@@ -128,7 +140,8 @@ def digits():
     return model, labels, torch.full_like(labels, NULL_LABEL), s, noise
 
 
-@pytest.mark.parametrize("impl", ["diffusers", "k-diffusion", "fastdiff-eager", "fastdiff-graph"])
+@pytest.mark.parametrize("impl", ["diffusers", "fastdiff-scheduler", "k-diffusion",
+                                  "fastdiff-eager", "fastdiff-graph"])
 def bench_loop_digits(benchmark, digits, impl):
     from fastdiff.models.digits import guided
 
@@ -141,9 +154,10 @@ def bench_loop_digits(benchmark, digits, impl):
     x = noise * sigmas[0].item()  # VE coordinates (k-diffusion)
     benchmark.group = f"loop digits dpmpp_2m {steps} steps cfg batch 10"
     benchmark.extra_info.update(solver="dpmpp_2m", guidance=guidance)
-    if impl == "diffusers":
+    if impl in ("diffusers", "fastdiff-scheduler"):  # diffusers' loop, its scheduler or fastdiff's
         unet, cls = model.network.unet, torch.cat([null, labels])
-        loop, setup = diffusers_loop(s, lambda inp, t: unet(inp, t, class_labels=cls), noise,
+        loop, setup = diffusers_loop(s if impl == "diffusers" else fused_twin(s),
+                                     lambda inp, t: unet(inp, t, class_labels=cls), noise,
                                      steps, guidance)
     elif impl == "k-diffusion":
         cfg = guided(model, guidance)
@@ -191,8 +205,8 @@ def unet_call(unet, emb):
     return call
 
 
-@pytest.mark.parametrize("impl", ["diffusers", "fastdiff-eager", "fastdiff-graph",
-                                  "fastdiff-accelerate", "diffusers-compile",
+@pytest.mark.parametrize("impl", ["diffusers", "fastdiff-scheduler", "fastdiff-eager",
+                                  "fastdiff-graph", "fastdiff-accelerate", "diffusers-compile",
                                   "fastdiff-eager-compile", "fastdiff-graph-compile"])
 def bench_loop_sd15_unet(benchmark, sd_unet, impl):
     if impl == "fastdiff-graph-compile" and COMPILE_MODE in ("reduce-overhead", "max-autotune"):
@@ -230,6 +244,8 @@ def bench_loop_sd15_unet(benchmark, sd_unet, impl):
             pipe.scheduler.set_timesteps(steps, device=DEVICE)
             loop, setup = diffusers_loop(pipe.scheduler, unet_call(pipe.unet, text), noise,
                                          steps, guidance)
+        elif impl == "fastdiff-scheduler":
+            loop, setup = diffusers_loop(fused_twin(s), call, noise, steps, guidance)
         elif impl.startswith("diffusers"):
             loop, setup = diffusers_loop(s, call, noise, steps, guidance)
         else:
