@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Runs the GPU tests of every CUDA kernel (native lincomb / group_norm / device helpers, Triton
-# lincomb / group_norm / attention, whole-loop graphs) under NVIDIA compute-sanitizer:
+# Runs the tests of every CUDA kernel on the GPU (native and Triton lincomb with clipping,
+# dynamic_threshold, schedule_tables, group_norm, attention; the engine, whole-loop graphs and
+# the diffusers drop-ins) under NVIDIA compute-sanitizer:
 # memcheck (out-of-bounds and misaligned accesses), racecheck (shared-memory hazards),
 # initcheck (reads of uninitialised global memory) and synccheck (illegal __syncthreads use).
 # Output: benchmarks/results/<gpu>/sanitizer-<tool>.txt, one file per tool; the script fails if
@@ -12,11 +13,13 @@
 #   PYTHON=python3 scripts/sanitize.sh          another interpreter (default .venv/bin/python
 #                                               when it exists, else python3)
 #
+# Whole test files run, not only the gpu-marked tests: on a GPU machine every op test puts its
+# tensors on CUDA, so the parametrised backend/dtype/shape/layout tests are the kernel coverage.
 # The kernels run slowly under the sanitizer (racecheck: 10-100x): memcheck covers the op tests
-# and the engine's (sampler, whole-loop graphs); the other tools the op tests only (their kernels
-# are the only ones using shared memory and barriers that fastdiff owns). The stress test (1,000
-# replays) is left out: it checks stream/graph behaviour, not memory. FASTDIFF_SANITIZE=1 is
-# exported for tests that want smaller shapes under the sanitizer.
+# and the engine's; the other tools the op tests only (their kernels are the only ones using
+# shared memory and barriers that fastdiff owns). The stress test (1,000 replays) is left out:
+# it checks stream/graph behaviour, not memory. A device command limited in time can run one
+# tool or one file at a time (TOOLS=..., PYTEST_ARGS=...).
 # PyTorch's caching allocator is switched off (PYTORCH_NO_CUDA_MEMORY_CACHING=1) so that every
 # tensor is its own allocation and memcheck sees accesses past a tensor's end.
 set -uo pipefail
@@ -40,8 +43,9 @@ OUT=benchmarks/results/${GPU}
 mkdir -p "$OUT"
 
 TOOLS=${TOOLS:-"memcheck racecheck initcheck synccheck"}
-OP_TESTS=(tests/test_lincomb.py tests/test_group_norm.py tests/test_attention.py)
-ENGINE_TESTS=(tests/test_sampler.py tests/test_graph.py)
+OP_TESTS=(tests/test_lincomb.py tests/test_lincomb_clip.py tests/test_threshold.py
+          tests/test_schedule_kernel.py tests/test_group_norm.py tests/test_attention.py)
+ENGINE_TESTS=(tests/test_sampler.py tests/test_graph.py tests/test_diffusers_schedulers.py)
 read -r -a EXTRA <<< "${PYTEST_ARGS:-}"
 
 declare -A OPTIONS=(
@@ -65,10 +69,10 @@ for tool in $TOOLS; do
         echo "# git: $(git rev-parse --short HEAD 2>/dev/null)$(git diff --quiet 2>/dev/null || echo '+dirty')"
     } > "$log"
     # shellcheck disable=SC2086
-    FASTDIFF_SANITIZE=1 PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 \
         "$SANITIZER" --tool "$tool" ${OPTIONS[$tool]} --target-processes all \
         --error-exitcode 99 --print-limit 200 \
-        "$PYTHON" -m pytest -q -p no:cacheprovider -m gpu "${TESTS[@]}" "${EXTRA[@]}" \
+        "$PYTHON" -m pytest -q -p no:cacheprovider "${TESTS[@]}" "${EXTRA[@]}" \
         >> "$log" 2>&1
     rc=$?
     summary=$(grep -E "ERROR SUMMARY|LEAK SUMMARY|RACECHECK SUMMARY" "$log" | tail -n 3 | tr '\n' ' ')
