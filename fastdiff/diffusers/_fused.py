@@ -22,6 +22,7 @@ import warnings
 
 import torch
 
+from fastdiff.diffusers import _learned
 from fastdiff.diffusers._trace import Clip, StepPlan, get_slot, set_slot, trace_steps
 from fastdiff.ops import dynamic_threshold
 from fastdiff.ops._backends import resolve
@@ -84,8 +85,7 @@ class FusedStepMixin:
     """Mixed in before a diffusers scheduler class; see fused_class()."""
 
     _fd_base: type  # the diffusers class
-    # config key -> predicate(value) -> True when the step is non-linear: diffusers' own step runs
-    _fd_fallback: dict = {}
+    _fd_learned = None  # how a learned variance is handled: "slice" or "ddpm" (_learned.py)
     _fd_noise_f32 = False  # diffusers draws float32 noise even for half inputs
     _fd_row_attr = None  # attribute holding the step index of a scheduler without _step_index
     # Which implementation runs `step`: "auto" (the fastest fused kernel for the device), a
@@ -94,19 +94,9 @@ class FusedStepMixin:
     # results: the check that swapping the scheduler changes nothing else). Set it before a loop.
     fastdiff_backend = "auto"
 
-    # ---- configuration -------------------------------------------------------------------
-    @property
-    def fused_fallback_reason(self) -> str | None:
-        """Why `step` runs diffusers' own (non-linear) step, or None when it is fused."""
-        for key, nonlinear in self._fd_fallback.items():
-            if nonlinear(self.config.get(key)):
-                return f"config {key}={self.config.get(key)!r} makes the step non-linear"
-        return None
-
     # ---- set_timesteps: diffusers' schedule + the traced plans -------------------------------
     def set_timesteps(self, *args, **kwargs):
         result = self._fd_base.set_timesteps(self, *args, **kwargs)
-        self._fd_fallback_reason = self.fused_fallback_reason  # config is frozen: decide once
         bound = inspect.signature(self._fd_base.set_timesteps).bind(self, *args, **kwargs)
         arguments = dict(bound.arguments)
         arguments.pop("self")
@@ -122,7 +112,7 @@ class FusedStepMixin:
             shared.schedule = (twin.timesteps, hasattr(twin, "_step_index"))
         self._fd_timesteps_cpu, self._fd_index_based = shared.schedule
         self._fd_timesteps_list = self._fd_timesteps_cpu.tolist()
-        if self.fused_fallback_reason is None and device is not None:
+        if device is not None:
             start = self._fd_default_start()
             plans = self._fd_get_plans(start, ())
             self._fd_get_tables(start, (), plans, torch.device(device), torch.float32)
@@ -130,7 +120,7 @@ class FusedStepMixin:
 
     def _fd_twin(self):
         """A plain diffusers scheduler with the same config and schedule, on the CPU."""
-        twin = self._fd_base.from_config(self.config)
+        twin = self._fd_base.from_config(self.config, **_learned.trace_overrides(self))
         twin.set_timesteps(**self._fd_set_args)
         twin.is_scale_input_called = True  # the twin is only traced: no warning about it
         return twin
@@ -152,6 +142,10 @@ class FusedStepMixin:
                    if not all(c.coef.isfinite().all() for c in p.chunks)]
             if bad:
                 plans.update(self._fd_limit_plans(start, key, bad))
+            if _learned.mode(self) == "ddpm":
+                user_twin = self._fd_base.from_config(self.config)
+                user_twin.set_timesteps(**self._fd_set_args)
+                _learned.retarget_noise(self, user_twin, plans, ts)
             self._fd_plans[(start, key)] = plans
         return plans
 
@@ -327,14 +321,6 @@ class FusedStepMixin:
     def step(self, model_output, timestep, sample, *args, **kwargs):
         if self.fastdiff_backend == "reference":
             return self._fd_base.step(self, model_output, timestep, sample, *args, **kwargs)
-        if self.__dict__.get("_fd_fallback_reason", True) is not None \
-                and self.fused_fallback_reason is not None:
-            if not getattr(self, "_fd_warned", False):
-                warnings.warn(f"fastdiff.diffusers.{type(self).__name__}:"
-                              f" {self.fused_fallback_reason}; running diffusers' own step"
-                              " (unfused, may synchronise)", stacklevel=3)
-                self._fd_warned = True
-            return self._fd_base.step(self, model_output, timestep, sample, *args, **kwargs)
         if getattr(self, "num_inference_steps", None) is None:
             raise ValueError("Number of inference steps is 'None', you need to run 'set_timesteps'"
                              " after creating the scheduler")
@@ -375,6 +361,9 @@ class FusedStepMixin:
                              " timesteps set by set_timesteps")
         plan = plans[row]
 
+        predicted_variance = None
+        if _learned.mode(self) is not None:
+            model_output, predicted_variance = _learned.split(self, model_output, sample)
         if model_output.device != sample.device:
             raise ValueError(f"model_output is on {model_output.device}, the sample on"
                              f" {sample.device}: expected one device")
@@ -400,6 +389,9 @@ class FusedStepMixin:
                 noise = randn_tensor(model_output.shape, generator=generator, device=device,
                                      dtype=noise_dtype)
             values[("noise", k)] = noise.to(device=device, dtype=dtype)
+        if plan.learned is not None:  # DDPM's learned std, per element
+            values[("noise", 0)] = _learned.scaled_noise(plan.learned, predicted_variance,
+                                                         values[("noise", 0)])
         results = {}  # targets; the sources stay the values from before this step
         for chunk, coef in zip(plan.chunks, tables):
             inputs = [values[s] if s in values else get_slot(self, s) for s in chunk.sources]
@@ -476,12 +468,10 @@ def _launch(inputs: list[torch.Tensor], coef: torch.Tensor, backend: str = "auto
     return _launch(partial + inputs[head:], rest, backend)
 
 
-def fused_class(base: type, fallback: dict | None = None,
-                doc: str = "", **attrs) -> type:
+def fused_class(base: type, doc: str = "", **attrs) -> type:
     """A subclass of diffusers' `base` with the same name, config surface and behaviour, and
     the fused sync-free `step`."""
-    cls_dict = dict(_fd_base=base, _fd_fallback=fallback or {}, __module__="fastdiff.diffusers",
-                    **attrs)
+    cls_dict = dict(_fd_base=base, __module__="fastdiff.diffusers", **attrs)
     cls_dict["__doc__"] = (f"Drop-in for `diffusers.{base.__name__}` with a fused, sync-free"
                            f" `step` (one fastdiff.ops.lincomb launch per step). {doc}")
 

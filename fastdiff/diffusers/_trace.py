@@ -66,6 +66,7 @@ class StepPlan:
     list_lengths: dict = field(default_factory=dict)  # history lists' lengths after the step
     out_cls: type | None = None
     out_fields: list[str] = field(default_factory=list)
+    learned: tuple | None = None  # DDPM's learned std of the noise (_learned.py)
 
 
 class _KeepF64(TorchFunctionMode):

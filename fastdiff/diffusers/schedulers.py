@@ -5,9 +5,9 @@ save/load) with the fused sync-free `step` of _fused.FusedStepMixin, and `add_no
 `clip_sample` and dynamic `thresholding` are fused too: the clamp of x0 happens in the step
 kernel's registers, and thresholding's per-sample quantile is one fused reduction launch before
 it (fastdiff.ops.dynamic_threshold). A learned variance (`variance_type="learned" /
-"learned_range"`: extra output channels through exp/log) is non-linear: it runs diffusers' own
-step, with a one-time warning (`fused_fallback_reason` says why). Everything else is traced, so
-it is fused whatever its value.
+"learned_range"`: the network's extra output channels) is split off as diffusers does; DDPM's
+per-element std exp(a_t + b_t v) scales the noise before the fused launch (_learned.py).
+Everything else is traced, so it is fused whatever its value.
 """
 
 from __future__ import annotations
@@ -16,12 +16,6 @@ import diffusers as _d
 
 from fastdiff.diffusers._fused import fused_class
 
-
-def _learned(value) -> bool:
-    return value in ("learned", "learned_range")
-
-
-_LEARNED = {"variance_type": _learned}
 # add_noise / scale_noise formulas reimplemented without diffusers' per-sample host lookup
 _SIGMA = {"_fd_noise_formula": "sigma"}  # x + noise * sigma
 _ALPHA_SIGMA = {"_fd_noise_formula": "alpha_sigma"}  # alpha_t x + sigma_t noise
@@ -33,9 +27,9 @@ EulerDiscreteScheduler = fused_class(
     _d.EulerDiscreteScheduler, **_SIGMA,
     doc="Step kwargs s_churn / s_tmin / s_tmax / s_noise are traced per value.")
 DPMSolverMultistepScheduler = fused_class(_d.DPMSolverMultistepScheduler, **_ALPHA_SIGMA,
-                                          fallback=_LEARNED)
+                                          _fd_learned="slice")
 UniPCMultistepScheduler = fused_class(_d.UniPCMultistepScheduler, **_ALPHA_SIGMA)
-DDPMScheduler = fused_class(_d.DDPMScheduler, fallback=_LEARNED)
+DDPMScheduler = fused_class(_d.DDPMScheduler, _fd_learned="ddpm")
 EulerAncestralDiscreteScheduler = fused_class(_d.EulerAncestralDiscreteScheduler, **_SIGMA)
 LCMScheduler = fused_class(_d.LCMScheduler)
 FlowMatchEulerDiscreteScheduler = fused_class(
@@ -47,7 +41,7 @@ DEISMultistepScheduler = fused_class(_d.DEISMultistepScheduler, **_ALPHA_SIGMA)
 KDPM2DiscreteScheduler = fused_class(_d.KDPM2DiscreteScheduler, **_SIGMA)
 KDPM2AncestralDiscreteScheduler = fused_class(_d.KDPM2AncestralDiscreteScheduler, **_SIGMA)
 DPMSolverSinglestepScheduler = fused_class(_d.DPMSolverSinglestepScheduler, **_ALPHA_SIGMA,
-                                           fallback=_LEARNED)
+                                           _fd_learned="slice")
 EDMEulerScheduler = fused_class(_d.EDMEulerScheduler, **_SIGMA)
 EDMDPMSolverMultistepScheduler = fused_class(_d.EDMDPMSolverMultistepScheduler, **_SIGMA)
 PNDMScheduler = fused_class(_d.PNDMScheduler, _fd_row_attr="counter")
