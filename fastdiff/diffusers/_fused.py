@@ -104,7 +104,7 @@ class FusedStepMixin:
         if "device" in inspect.signature(self._fd_base.set_timesteps).parameters:
             arguments["device"] = "cpu"
         self._fd_set_args = arguments
-        shared = _shared_state(self._fd_base, self.config, arguments)
+        shared = _shared_state(type(self), self.config, arguments)
         self._fd_plans, self._fd_tables = shared.plans, shared.tables
         self._fd_start = None
         if shared.schedule is None:
