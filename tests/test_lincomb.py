@@ -65,7 +65,11 @@ def test_16bit_rounding_is_exact_for_every_bit_pattern(backend, dtype):
     skip_unsupported(backend, dtype)
     bits = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16)
     x = bits.view(dtype).to(DEVICE)
-    coef = torch.tensor([[[1.0]], [[1 / 3]], [[-7.1e-3]], [[3.3e4]], [[1e-7]]], device=DEVICE)
+    # Exact products that land on fp16 rounding ties (1 + 2^-11: half an ulp), a quarter and
+    # three quarters of an ulp, and powers of two that shift normals into the subnormal range.
+    exact = [1 + 2**-11, 1 + 2**-12, 1 + 3 * 2**-12, 2**-11, -(2**-13), 2**-20]
+    coef = torch.tensor([[[c]] for c in (1.0, 1 / 3, -7.1e-3, 3.3e4, 1e-7, *exact)],
+                        device=DEVICE)
     for row in range(coef.shape[0]):
         got = lincomb([x], coef, row, backend=backend)[0]
         want = (x.float() * coef[row, 0, 0]).to(dtype)
