@@ -56,14 +56,17 @@ def within_twice_the_originals_error(make, run, **accelerate_kwargs):
     return accelerated_pipe
 
 
-def ddpm_pipeline():
+def ddpm_pipeline(variance_type="fixed_small"):
+    """DDPMPipeline; with a learned variance the UNet returns the mean and v (6 channels)."""
     torch.manual_seed(0)
+    learned = variance_type.startswith("learned")
     unet = diffusers.UNet2DModel(
-        sample_size=16, in_channels=3, out_channels=3, layers_per_block=1,
+        sample_size=16, in_channels=3, out_channels=6 if learned else 3, layers_per_block=1,
         block_out_channels=(32, 64), norm_num_groups=8, attention_head_dim=8,
         down_block_types=("DownBlock2D", "AttnDownBlock2D"),
         up_block_types=("AttnUpBlock2D", "UpBlock2D"))
-    scheduler = diffusers.DDPMScheduler(num_train_timesteps=1000, clip_sample=False)
+    scheduler = diffusers.DDPMScheduler(num_train_timesteps=1000, clip_sample=False,
+                                        variance_type=variance_type)
     return diffusers.DDPMPipeline(unet=unet, scheduler=scheduler)
 
 
@@ -101,8 +104,9 @@ def sd_pipeline():
     return types.SimpleNamespace(unet=unet.eval(), scheduler=scheduler)
 
 
-def test_ddpm_pipeline_outputs_unchanged_and_restore_is_exact():
-    base = ddpm_pipeline()
+@pytest.mark.parametrize("variance_type", ["fixed_small", "learned_range"])
+def test_ddpm_pipeline_outputs_unchanged_and_restore_is_exact(variance_type):
+    base = ddpm_pipeline(variance_type)
 
     def make(dtype):
         pipe = copy.deepcopy(base)
