@@ -20,6 +20,7 @@ import torch
 from fastdiff.denoisers import CFGDenoiser, Denoiser, ThresholdedDenoiser
 from fastdiff.ops import BACKENDS, dynamic_threshold, lincomb, resolve
 from fastdiff.ops.lincomb import launch_unchecked, same_dense_layout
+from fastdiff.ops.threshold import static_bounds
 from fastdiff.reference.solvers import SOLVERS
 from fastdiff.reference.solvers._utils import default_noise_sampler
 from fastdiff.solvers import plans_for
@@ -83,8 +84,7 @@ class _ModelAdapter:
         th, x = self.threshold, inputs[0]
         key = (x.shape[0], table.dtype, x.device)
         if key not in self._clip_constants:  # built once: no host-to-device copy per step
-            static = torch.tensor([[th.clip or 1.0, 1.0]], dtype=table.dtype, device=x.device)
-            self._clip_constants[key] = static.expand(x.shape[0], 2).contiguous()
+            self._clip_constants[key] = static_bounds(th.clip or 1.0, *key)
         static = self._clip_constants[key]
         if th.dynamic_ratio is None:
             return static

@@ -27,6 +27,7 @@ from fastdiff.diffusers._trace import Clip, StepPlan, get_slot, set_slot, trace_
 from fastdiff.ops import dynamic_threshold
 from fastdiff.ops._backends import resolve
 from fastdiff.ops.lincomb import MAX_INPUTS, launch_unchecked, lincomb, same_dense_layout
+from fastdiff.ops.threshold import static_bounds
 
 _STEP_SPECIAL = ("self", "model_output", "timestep", "sample", "generator", "variance_noise",
                  "return_dict")
@@ -118,9 +119,11 @@ class FusedStepMixin:
             self._fd_get_tables(start, (), plans, torch.device(device), torch.float32)
         return result
 
-    def _fd_twin(self):
-        """A plain diffusers scheduler with the same config and schedule, on the CPU."""
-        twin = self._fd_base.from_config(self.config, **_learned.trace_overrides(self))
+    def _fd_twin(self, traced: bool = True):
+        """A plain diffusers scheduler with the same config and schedule, on the CPU; `traced`:
+        the one whose step is traced (without a learned variance's output, _learned.py)."""
+        overrides = _learned.trace_overrides(self) if traced else {}
+        twin = self._fd_base.from_config(self.config, **overrides)
         twin.set_timesteps(**self._fd_set_args)
         twin.is_scale_input_called = True  # the twin is only traced: no warning about it
         return twin
@@ -143,9 +146,7 @@ class FusedStepMixin:
             if bad:
                 plans.update(self._fd_limit_plans(start, key, bad))
             if _learned.mode(self) == "ddpm":
-                user_twin = self._fd_base.from_config(self.config)
-                user_twin.set_timesteps(**self._fd_set_args)
-                _learned.retarget_noise(self, user_twin, plans, ts)
+                _learned.retarget_noise(self, self._fd_twin(traced=False), plans, ts)
             self._fd_plans[(start, key)] = plans
         return plans
 
@@ -431,8 +432,7 @@ class FusedStepMixin:
         key = (clip.params, x.shape[0], coef.dtype, x.device)
         cache = self.__dict__.setdefault("_fd_static_clips", {})
         if key not in cache:
-            cache[key] = torch.tensor([[clip.params[0], 1.0]], dtype=coef.dtype,
-                                      device=x.device).expand(x.shape[0], 2).contiguous()
+            cache[key] = static_bounds(clip.params[0], x.shape[0], coef.dtype, x.device)
         return cache[key]
 
 

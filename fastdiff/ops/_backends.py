@@ -54,6 +54,14 @@ def unavailable_reason(backend: str, device: torch.device) -> str:
     raise ValueError(f"backend must be one of {BACKENDS} or 'auto', got {backend!r}")
 
 
+def native_target(device: torch.device) -> tuple[int, int]:
+    """(device index, stream handle) the native launchers take: torch's current stream of a CUDA
+    device, or (-1, 0) for the CPU."""
+    if device.type == "cuda":
+        return device.index or 0, torch.cuda.current_stream(device).cuda_stream
+    return -1, 0
+
+
 def resolve(backend: str, device: torch.device) -> str:
     """Maps "auto" to the fastest backend available for `device`; checks an explicit choice."""
     if backend == "auto":

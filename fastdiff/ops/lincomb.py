@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 
 from fastdiff import _native
-from fastdiff.ops._backends import resolve
+from fastdiff.ops._backends import native_target, resolve
 from fastdiff.reference.lincomb import lincomb as lincomb_reference
 
 MAX_INPUTS = 6
@@ -242,11 +242,7 @@ def _check_out_aliasing(inputs, out) -> None:
 
 
 def _launch_native(inputs, coef, row, row_tensor, outs, seeds, counters, clip) -> None:
-    device = inputs[0].device
-    if device.type == "cuda":
-        index, stream = device.index, torch.cuda.current_stream(device).cuda_stream
-    else:
-        index, stream = -1, 0
+    index, stream = native_target(inputs[0].device)
     _native.module().lincomb(
         _native.DTYPE_CODES[inputs[0].dtype], index, [t.data_ptr() for t in inputs],
         [o.data_ptr() for o in outs], coef.data_ptr(),

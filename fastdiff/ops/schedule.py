@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from fastdiff import _native
-from fastdiff.ops._backends import resolve
+from fastdiff.ops._backends import native_target, resolve
 
 # Names in the order of the codes in csrc/include/fastdiff/schedule.h.
 BETAS = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid", "laplace", "exp")
@@ -175,9 +175,7 @@ def _run(buffer: Tensor, codes: dict, backend: str) -> None:
 
         schedule_triton(buffer, **codes)
     else:
-        device = buffer.device
-        index, stream = ((device.index or 0, torch.cuda.current_stream(device).cuda_stream)
-                         if device.type == "cuda" else (-1, 0))
+        index, stream = native_target(buffer.device)
         _native.module().schedule_tables(device=index, out=buffer.data_ptr(), stream=stream,
                                          **codes)
 

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import torch
 
 from fastdiff import _native
-from fastdiff.ops._backends import resolve
+from fastdiff.ops._backends import native_target, resolve
 from fastdiff.ops.lincomb import (
     kernel_layout,
     to_layout,
@@ -72,10 +72,7 @@ def _validate(inputs, coef, row, ratio, max_value, out):
 
 def _launch_native(inputs, coef, row, row_tensor, ratio, max_value, out) -> None:
     x0 = inputs[0]
-    if x0.device.type == "cuda":
-        index, stream = x0.device.index, torch.cuda.current_stream(x0.device).cuda_stream
-    else:
-        index, stream = -1, 0
+    index, stream = native_target(x0.device)
     _native.module().dynamic_threshold(
         _native.DTYPE_CODES[x0.dtype], index, [t.data_ptr() for t in inputs], coef.data_ptr(),
         row_tensor.data_ptr() if row_tensor is not None else 0, row, coef.shape[0],
@@ -150,6 +147,14 @@ def dynamic_threshold(
                                                  backend, out)
         return out
     return _run(inputs, coef, row, row_tensor, ratio, max_value, out, backend)
+
+
+def static_bounds(bound: float, batch: int, dtype: torch.dtype,
+                  device: torch.device) -> torch.Tensor:
+    """lincomb's `clip` for a fixed clamp(x0, -bound, bound): (bound, divisor 1) per sample,
+    [batch, 2] in `dtype` (the accumulation dtype). Callers build it once per run setting, so
+    no step pays a host-to-device copy."""
+    return torch.tensor([[bound, 1.0]], dtype=dtype, device=device).expand(batch, 2).contiguous()
 
 
 # torch.library registration: torch.compile traces these instead of the Python above.
