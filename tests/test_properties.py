@@ -101,13 +101,19 @@ def check_outputs(got, out, xs, keep, alias):
                for i, (x, k) in enumerate(zip(xs, keep)) if i not in written)
 
 
-@st.composite
-def lincomb_problems(draw):
+def draw_case(draw):
+    """A backend, a dtype it runs, and a shape of at most MAX_NUMEL elements."""
     backend = draw(st.sampled_from(AVAILABLE))
     dtype = draw(st.sampled_from([d for d in DTYPES if usable(backend, d)]))
     shape = tuple(draw(st.lists(SIZES, min_size=1, max_size=4)))
     while math.prod(shape) > MAX_NUMEL:
         shape = shape[1:]
+    return backend, dtype, shape
+
+
+@st.composite
+def lincomb_problems(draw):
+    backend, dtype, shape = draw_case(draw)
     num_in = draw(st.integers(1, 6))
     num_out = draw(st.integers(1, MAX_OUTPUTS))
     num_noise = draw(st.integers(0, 2))
@@ -167,11 +173,7 @@ def test_lincomb_equals_the_reference(tol, problem):
 
 @st.composite
 def clip_problems(draw):
-    backend = draw(st.sampled_from(AVAILABLE))
-    dtype = draw(st.sampled_from([d for d in DTYPES if usable(backend, d)]))
-    shape = tuple(draw(st.lists(SIZES, min_size=1, max_size=4)))
-    while math.prod(shape) > MAX_NUMEL:
-        shape = shape[1:]
+    backend, dtype, shape = draw_case(draw)
     num_in = draw(st.integers(1, 4))
     num_out = draw(st.integers(1, MAX_OUTPUTS))
     num_noise = draw(st.integers(0, 2))
