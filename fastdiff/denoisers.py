@@ -178,14 +178,15 @@ class Denoiser(nn.Module):
     def forward(self, x: Tensor, sigma, **cond) -> Tensor:
         """D(x, sigma) in VE coordinates; sigma a float, 0-dim or [B] tensor."""
         sigma = torch.as_tensor(sigma, dtype=_F64, device=x.device)
-        return self._apply(x, self.scalings(sigma), self.time_input(sigma), cond)
+        return self._denoise(x, self.scalings(sigma), self.time_input(sigma), cond)
 
     def flow_forward(self, x: Tensor, s, **cond) -> Tensor:
         """D(x_s, s) in flow coordinates (for solvers with param == "flow")."""
         s = torch.as_tensor(s, dtype=_F64, device=x.device)
-        return self._apply(x, self.flow_scalings(s), self.flow_time_input(s), cond)
+        return self._denoise(x, self.flow_scalings(s), self.flow_time_input(s), cond)
 
-    def _apply(self, x: Tensor, coeffs, time: Tensor, cond: dict) -> Tensor:
+    def _denoise(self, x: Tensor, coeffs, time: Tensor, cond: dict) -> Tensor:
+        # (not `_apply`: that name is nn.Module's, used by .to(), .half(), .cuda())
         if x.ndim < 1 or time.ndim > 1 or (time.ndim == 1 and time.shape[0] != x.shape[0]):
             raise ValueError(f"sigma must be a scalar or [B={x.shape[0]}], got {tuple(time.shape)}")
         # combine in at least fp32 (DESIGN.md: accumulate in fp32 whatever the storage dtype)
@@ -195,6 +196,13 @@ class Denoiser(nn.Module):
         t_dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
         time = time.to(t_dtype).expand(x.shape[0])
         out = self.network((x * c_in).to(x.dtype), time, **cond)
+        if not isinstance(out, Tensor) or not out.is_floating_point():
+            got = out.dtype if isinstance(out, Tensor) else type(out).__name__
+            raise TypeError(f"the Denoiser's network returned {got}, expected a floating-point"
+                            " tensor like its input")
+        if out.shape != x.shape:  # it would broadcast against x into a wrong D
+            raise ValueError(f"the Denoiser's network returned shape {tuple(out.shape)},"
+                             f" expected {tuple(x.shape)} like its input")
         return (c_skip * x + c_out * out).to(x.dtype)
 
 

@@ -73,9 +73,11 @@ def _clone_out(v):
 class GraphedCallable:
     """`graphed(*args, **kwargs)` replays `fn(*args, **kwargs)` captured in a CUDA graph, one per
     input signature (shapes, dtypes, devices, strides, plain values); tensors are copied into the
-    graph's static inputs, and the outputs are cloned out. Capture failures run `fn` eagerly."""
+    graph's static inputs, and the outputs are cloned out. Capture failures run `fn` eagerly
+    (with one warning; `entries[key] is None` for such a signature). The first call of a
+    signature runs `fn` `warmup` times eagerly, records it once, then replays."""
 
-    def __init__(self, fn: Callable, warmup: int = 2):
+    def __init__(self, fn: Callable, warmup: int = 1):
         self.fn, self.warmup = fn, warmup
         self.entries: dict[tuple, _Entry | None] = {}
         self.pool = None  # created at the first capture (a CPU-only torch cannot make one)
@@ -100,7 +102,9 @@ class GraphedCallable:
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         try:
-            # Warm-up off the capture: Triton compiles, cuBLAS creates handles, caches fill.
+            # Warm-up off the capture: Triton compiles and autotunes, cuBLAS and cuDNN create
+            # their handles and workspaces, fastdiff's per-run constants are built. One run does
+            # all of it (the first sampler call used to run the loop 3 times before replaying).
             with torch.cuda.stream(side):
                 for _ in range(self.warmup):
                     self.fn(*static_args, **static_kwargs)

@@ -92,11 +92,17 @@ class _ModelAdapter:
                                    backend=backend)
         return bounds * static if th.clip is not None and th.clip < 1 else bounds
 
-    def levels(self, sigmas: list[float], batch: int, dtype, device) -> list[torch.Tensor]:
-        """What the model gets as its noise level per call ([B] or [2B] with guidance)."""
+    def levels(self, sigmas: list[float], batch: int, dtype, device,
+               sigmas_dtype=torch.float64) -> list[torch.Tensor]:
+        """What the model gets as its noise level per call ([B] or [2B] with guidance): a plain
+        denoiser gets k-diffusion's `sigmas[i] * s_in`, i.e. sigma rounded to the schedule's
+        dtype, then to x's (so x / (1 + sigma**2) stays in x's dtype); a Denoiser's network
+        gets its time input as `Denoiser` passes it (fp32 for fp16/bf16 data, as diffusers
+        passes timesteps)."""
         b = batch if self.guidance is None else 2 * batch
         if self.denoiser is None:
-            return [torch.full((b,), s, dtype=dtype, device=device) for s in sigmas]
+            return [torch.full((b,), s, dtype=sigmas_dtype, device=device).to(dtype)
+                    for s in sigmas]
         d = self.denoiser
         t_dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
         out = []
@@ -129,7 +135,11 @@ class _ModelAdapter:
             raise ValueError(f"model returned {got}, expected a tensor of shape"
                              f" {tuple(x_in.shape)} like its input")
         if out.dtype != x_in.dtype:
-            raise TypeError(f"model returned {out.dtype}, expected {x_in.dtype} like its input")
+            if self.denoiser is None or not out.is_floating_point():
+                what = "model" if self.denoiser is None else "the Denoiser's network"
+                raise TypeError(f"{what} returned {out.dtype}, expected {x_in.dtype} like its"
+                                " input")
+            out = out.to(x_in.dtype)  # a float network output, used as Denoiser uses it
         return [out] if self.guidance is None else list(out.chunk(2))
 
 
@@ -249,6 +259,9 @@ class Sampler:
         if self.sigmas.dim() == 1 and self.sigmas.numel() > 0 and bool(self.sigmas[0] <= 0):
             raise ValueError(f"sigmas must start above 0 (the initial noise level), got"
                              f" sigmas[0] = {float(self.sigmas[0])}")
+        # the dtype the model's noise level is rounded to first (k-diffusion: sigmas[i] * s_in)
+        self._sigmas_dtype = (self.sigmas.dtype if self.sigmas.is_floating_point()
+                              else torch.float64)
         self.adapter = _ModelAdapter(model, guidance, info.param, cond_key)
         mode = "brownian" if noise == "philox" and solver in _BROWNIAN else "calls"
         call_sigmas, plans = plans_for(solver, self.sigmas, noise_mode=mode, **self.options)
@@ -271,6 +284,11 @@ class Sampler:
         _, self.plan, self.launches, tables = min(lowered, key=lambda c: c[0])
         self._tables64 = tables
         self._dead_after = _lifetimes(self.launches, self.plan.history_kind)
+        # Noise tensors are drawn (generator noise, or the reference's randn_like) only if a
+        # launch reads one; the Brownian tree's interval is fixed here, on the host.
+        self._draws = any(r.kind == "z" for la in self.launches for r in la.inputs)
+        positive = [s for s in self.sigmas.double().tolist() if s > 0] if self._draws else [1.0]
+        self._sigma_range = (min(positive), max(positive))
         self._spare: dict[tuple, list[torch.Tensor]] = {}  # CPU buffers kept between runs
         self._cache: dict = {}
         self._graphs = None
@@ -285,22 +303,23 @@ class Sampler:
         if key not in self._cache:
             acc = torch.float64 if x.dtype == torch.float64 else torch.float32
             tables = {k: t.to(x.device, acc) for k, t in self._tables64.items()}
-            level_dtype = torch.promote_types(self.sigmas.dtype, x.dtype)
             levels = self.adapter.levels([s.sigma for s in self.plan.stages], x.shape[0],
-                                         level_dtype, x.device)
+                                         x.dtype, x.device, self._sigmas_dtype)
             self._cache[key] = (tables, levels)
         return self._cache[key]
 
     def _noise_source(self, x: torch.Tensor, generator):
+        """The reference's noise sampler, for launches that read drawn noise tensors (never
+        built when all noise is generated in-kernel: a Brownian tree seeds a generator and
+        draws on the host, which a CUDA graph capture cannot contain)."""
         if self.noise_sampler is not None:
             return self.noise_sampler
         if self.solver in _BROWNIAN and self.plan.noise:
             from fastdiff.reference.solvers._utils import BrownianTreeNoiseSampler
 
-            positive = self.sigmas[self.sigmas > 0]
             seed = None if generator is None else int(
-                torch.randint(0, 2**62, (), generator=generator))
-            return BrownianTreeNoiseSampler(x, positive.min(), positive.max(), seed=seed)
+                torch.randint(0, 2**62, (), generator=generator, device=generator.device))
+            return BrownianTreeNoiseSampler(x, *self._sigma_range, seed=seed)
         return default_noise_sampler(x, generator=generator)
 
     # -- execution ---------------------------------------------------------------------------
@@ -316,11 +335,15 @@ class Sampler:
             if not isinstance(seeds, torch.Tensor) or seeds.dtype != torch.int64 or \
                     seeds.shape != (batch,):
                 raise ValueError(f"seeds must be an int64 tensor of shape ({batch},)")
-            return seeds.to(noise.device)
+            # the kernels read the seeds densely: a strided view must be made contiguous
+            return seeds.to(noise.device).contiguous()
         if seed is not None:
             return torch.arange(seed, seed + batch, dtype=torch.int64, device=noise.device)
+        # drawn on the generator's device (the CPU's global generator without one)
         return torch.randint(-(2**63), 2**63 - 1, (batch,), generator=generator,
-                             dtype=torch.int64).to(noise.device)
+                             dtype=torch.int64,
+                             device=generator.device if generator is not None else "cpu"
+                             ).to(noise.device)
 
     def run(self, noise: torch.Tensor, generator: torch.Generator | None = None,
             seed: int | None = None, seeds: torch.Tensor | None = None, **cond) -> torch.Tensor:
@@ -334,8 +357,9 @@ class Sampler:
         philox_seeds = self.seeds_for(noise, seed, seeds, generator)
         backend = resolve(self.backend, noise.device)
         cond = self.adapter.batch_cond(cond)
-        draw = self._noise_source(noise, generator)
-        plain_draw = default_noise_sampler(noise, generator=generator)  # the reference's randn_like
+        draws = ((self._noise_source(noise, generator),
+                  default_noise_sampler(noise, generator=generator))  # the reference's randn_like
+                 if self._draws else None)
         regs: dict = {("x", 0): noise}
         buffers = _Buffers(noise, self._spare)
         drawn: list[torch.Tensor] = []
@@ -350,17 +374,17 @@ class Sampler:
                     regs[("part", p)] = part
                 if self.scalings.plain:
                     regs[("D", k)] = parts[0]
-            result = self._launch(launch, regs, tables, backend, buffers, drawn,
-                                  (draw, plain_draw), philox_seeds)
+            result = self._launch(launch, regs, tables, backend, buffers, drawn, draws,
+                                  philox_seeds)
             for key in self._dead_after[i]:
                 buffers.release(regs.pop(key, None), regs)
         buffers.close()
         return result
 
     def _launch(self, launch: Launch, regs, tables, backend, buffers, drawn, draws, seeds):
-        draw, plain_draw = draws
         for ref in launch.inputs:
             if ref.kind == "z":  # drawn in the reference's order, with its arguments
+                draw, plain_draw = draws
                 while len(drawn) <= ref.index:
                     args = self.plan.noise[len(drawn)].args
                     drawn.append(draw(*args) if args else plain_draw(None, None))

@@ -10,6 +10,8 @@ from fastdiff.spacings import get_sigmas_karras
 
 pytestmark = pytest.mark.gpu
 SOLVERS = ["dpmpp_2m", "euler_ancestral", "unipc_bh2_3", "heun", "dpmpp_sde"]
+# A capture failure falls back to eager with a warning "fastdiff: ...": an error here.
+NO_FALLBACK = pytest.mark.filterwarnings("error:fastdiff")
 
 
 def conv_model():
@@ -24,6 +26,13 @@ def conv_model():
     return model
 
 
+def assert_replayed(sampler):
+    """The graph path really ran: every input signature was captured."""
+    entries = sampler._graphs.entries if sampler._graphs else {}
+    assert entries and all(e is not None for e in entries.values()), "ran eagerly"
+
+
+@NO_FALLBACK
 @pytest.mark.parametrize("name", SOLVERS)
 def test_graph_replay_is_bitwise_equal_to_eager(name):
     model = conv_model()
@@ -32,17 +41,51 @@ def test_graph_replay_is_bitwise_equal_to_eager(name):
     eager = Sampler(model, name, sigmas)(noise, seed=3)
     graphed = Sampler(model, name, sigmas, graph=True)
     first = graphed(noise, seed=3)
+    assert_replayed(graphed)
     assert torch.equal(first, eager)
     other = torch.randn_like(noise) * 14.6
     assert torch.equal(graphed(other, seed=4), Sampler(model, name, sigmas)(other, seed=4))
+    assert len(graphed._graphs.entries) == 1  # same signature: replayed, not captured again
 
 
+@NO_FALLBACK
+def test_the_first_graphed_call_runs_the_loop_once_eagerly_then_records_it():
+    """Warm-up once on a side stream, record, replay (it used to run the loop 3 times)."""
+    calls = []
+    net = conv_model()
+
+    def model(x, sigma, **cond):
+        calls.append(1)
+        return net(x, sigma)
+
+    sampler = Sampler(model, "dpmpp_2m", get_sigmas_karras(10, 0.03, 14.6), graph=True)
+    noise = torch.randn(2, 4, 32, 32, device="cuda", dtype=torch.float16)
+    sampler(noise, seed=0)
+    assert_replayed(sampler)
+    assert len(calls) == 2 * sampler.plan.nfe  # the warm-up run and the recorded one
+    sampler(noise, seed=1)
+    assert len(calls) == 2 * sampler.plan.nfe  # a replay calls no Python
+
+
+def test_philox_seeds_drawn_from_a_cuda_generator():
+    """A CUDA torch.Generator (natural beside CUDA noise) draws the Philox seeds on its own
+    device; the draw used to be made on the CPU with it, which raises."""
+    model = conv_model()
+    sampler = Sampler(model, "euler_ancestral", get_sigmas_karras(4, 0.03, 14.6))
+    noise = torch.randn(2, 4, 16, 16, device="cuda", dtype=torch.float16)
+    a = sampler(noise, generator=torch.Generator("cuda").manual_seed(5))
+    b = sampler(noise, generator=torch.Generator("cuda").manual_seed(5))
+    assert torch.equal(a, b) and bool(torch.isfinite(a).all())
+
+
+@NO_FALLBACK
 def test_thousand_replays_do_not_grow_memory():
     model = conv_model()
     sampler = Sampler(model, "dpmpp_2m", get_sigmas_karras(10, 0.03, 14.6), graph=True)
     noise = torch.randn(2, 4, 32, 32, device="cuda", dtype=torch.float16)
     for _ in range(3):
         sampler(noise, seed=0)
+    assert_replayed(sampler)
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
     for i in range(1000):

@@ -375,3 +375,111 @@ def test_brownian_bridge_noise_matches_kdiffusions_brownian_tree_in_distribution
     # the noise really is there: a deterministic run (eta = 0) gives a different distribution
     ode = Sampler(gmm, "dpmpp_sde", sigmas, eta=0.0)(x)
     assert not torch.allclose(ode, got)
+
+
+# ---- what the model is given (issue 13, item 1) ------------------------------------------------
+
+class Recorder:
+    """A k-diffusion denoiser of unit-variance Gaussian data, written as users write one:
+    x / (1 + sigma**2) stays in x's dtype only if sigma has it. Records each noise level."""
+
+    def __init__(self):
+        self.levels = []
+
+    def __call__(self, x, sigma, **cond):
+        self.levels.append(sigma.clone())
+        return x / (1 + sigma.view(-1, *[1] * (x.dim() - 1)) ** 2)
+
+
+@pytest.mark.parametrize("sigmas_dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("name", ["euler", "dpmpp_2m", "euler_ancestral"])
+def test_a_model_gets_the_noise_level_kdiffusion_gives_it(name, dtype, sigmas_dtype):
+    """k-diffusion calls model(x, sigmas[i] * s_in): sigma in x's dtype, rounded from the
+    schedule's dtype. fp16 latents with fp32 sigmas used to get fp32 levels, so the model above
+    returned fp32 and the run raised."""
+    from fastdiff import k_diffusion as K
+
+    sigmas = get_sigmas_karras(6, 0.03, 14.6, dtype=sigmas_dtype)
+    x = torch.randn(3, 2, 4, generator=torch.Generator().manual_seed(0)).to(DEVICE, dtype) * 14.6
+    engine, reference = Recorder(), Recorder()
+    options = {"eta": 0.0} if name == "euler_ancestral" else {}  # no noise: same draws
+    out = Sampler(engine, name, sigmas, backend=BACKENDS[-1], **options)(x)
+    getattr(K, f"sample_{name}")(reference, x, sigmas.to(DEVICE), disable=True, **options)
+    assert out.dtype == dtype and bool(torch.isfinite(out).all())
+    assert len(engine.levels) == len(reference.levels) == 6
+    for got, want in zip(engine.levels, reference.levels):
+        assert got.dtype == want.dtype == dtype and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+def test_a_denoiser_network_gets_the_time_input_denoiser_gives_it(dtype):
+    """A Denoiser's network gets its time input as Denoiser.forward passes it (fp32 for
+    fp16/bf16 data, x's dtype otherwise), whatever the dtype of the sigmas: float64 sigmas
+    with fp32 data used to give the network float64 times."""
+    seen = {"engine": [], "reference": []}
+    where = "engine"
+
+    def network(x, t, **cond):
+        seen[where].append(t.clone())
+        return (x * 0.5).to(x.dtype)
+
+    model = Denoiser(network, "epsilon")
+    sigmas = get_sigmas_karras(4, 0.03, 14.6, dtype=torch.float64)
+    x = torch.randn(2, 3, generator=torch.Generator().manual_seed(0)).to(DEVICE, dtype) * 14.6
+    Sampler(model, "euler", sigmas, backend=BACKENDS[-1])(x)
+    where = "reference"  # (its sigmas in at least fp32, as k-diffusion users pass them)
+    SOLVERS["euler"].fn(model, x, sigmas.to(DEVICE, torch.promote_types(dtype, torch.float32)),
+                        disable=True)
+    want = dtype if dtype != torch.float16 else torch.float32
+    assert [t.dtype for t in seen["engine"]] == [t.dtype for t in seen["reference"]] == [want] * 4
+    # the reference's fp16 sigmas * s_in round sigma to fp16 before Denoiser sees it
+    rtol = 2.0**-11 if dtype == torch.float16 else 0.0
+    for got, ref in zip(seen["engine"], seen["reference"]):
+        torch.testing.assert_close(got, ref, rtol=rtol, atol=0)
+
+
+def test_a_denoiser_network_answering_in_another_float_dtype_is_used_as_denoiser_uses_it():
+    """The Denoiser combines a float network output of any dtype (e.g. autocast's fp16 for
+    fp32 data) in fp32; the engine does the same instead of refusing it."""
+    model = Denoiser(lambda x, t, **c: (x * 0.25).half(), "epsilon")
+    sigmas = get_sigmas_karras(4, 0.03, 14.6, dtype=torch.float64)
+    x = torch.randn(2, 3, generator=torch.Generator().manual_seed(0)).to(DEVICE) * 14.6
+    got = Sampler(model, "euler", sigmas, backend=BACKENDS[-1])(x)
+    want = SOLVERS["euler"].fn(model, x, sigmas.to(DEVICE, torch.float32), disable=True)
+    assert got.dtype == torch.float32 and rel_err(got, want) < 1e-5
+
+
+# ---- seeds and noise sources (issue 13, items 8 and 13) ----------------------------------------
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_seeds_give_the_samples_of_their_values(backend):
+    """A strided `seeds` view reached the kernels through launch_unchecked, which read it
+    densely: sample i got the seed of another sample."""
+    model, x, sigmas = problem("euler_ancestral", torch.float32, batch=4)
+    sampler = Sampler(model, "euler_ancestral", sigmas, backend=backend)
+    every_other = torch.arange(100, 108, device=DEVICE)[::2]
+    assert not every_other.is_contiguous()
+    assert torch.equal(sampler(x, seeds=every_other), sampler(x, seeds=every_other.clone()))
+
+
+def test_in_kernel_noise_never_builds_a_brownian_tree(monkeypatch):
+    """dpmpp_sde with Philox noise used to build a torchsde Brownian tree on every run (it seeds
+    a generator and draws on the host: no CUDA graph capture can hold that) although no launch
+    reads it. Generator noise still builds it (the negative control)."""
+    import fastdiff.reference.solvers._utils as utils
+
+    built = []
+
+    class Tree(utils.BrownianTreeNoiseSampler):
+        def __init__(self, *args, **kwargs):
+            built.append(1)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(utils, "BrownianTreeNoiseSampler", Tree)
+    model, x, sigmas = problem("dpmpp_sde", torch.float32, batch=2)
+    Sampler(model, "dpmpp_sde", sigmas)(x, seed=0)
+    assert built == []
+    pytest.importorskip("torchsde")
+    Sampler(model, "dpmpp_sde", sigmas, noise="generator")(x)
+    assert built == [1]

@@ -17,6 +17,7 @@ arXiv:2207.12598). Weights: `fastdiff/weights/digits.safetensors`, reproduced by
 from __future__ import annotations
 
 import json
+import operator
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -163,6 +164,10 @@ def sample_digits(model: EpsDenoiser, labels: Sequence[int] | Tensor, steps: int
     the solver's noise. backend (or graph=True): run the fused engine `fastdiff.Sampler` with
     that kernel backend ("auto", "cuda", "triton", "cpu", "reference"); None: the reference
     solver function (the specification; `disable`/`callback` go to it).
+
+    Everything computed on the host (noise levels, the engine's plan) is built once per setting
+    and kept with the model, so a later call's device work starts at once and, with the fused
+    engine, makes no host read inside the loop.
     """
     from fastdiff.reference.solvers import SOLVERS
 
@@ -172,34 +177,69 @@ def sample_digits(model: EpsDenoiser, labels: Sequence[int] | Tensor, steps: int
     if info.param != "ve":
         raise ValueError(f"solver {solver!r} works in {info.param!r} coordinates; the digits "
                          "model is sampled with VE (k-diffusion) solvers")
+    labels = _checked_labels(labels)
     param = next(model.parameters())
-    labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
-    if labels.numel() == 0 or bool(((labels < 0) | (labels > NULL_LABEL)).any()):
-        raise ValueError(f"labels must be a non-empty sequence of ints in 0..{NULL_LABEL}")
-    labels = labels.to(param.device)
-    sigmas = digits_sigmas(model, steps, spacing).to(param.device)
+    device, dtype = param.device, param.dtype
+    fused = backend is not None or graph
+    engine, sigma_max = _prepared(model, solver, steps, spacing, float(guidance),
+                                  (backend or "auto") if fused else None, graph)
+    # The initial noise and the labels are made on the host, then moved: nothing the host
+    # makes meets a device tensor (a CPU tensor times a CUDA sigma fails on a GPU).
     gen = torch.Generator().manual_seed(int(seed))
     noise = torch.randn(len(labels), 1, IMAGE_SIZE, IMAGE_SIZE, generator=gen, dtype=torch.float64)
-    x = (noise * sigmas[0]).to(device=param.device, dtype=param.dtype)
-    if guidance == 1.0:
-        denoiser, extra = model, {"cond": labels}
-    else:
-        denoiser = guided(model, guidance)
-        extra = {"cond": labels, "uncond": torch.full_like(labels, NULL_LABEL)}
-    # stochastic solvers draw from the global generator: seed it, restore the caller's state
-    devices = [param.device] if param.device.type == "cuda" else []
-    with torch.no_grad(), torch.random.fork_rng(devices=devices):
-        torch.manual_seed(int(seed) + 1)
-        if backend is None and not graph:
-            sig = sigmas.to(torch.promote_types(param.dtype, torch.float32))
-            out = info.fn(denoiser, x, sig, extra_args=extra, callback=callback,
-                          disable=disable, **info.kwargs)
-        else:
+    x = (noise * sigma_max).to(device=device, dtype=dtype)
+    cond = torch.tensor(labels, dtype=torch.long, device=device)
+    extra = {"cond": cond}
+    if guidance != 1.0:
+        extra["uncond"] = torch.full_like(cond, NULL_LABEL)
+    with torch.no_grad():
+        if fused:  # the solver's noise: in-kernel Philox, seeded from seed + 1
+            seeds = torch.randint(-(2**63), 2**63 - 1, (len(labels),), dtype=torch.int64,
+                                  generator=torch.Generator().manual_seed(int(seed) + 1))
+            out = _with_progress(engine, model.network, disable)(x, seeds=seeds.to(device),
+                                                                 **extra)
+        else:  # the reference draws from the global generators: seed them, restore the caller's
+            sigmas = digits_sigmas(model, steps, spacing).to(
+                device, torch.promote_types(dtype, torch.float32))
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                torch.manual_seed(int(seed) + 1)
+                out = info.fn(model if guidance == 1.0 else guided(model, guidance), x, sigmas,
+                              extra_args=extra, callback=callback, disable=disable,
+                              **info.kwargs)
+    return out.clamp(-1, 1)
+
+
+def _checked_labels(labels) -> list[int]:
+    """The labels as host ints, checked (a tensor is read once, before any sampling)."""
+    try:
+        values = labels.reshape(-1).tolist() if isinstance(labels, Tensor) else list(labels)
+        if any(isinstance(v, bool) for v in values):
+            raise TypeError
+        values = [operator.index(v) for v in values]  # ints (numpy's too), never floats
+    except TypeError:
+        values = []
+    if not values or not all(0 <= v <= NULL_LABEL for v in values):
+        raise ValueError(f"labels must be a non-empty sequence of ints in 0..{NULL_LABEL},"
+                         f" got {labels!r}")
+    return values
+
+
+def _prepared(model: EpsDenoiser, solver: str, steps: int, spacing: str, guidance: float,
+              backend: str | None, graph: bool):
+    """(fused engine or None, sigma_max) for these settings, built once and kept with the model
+    (plans and noise levels are host work: a traced or captured run must find them ready)."""
+    cache = model.__dict__.setdefault("_fastdiff_sample_digits", {})
+    key = (solver, steps, spacing, guidance, backend, graph, id(model.schedule))
+    if key not in cache:
+        sigmas = digits_sigmas(model, steps, spacing)
+        engine = None
+        if backend is not None:
             from fastdiff.sampler import Sampler
 
-            engine = Sampler(denoiser, solver, sigmas, backend=backend or "auto", graph=graph)
-            out = _with_progress(engine, model.network, disable)(x, **extra)
-    return out.clamp(-1, 1)
+            denoiser = model if guidance == 1.0 else guided(model, guidance)
+            engine = Sampler(denoiser, solver, sigmas, backend=backend, graph=graph)
+        cache[key] = (engine, float(sigmas[0]))
+    return cache[key]
 
 
 def _with_progress(engine, network: nn.Module, disable: bool | None):
