@@ -92,26 +92,33 @@ class _ModelAdapter:
                                    backend=backend)
         return bounds * static if th.clip is not None and th.clip < 1 else bounds
 
-    def levels(self, sigmas: list[float], batch: int, dtype, device,
-               sigmas_dtype=torch.float64) -> list[torch.Tensor]:
-        """What the model gets as its noise level per call ([B] or [2B] with guidance): a plain
-        denoiser gets k-diffusion's `sigmas[i] * s_in`, i.e. sigma rounded to the schedule's
-        dtype, then to x's (so x / (1 + sigma**2) stays in x's dtype); a Denoiser's network
-        gets its time input as `Denoiser` passes it (fp32 for fp16/bf16 data, as diffusers
-        passes timesteps)."""
-        b = batch if self.guidance is None else 2 * batch
-        if self.denoiser is None:
-            return [torch.full((b,), s, dtype=sigmas_dtype, device=device).to(dtype)
-                    for s in sigmas]
+    def level_values(self, sigmas: list[float]) -> list[float]:
+        """The model's noise level per call, on the host: sigma for a plain denoiser, the
+        network's time input for a Denoiser (computed once per plan, never per device)."""
         d = self.denoiser
-        t_dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
+        if d is None:
+            return list(sigmas)
         out = []
         for s in sigmas:
             s64 = torch.tensor(s, dtype=torch.float64)
             time = (d.flow_time_input(s64) if self.param == "flow" and d.prediction == "flow"
                     else d.time_input(s64 / (1 - s64) if self.param == "flow" else s64))
-            out.append(torch.full((b,), float(time), dtype=t_dtype, device=device))
+            out.append(float(time))
         return out
+
+    def levels(self, values: list[float], batch: int, dtype, device,
+               sigmas_dtype=torch.float64) -> list[torch.Tensor]:
+        """What the model gets as its noise level per call ([B] or [2B] with guidance), made
+        on the device: a plain denoiser gets k-diffusion's `sigmas[i] * s_in`, i.e. sigma
+        rounded to the schedule's dtype, then to x's (so x / (1 + sigma**2) stays in x's
+        dtype); a Denoiser's network gets its time input as `Denoiser` passes it (fp32 for
+        fp16/bf16 data, as diffusers passes timesteps)."""
+        b = batch if self.guidance is None else 2 * batch
+        if self.denoiser is None:
+            return [torch.full((b,), v, dtype=sigmas_dtype, device=device).to(dtype)
+                    for v in values]
+        t_dtype = dtype if dtype in (torch.float32, torch.float64) else torch.float32
+        return [torch.full((b,), v, dtype=t_dtype, device=device) for v in values]
 
     def batch_cond(self, cond: dict) -> dict:
         if self.guidance is None:
@@ -188,11 +195,13 @@ class _Buffers:
         return t
 
     def release(self, t: torch.Tensor | None, live: dict) -> None:
-        """Recycles `t` if this run allocated it and no live register shares its memory (a
-        model may return its input)."""
+        """Recycles `t` if this run allocated it and no live register shares its storage (a
+        model may return its input, or a view of it)."""
         if t is None or not any(t is o for o in self.owned):
             return
-        if any(r.data_ptr() == t.data_ptr() for r in live.values() if isinstance(r, torch.Tensor)):
+        storage = t.untyped_storage()._cdata  # (fake tensors have storages, not pointers)
+        if any(r.untyped_storage()._cdata == storage for r in live.values()
+               if isinstance(r, torch.Tensor)):
             return
         self.owned = [o for o in self.owned if o is not t]
         self.spare.append(t)
@@ -284,6 +293,7 @@ class Sampler:
         _, self.plan, self.launches, tables = min(lowered, key=lambda c: c[0])
         self._tables64 = tables
         self._dead_after = _lifetimes(self.launches, self.plan.history_kind)
+        self._level_values = self.adapter.level_values([s.sigma for s in self.plan.stages])
         # Noise tensors are drawn (generator noise, or the reference's randn_like) only if a
         # launch reads one; the Brownian tree's interval is fixed here, on the host.
         self._draws = any(r.kind == "z" for la in self.launches for r in la.inputs)
@@ -303,8 +313,8 @@ class Sampler:
         if key not in self._cache:
             acc = torch.float64 if x.dtype == torch.float64 else torch.float32
             tables = {k: t.to(x.device, acc) for k, t in self._tables64.items()}
-            levels = self.adapter.levels([s.sigma for s in self.plan.stages], x.shape[0],
-                                         x.dtype, x.device, self._sigmas_dtype)
+            levels = self.adapter.levels(self._level_values, x.shape[0], x.dtype, x.device,
+                                         self._sigmas_dtype)
             self._cache[key] = (tables, levels)
         return self._cache[key]
 

@@ -12,6 +12,7 @@ import importlib.util
 import os
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor
 
 from fastdiff import _native
 
@@ -60,6 +61,14 @@ def native_target(device: torch.device) -> tuple[int, int]:
     if device.type == "cuda":
         return device.index or 0, torch.cuda.current_stream(device).cuda_stream
     return -1, 0
+
+
+def traced(t) -> bool:
+    """True when an op must go through its torch.library registration instead of a kernel:
+    under torch.compile, and for fake tensors (FakeTensorMode, torch.export), whose data no
+    kernel can read. The registrations' fake implementations check what the kernels need
+    (one device, dense seeds and tables), so a CPU test on "cuda" fake tensors sees it."""
+    return torch.compiler.is_compiling() or isinstance(t, FakeTensor)
 
 
 def resolve(backend: str, device: torch.device) -> str:

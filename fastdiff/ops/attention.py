@@ -30,7 +30,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from fastdiff.ops._backends import unavailable_reason
+from fastdiff.ops._backends import traced, unavailable_reason
 from fastdiff.reference.attention import attention_block as attention_block_reference
 from fastdiff.reference.attention import scaled_dot_product_attention as attention_reference
 
@@ -232,7 +232,7 @@ def attention(
         [B, H, Sq, D], a view of a [B, Sq, H, D]-contiguous tensor (heads merge for free).
     """
     scale = _validate(q, k, v, scale, attn_mask, backend)
-    if torch.compiler.is_compiling() and _resolve(backend, q, k, v, attn_mask, scale) == "triton":
+    if traced(q) and _resolve(backend, q, k, v, attn_mask, scale) == "triton":
         # torch.compile sees one opaque op; the other backends are plain torch ops it traces.
         return torch.ops.fastdiff.attention(q, k, v, None, scale, "triton").transpose(1, 2)
     return _run(q, k, v, attn_mask, scale, backend).transpose(1, 2)

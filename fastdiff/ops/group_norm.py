@@ -16,7 +16,7 @@ import math
 import torch
 
 from fastdiff import _native
-from fastdiff.ops._backends import resolve
+from fastdiff.ops._backends import resolve, traced
 from fastdiff.reference.group_norm import group_norm as group_norm_reference
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -192,7 +192,7 @@ def group_norm(
     """
     weight, bias, eps, scale, shift = _validate(x, num_groups, weight, bias, eps, scale, shift,
                                                 silu)
-    if torch.compiler.is_compiling():
+    if traced(x):
         return torch.ops.fastdiff.group_norm(x, num_groups, weight, bias, eps, scale, shift, silu,
                                              backend)
     return _run(x, num_groups, weight, bias, eps, scale, shift, silu, backend)

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 
 from fastdiff import _native
-from fastdiff.ops._backends import native_target, resolve
+from fastdiff.ops._backends import native_target, resolve, traced
 from fastdiff.reference.lincomb import lincomb as lincomb_reference
 
 MAX_INPUTS = 6
@@ -303,10 +303,46 @@ def launch_unchecked(inputs, coef, row: int, outs, backend: str, seeds=None, cou
     len(inputs) + len(counters) (+ 1)] contiguous in the accumulation dtype; `clip` None or
     [batch, 2] contiguous in that dtype; `backend` already resolved; outputs fresh or exactly
     an input."""
-    if backend == "reference":
+    if traced(inputs[0]):  # torch.compile, fake tensors: the registered op, its contract checked
+        check_unchecked_launch(inputs, coef, outs, seeds, clip)
+        torch.ops.fastdiff.lincomb_out(list(inputs), coef, None, row, backend, list(outs), seeds,
+                                       list(counters), clip)
+    elif backend == "reference":
         _run(list(inputs), coef, row, None, outs, backend, seeds, counters, clip)
     else:
         _LAUNCHERS[backend](inputs, coef, row, None, outs, seeds, counters, clip)
+
+
+def check_unchecked_launch(inputs, coef, outs, seeds=None, clip=None) -> None:
+    """What launch_unchecked's callers guarantee, checked from metadata alone (run where tensors
+    are fake or traced: a CPU test on "cuda" fake tensors then fails on what would make a
+    kernel read the wrong memory on a GPU)."""
+    tensors = [*inputs, *outs]
+    first = tensors[0]
+    if any(t.shape != first.shape or t.dtype != first.dtype for t in tensors):
+        raise RuntimeError("launch_unchecked: inputs and outputs must share shape and dtype")
+    if not same_dense_layout(tensors, batch_outermost=clip is not None):
+        raise RuntimeError("launch_unchecked: inputs and outputs must share one dense layout"
+                           f" (strides {[t.stride() for t in tensors]})")
+    if not coef.is_contiguous():
+        raise RuntimeError("launch_unchecked: coef must be contiguous")
+    if seeds is not None and (not seeds.is_contiguous() or seeds.dtype != torch.int64
+                              or seeds.shape != first.shape[:1]):
+        raise RuntimeError(f"launch_unchecked: seeds must be a contiguous int64 [batch] tensor"
+                           f" (the kernels read them densely), got {seeds.dtype}"
+                           f" {tuple(seeds.shape)} strides {seeds.stride()}")
+    if clip is not None and (not clip.is_contiguous() or clip.dtype != coef.dtype):
+        raise RuntimeError("launch_unchecked: clip must be contiguous, in coef's dtype")
+    check_one_device([*tensors, coef, seeds, clip])
+
+
+def check_one_device(tensors) -> None:
+    """Every tensor a kernel reads by pointer on one device (None entries skipped): a host
+    pointer read on a GPU is an illegal address, not an error message."""
+    devices = {t.device for t in tensors if t is not None}
+    if len(devices) > 1:
+        raise RuntimeError(f"a fastdiff kernel's tensors must be on one device, got"
+                           f" {sorted(map(str, devices))}")
 
 
 def same_dense_layout(tensors: Sequence[torch.Tensor], batch_outermost: bool = False) -> bool:
@@ -355,7 +391,7 @@ def lincomb(
     """
     inputs, coef, row, row_tensor, out, seeds, counters, clip = _validate(inputs, coef, row, out,
                                                                           noise, clip)
-    if torch.compiler.is_compiling():
+    if traced(inputs[0]):
         if out is None:
             return torch.ops.fastdiff.lincomb(inputs, coef, row_tensor, row, backend, seeds,
                                               counters, clip)
@@ -379,6 +415,7 @@ def _lincomb_op(
 
 @_lincomb_op.register_fake
 def _(inputs, coef, row_tensor, row, backend, seeds=None, counters=None, clip=None):
+    check_one_device([*inputs, coef, row_tensor, seeds, clip])
     ref = kernel_layout(inputs[0], clip is not None)
     return [torch.empty_like(ref) for _ in range(coef.shape[1] - (clip is not None))]
 
@@ -394,4 +431,5 @@ def _lincomb_out_op(
 
 @_lincomb_out_op.register_fake
 def _(inputs, coef, row_tensor, row, backend, out, seeds=None, counters=None, clip=None):
+    check_one_device([*inputs, *out, coef, row_tensor, seeds, clip])
     return None

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from fastdiff import _native
-from fastdiff.ops._backends import native_target, resolve
+from fastdiff.ops._backends import native_target, resolve, traced
 
 # Names in the order of the codes in csrc/include/fastdiff/schedule.h.
 BETAS = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid", "laplace", "exp")
@@ -224,7 +224,7 @@ def schedule_tables(
                       beta_end, rescale_betas_zero_snr, spacing, steps_offset, family, grid, rho,
                       final_sigma)
     buffer = _buffer(codes, device, out)
-    if torch.compiler.is_compiling():
+    if traced(buffer):
         torch.ops.fastdiff.schedule_tables_out(buffer, [int(codes[k]) for k in _INTS],
                                                [codes[k] for k in _FLOATS], backend)
     else:

@@ -19,8 +19,9 @@ from collections.abc import Sequence
 import torch
 
 from fastdiff import _native
-from fastdiff.ops._backends import native_target, resolve
+from fastdiff.ops._backends import native_target, resolve, traced
 from fastdiff.ops.lincomb import (
+    check_one_device,
     kernel_layout,
     to_layout,
     validate_coef_placement,
@@ -139,7 +140,7 @@ def dynamic_threshold(
     """
     inputs, coef, row, row_tensor, ratio, max_value, out = _validate(
         inputs, coef, row, ratio, max_value, out)
-    if torch.compiler.is_compiling():
+    if traced(inputs[0]):
         if out is None:
             return torch.ops.fastdiff.dynamic_threshold(inputs, coef, row_tensor, row, ratio,
                                                         max_value, backend)
@@ -168,6 +169,7 @@ def _dynamic_threshold_op(
 
 @_dynamic_threshold_op.register_fake
 def _(inputs, coef, row_tensor, row, ratio, max_value, backend):
+    check_one_device([*inputs, coef, row_tensor])
     return coef.new_empty((inputs[0].shape[0], 2))
 
 
@@ -181,4 +183,5 @@ def _dynamic_threshold_out_op(
 
 @_dynamic_threshold_out_op.register_fake
 def _(inputs, coef, row_tensor, row, ratio, max_value, backend, out):
+    check_one_device([*inputs, coef, row_tensor, out])
     return None
