@@ -182,3 +182,20 @@ def test_a_denoiser_moves_like_any_module(digits_model):
     assert next(model.parameters()).dtype == torch.float64
     out = sample_digits(model, [1, 2], steps=3)
     assert out.dtype == torch.float64 and bool(torch.isfinite(out).all())
+
+
+def test_the_exact_mixture_follows_x_to_the_device():
+    """GaussianMixture (the ground-truth model of the test suite, on a GPU run too) kept its
+    parameters on the host: any CUDA x raised a device mismatch. It copies them once per
+    device, and fills Python-number noise levels in on the device."""
+    from fastdiff.models.gmm import GaussianMixture
+
+    transfers = Transfers()
+    gmm = GaussianMixture.default(d=6)
+    sampler = Sampler(counting(gmm, transfers), "dpmpp_2m", sigmas_for("dpmpp_2m"))
+    with fake_cuda(transfers):
+        x = torch.randn(5, 2, 3, device=DEVICE, dtype=torch.float64)
+        out = sampler(x)
+        vp = gmm.vp_denoiser(x, 2.0)  # a Python-number level
+    assert out.device == vp.device == DEVICE
+    assert transfers.after(1) == []  # the parameters' copies happen in the first call

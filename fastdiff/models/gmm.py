@@ -32,9 +32,12 @@ from torch import Tensor
 __all__ = ["GaussianMixture"]
 
 
-def _as_batch(v, batch: int, name: str) -> Tensor:
-    """A scalar, 0-dim, [1] or [B]-shaped noise level as a float64 column [B or 1, 1]."""
-    t = torch.as_tensor(v, dtype=torch.float64)
+def _as_batch(v, batch: int, name: str, device: torch.device) -> Tensor:
+    """A scalar, 0-dim, [1] or [B]-shaped noise level as a float64 column [B or 1, 1] on x's
+    device (a Python number is filled in there: no host-to-device copy)."""
+    if isinstance(v, int | float):
+        return torch.full((1, 1), float(v), dtype=torch.float64, device=device)
+    t = torch.as_tensor(v, dtype=torch.float64).to(device)
     if t.numel() == 1:
         return t.reshape(1, 1)
     if t.numel() != batch:
@@ -74,6 +77,7 @@ class GaussianMixture:
         self.stds = stds
         self.weights = weights / weights.sum()
         self.dim = means.shape[1]
+        self._on_device: dict = {}
 
     # ---- construction -------------------------------------------------------------------------
 
@@ -131,6 +135,15 @@ class GaussianMixture:
 
     # ---- the general x = alpha * x0 + sigma * eps posterior ----------------------------------
 
+    def _params(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(means, stds, weights) on x's device, copied there once (per fake mode for fake
+        tensors, which cannot be shared between modes)."""
+        key = (x.device, getattr(x, "fake_mode", None))
+        if key not in self._on_device:
+            self._on_device[key] = tuple(t.to(x.device) for t in (self.means, self.stds,
+                                                                  self.weights))
+        return self._on_device[key]
+
     def _flatten(self, x: Tensor) -> Tensor:
         if x.ndim < 2 or x[0].numel() != self.dim:
             raise ValueError(f"x must have shape [B, d={self.dim}] or [B, *shape] with "
@@ -139,10 +152,11 @@ class GaussianMixture:
 
     def _posterior(self, x: Tensor, alpha: Tensor, sigma: Tensor):
         """log p(x), responsibilities r [B, K] and variances v [B or 1, K] for x = a x0 + s eps."""
-        var = alpha**2 * self.stds**2 + sigma**2  # [B or 1, K]
-        diff = x[:, None, :] - alpha[:, :, None] * self.means  # [B, K, d]
+        means, stds, weights = self._params(x)
+        var = alpha**2 * stds**2 + sigma**2  # [B or 1, K]
+        diff = x[:, None, :] - alpha[:, :, None] * means  # [B, K, d]
         sq = (diff**2).sum(-1)  # [B, K]
-        log_comp = (self.weights.log() - 0.5 * sq / var
+        log_comp = (weights.log() - 0.5 * sq / var
                     - 0.5 * self.dim * torch.log(2 * math.pi * var))
         log_p = torch.logsumexp(log_comp, dim=-1)
         return log_p, torch.exp(log_comp - log_p[:, None]), var, diff
@@ -151,23 +165,24 @@ class GaussianMixture:
         """E[x0 | alpha * x0 + sigma * eps = x] for any linear noising (VE, VP, flow)."""
         shape, dtype = x.shape, x.dtype
         xf = self._flatten(x)
-        a = _as_batch(alpha, xf.shape[0], "alpha")
-        s = _as_batch(sigma, xf.shape[0], "sigma")
+        a = _as_batch(alpha, xf.shape[0], "alpha", xf.device)
+        s = _as_batch(sigma, xf.shape[0], "sigma", xf.device)
         _, r, var, diff = self._posterior(xf, a, s)
         # Per-component Gaussian posterior mean, in two algebraically equal forms:
         # mu_k + alpha s_k^2 / v_k (x - alpha mu_k) = (x - sigma^2 / v_k (x - alpha mu_k)) / alpha.
         # The second returns x exactly at sigma = 0; the first stays finite at alpha = 0 (flow s=1).
+        means, stds, _ = self._params(xf)
         shrink = (r * s**2 / var)[:, :, None] * diff  # [B, K, d]
         near_data = (xf - shrink.sum(1)) / a.clamp_min(0.5)
-        near_noise = (r[:, :, None] * (self.means + (a * self.stds**2 / var)[:, :, None] * diff))
+        near_noise = (r[:, :, None] * (means + (a * stds**2 / var)[:, :, None] * diff))
         out = torch.where(a >= 0.5, near_data, near_noise.sum(1))
         return out.reshape(shape).to(dtype)
 
     def posterior_score(self, x: Tensor, alpha, sigma) -> Tensor:
         """grad_x log p(x) of the marginal of alpha * x0 + sigma * eps."""
         xf = self._flatten(x)
-        a = _as_batch(alpha, xf.shape[0], "alpha")
-        s = _as_batch(sigma, xf.shape[0], "sigma")
+        a = _as_batch(alpha, xf.shape[0], "alpha", xf.device)
+        s = _as_batch(sigma, xf.shape[0], "sigma", xf.device)
         _, r, var, diff = self._posterior(xf, a, s)
         out = -(r[:, :, None] * diff / var[:, :, None]).sum(1)
         return out.reshape(x.shape).to(x.dtype)
@@ -188,7 +203,7 @@ class GaussianMixture:
         Differentiable in x (autograd), float64.
         """
         xf = self._flatten(x)
-        s = _as_batch(sigma, xf.shape[0], "sigma")
+        s = _as_batch(sigma, xf.shape[0], "sigma", xf.device)
         return self._posterior(xf, torch.ones_like(s), s)[0]
 
     def score(self, x: Tensor, sigma) -> Tensor:
@@ -197,12 +212,12 @@ class GaussianMixture:
 
     def eps(self, x: Tensor, sigma) -> Tensor:
         """Exact E[eps | x] = (x - D) / sigma = -sigma * score (no 0/0 at sigma = 0)."""
-        s = _as_batch(sigma, x.shape[0], "sigma").reshape(-1, *([1] * (x.ndim - 1)))
+        s = _as_batch(sigma, x.shape[0], "sigma", x.device).reshape(-1, *([1] * (x.ndim - 1)))
         return (-s * self.score(x, sigma).double()).to(x.dtype)
 
     def vp_denoiser(self, x_vp: Tensor, sigma) -> Tensor:
         """E[x0 | x_vp] for the VP convention x_vp = x / sqrt(1 + sigma^2) (sigma the VE level)."""
-        s = _as_batch(sigma, x_vp.shape[0], "sigma")
+        s = _as_batch(sigma, x_vp.shape[0], "sigma", x_vp.device)
         a = 1.0 / torch.sqrt(1.0 + s**2)
         return self.posterior_mean(x_vp, a, a * s)
 
@@ -210,12 +225,12 @@ class GaussianMixture:
 
     def flow_denoiser(self, x: Tensor, s) -> Tensor:
         """Exact E[x0 | x_s = x]; s = 0 returns x, s = 1 returns the mixture mean."""
-        st = _as_batch(s, x.shape[0], "s")
+        st = _as_batch(s, x.shape[0], "s", x.device)
         return self.posterior_mean(x, 1.0 - st, st)
 
     def flow_velocity(self, x: Tensor, s) -> Tensor:
         """Exact E[eps - x0 | x_s = x] = (x - D) / s, written as -s * score - D (finite at s=0)."""
-        st = _as_batch(s, x.shape[0], "s")
+        st = _as_batch(s, x.shape[0], "s", x.device)
         score = self.posterior_score(x, 1.0 - st, st).double()
         d = self.posterior_mean(x, 1.0 - st, st).double()
         col = st.reshape(-1, *([1] * (x.ndim - 1)))
