@@ -1,0 +1,183 @@
+"""Bad-input matrix: fastdiff.Sampler, fastdiff.sample, denoisers, models (see _bad_inputs.py)."""
+
+from __future__ import annotations
+
+from _bad_inputs import Cases
+
+cases = Cases()
+case = cases.case
+
+
+def _t():
+    import torch
+
+    return torch
+
+
+# -- fastdiff.Sampler / fastdiff.sampler.sample ----------------------------------------------
+
+def _sampler(sigmas=None, solver="euler", **kw):
+    from fastdiff.sampler import Sampler
+    torch = _t()
+    sig = torch.tensor([10.0, 5.0, 1.0, 0.0], dtype=torch.float64) if sigmas is None else sigmas
+    return Sampler(kw.pop("model", lambda x, s, **c: x * 0.5), solver, sig, **kw)
+
+
+@case("ValueError", "solver")
+def sampler_unknown_solver(keep):
+    _sampler(solver="euler_but_faster")
+
+
+@case("ValueError", "sigmas")
+def sampler_missing_sigmas(keep):
+    from fastdiff.sampler import Sampler
+    Sampler(lambda x, s: x, "euler", None)
+
+
+@case("ValueError", "sigmas")
+def sampler_nan_sigmas(keep):
+    torch = _t()
+    _sampler(keep(torch.tensor([10.0, float("nan"), 1.0, 0.0], dtype=torch.float64)))
+
+
+@case("ValueError", "sigmas")
+def sampler_inf_sigmas(keep):
+    torch = _t()
+    _sampler(keep(torch.tensor([float("inf"), 5.0, 1.0, 0.0], dtype=torch.float64)))
+
+
+@case("ValueError", "sigmas")
+def sampler_increasing_sigmas(keep):
+    torch = _t()
+    _sampler(keep(torch.tensor([1.0, 5.0, 10.0, 0.0], dtype=torch.float64)))
+
+
+@case("ValueError", "sigmas")
+def sampler_negative_sigmas(keep):
+    torch = _t()
+    _sampler(keep(torch.tensor([10.0, 5.0, -1.0], dtype=torch.float64)))
+
+
+@case("ValueError", "sigmas")
+def sampler_zero_steps(keep):
+    _sampler(keep(_t().tensor([10.0], dtype=_t().float64)))
+
+
+@case("ValueError", "sigmas")
+def sampler_empty_sigmas(keep):
+    _sampler(keep(_t().zeros(0, dtype=_t().float64)))
+
+
+@case("ValueError", "sigmas")
+def sampler_2d_sigmas(keep):
+    _sampler(keep(_t().tensor([[10.0, 5.0, 0.0]], dtype=_t().float64)))
+
+
+@case("TypeError", "bogus")
+def sampler_unknown_option(keep):
+    _sampler(bogus=3)
+
+
+@case("ValueError", "noise")
+def sampler_unknown_noise_mode(keep):
+    _sampler(noise="quantum")
+
+
+@case("ValueError", "cond")
+def sampler_guidance_without_conditioning(keep):
+    s = _sampler(guidance=2.0)
+    s(keep(_t().randn(2, 3)))
+
+
+@case("ValueError", "model returned")
+def sampler_model_returns_wrong_shape(keep):
+    s = _sampler(model=lambda x, s, **c: x[:1])
+    s(keep(_t().randn(2, 3)))
+
+
+@case("TypeError", "model returned")
+def sampler_model_returns_wrong_dtype(keep):
+    s = _sampler(model=lambda x, s, **c: x.double())
+    s(keep(_t().randn(2, 3)))
+
+
+@case("TypeError", "noise")
+def sampler_integer_noise(keep):
+    _sampler()(keep(_t().ones(2, 3, dtype=_t().int64)))
+
+
+@case("ValueError", "noise")
+def sampler_empty_batch(keep):
+    _sampler()(keep(_t().ones(0, 3)))
+
+
+@case("ValueError", "seeds")
+def sampler_seeds_wrong_shape(keep):
+    torch = _t()
+    s = _sampler(solver="euler_ancestral")
+    s(keep(torch.randn(2, 3)), seeds=keep(torch.zeros(3, dtype=torch.int64)))
+
+
+@case("ValueError", "guidance")
+def sampler_guidance_given_twice(keep):
+    from fastdiff.denoisers import CFGDenoiser
+    _sampler(model=CFGDenoiser(lambda x, s, **c: x, 2.0), guidance=3.0)
+
+
+@case("ValueError", "sigmas")
+def sample_one_shot_bad_sigmas(keep):
+    import fastdiff.sampler as S
+    torch = _t()
+    S.sample(lambda x, s: x, keep(torch.randn(2, 3)),
+             keep(torch.tensor([1.0, 2.0, 0.0], dtype=torch.float64)), "dpmpp_2m")
+
+
+@case("ValueError", "guidance")
+def sampler_nan_guidance(keep):
+    torch = _t()
+    s = _sampler(guidance=float("nan"))
+    s(keep(torch.randn(2, 3)), cond=torch.ones(2), uncond=torch.zeros(2))
+
+
+@case("ValueError", "backend")
+def sampler_unknown_backend_at_construction(keep):
+    _sampler(backend="fortran")
+
+
+@case("ValueError", "sigmas")
+def sampler_all_zero_sigmas(keep):
+    _sampler(keep(_t().zeros(3, dtype=_t().float64)))
+
+
+@case("TypeError", "sigmas")
+def sampler_sigmas_not_numbers(keep):
+    _sampler("10,5,0")
+
+
+@case("ValueError", "s_noise")
+def sampler_nan_option(keep):
+    _sampler(solver="euler_ancestral", s_noise=float("nan"))
+
+
+@case(None)
+def sampler_infinite_s_tmax_is_kdiffusions_default(keep):
+    torch = _t()
+    out = _sampler(solver="heun", s_tmax=float("inf"))(keep(torch.randn(2, 3)))
+    assert out.shape == (2, 3) and bool(torch.isfinite(out).all())
+
+
+@case(None)
+def sampler_non_contiguous_noise_is_right_and_untouched(keep):
+    torch = _t()
+    from fastdiff.reference.solvers import sample_euler
+    g = torch.Generator().manual_seed(1)
+    x = keep(torch.randn(6, 4, generator=g, dtype=torch.float64).t())  # [4, 6] transposed
+    sig = torch.tensor([10.0, 5.0, 1.0, 0.0], dtype=torch.float64)
+
+    def model(x, s, **c):
+        return x * (1 / (1 + s[:, None] ** 2))
+    torch.testing.assert_close(_sampler(sig, model=model)(x),
+                               sample_euler(model, x, sig, disable=True))
+
+
+results, test_bad_input = cases.tests(__file__)

@@ -1,0 +1,79 @@
+"""Bad-input matrix: fastdiff.k_diffusion (machinery and rules: tests/_bad_inputs.py)."""
+
+from __future__ import annotations
+
+from _bad_inputs import Cases
+
+cases = Cases()
+case = cases.case
+
+
+def _t():
+    import torch
+
+    return torch
+
+
+# -- fastdiff.k_diffusion --------------------------------------------------------------------
+
+@case("AttributeError", "sample_nonexistent")
+def kdiffusion_unknown_attribute(keep):
+    from fastdiff import k_diffusion as K
+    K.sample_nonexistent  # noqa: B018
+
+
+@case("ValueError", "n")
+def kdiffusion_karras_zero_steps(keep):
+    from fastdiff import k_diffusion as K
+    K.get_sigmas_karras(0, 0.002, 80.0)
+
+
+@case("ValueError", "sigma_min")
+def kdiffusion_karras_negative_sigma_min(keep):
+    from fastdiff import k_diffusion as K
+    K.get_sigmas_karras(5, -0.1, 80.0)
+
+
+@case("ValueError", "sigma_max")
+def kdiffusion_exponential_inverted_range(keep):
+    from fastdiff import k_diffusion as K
+    K.get_sigmas_exponential(5, 80.0, 0.002)
+
+
+@case("ValueError", "rho")
+def kdiffusion_karras_zero_rho(keep):
+    from fastdiff import k_diffusion as K
+    K.get_sigmas_karras(5, 0.002, 80.0, rho=0.0)
+
+
+@case("ValueError", "n")
+def kdiffusion_dpm_fast_zero_calls(keep):
+    from fastdiff import k_diffusion as K
+    K.sample_dpm_fast(lambda x, s: x, keep(_t().randn(2, 3)), 0.002, 80.0, 0, disable=True)
+
+
+@case("ValueError", "sigmas")
+def kdiffusion_euler_increasing_sigmas(keep):
+    from fastdiff import k_diffusion as K
+    torch = _t()
+    K.sample_euler(lambda x, s: x, keep(torch.randn(2, 3)), keep(torch.tensor([1.0, 10.0, 0.0])),
+                   disable=True)
+
+
+@case("ValueError", "sigmas")
+def kdiffusion_dpmpp_2m_nan_sigmas(keep):
+    from fastdiff import k_diffusion as K
+    torch = _t()
+    K.sample_dpmpp_2m(lambda x, s: x, keep(torch.randn(2, 3)),
+                      keep(torch.tensor([10.0, float("nan"), 0.0])), disable=True)
+
+
+@case("TypeError", "x")
+def kdiffusion_integer_x(keep):
+    from fastdiff import k_diffusion as K
+    torch = _t()
+    K.sample_heun(lambda x, s: x, keep(torch.ones(2, 3, dtype=torch.int64)),
+                  torch.tensor([10.0, 1.0, 0.0]), disable=True)
+
+
+results, test_bad_input = cases.tests(__file__)
