@@ -27,6 +27,26 @@ def _shape(text: str) -> tuple[int, ...]:
     return shape
 
 
+def torch_device(text: str):
+    """--device: a torch device that exists here (checked before any work starts)."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"cpu, cuda or cuda:N expected, got {text!r}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{text!r}: no CUDA device is available (torch"
+                                             f" {torch.__version__})")
+        if (device.index or 0) >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{text!r}: only {torch.cuda.device_count()} CUDA"
+                                             " device(s) here")
+    return device
+
+
 def _cmd_compare(args: argparse.Namespace) -> int:
     """Runs the fused linear combination on every available backend: error and time."""
     import torch
@@ -34,7 +54,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
     from fastdiff.ops import BACKENDS, lincomb, unavailable_reason
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = args.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype)
     shape = args.shape
     g = torch.Generator().manual_seed(0)
@@ -72,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tensor shape, e.g. 2x4x64x64")
     p.add_argument("--dtype", default="float32", choices=["float16", "bfloat16", "float32",
                                                           "float64"])
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--device", type=torch_device, default=None,
+                   help="cpu or cuda (default: cuda if available)")
     p.set_defaults(func=_cmd_compare)
     from fastdiff.bench import add_bench_parser
     from fastdiff.generate import add_generate_parser

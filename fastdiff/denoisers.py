@@ -35,6 +35,8 @@ for `FlowSchedule` t = N s as diffusers. Any other mapping is a `timestep` calla
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Callable
 
 import torch
@@ -44,6 +46,7 @@ from .schedules import DiscreteVPSchedule, NoiseSchedule, flow_to_sigma, sigma_t
 
 __all__ = [
     "PREDICTIONS",
+    "check_denoised",
     "ThresholdedDenoiser",
     "Denoiser",
     "EpsDenoiser",
@@ -62,6 +65,22 @@ _F64 = torch.float64
 
 
 # ---- the parameterisations --------------------------------------------------------------------
+
+def check_denoised(out, x: Tensor, what: str = "model", exact_dtype: bool = True) -> None:
+    """A model's answer must be a tensor of x's shape and device, and of x's dtype (any float
+    dtype when not `exact_dtype`): anything else broadcasts, promotes or reads the wrong memory
+    silently. Host metadata only: no device sync."""
+    if not isinstance(out, Tensor):
+        raise TypeError(f"{what} returned {type(out).__name__}, expected a tensor like its input")
+    if out.shape != x.shape:
+        raise ValueError(f"{what} returned shape {tuple(out.shape)}, expected {tuple(x.shape)}"
+                         " like its input")
+    if out.device != x.device:
+        raise ValueError(f"{what} returned a tensor on {out.device}, expected {x.device} like"
+                         " its input")
+    if out.dtype != x.dtype and (exact_dtype or not out.is_floating_point()):
+        raise TypeError(f"{what} returned {out.dtype}, expected {x.dtype} like its input")
+
 
 def _column(c: Tensor, x: Tensor, dtype: torch.dtype) -> Tensor:
     """A per-sample coefficient [B] or [] as a broadcastable column for x."""
@@ -196,13 +215,7 @@ class Denoiser(nn.Module):
         t_dtype = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
         time = time.to(t_dtype).expand(x.shape[0])
         out = self.network((x * c_in).to(x.dtype), time, **cond)
-        if not isinstance(out, Tensor) or not out.is_floating_point():
-            got = out.dtype if isinstance(out, Tensor) else type(out).__name__
-            raise TypeError(f"the Denoiser's network returned {got}, expected a floating-point"
-                            " tensor like its input")
-        if out.shape != x.shape:  # it would broadcast against x into a wrong D
-            raise ValueError(f"the Denoiser's network returned shape {tuple(out.shape)},"
-                             f" expected {tuple(x.shape)} like its input")
+        check_denoised(out, x, "the Denoiser's network", exact_dtype=False)  # any float: as fp32
         return (c_skip * x + c_out * out).to(x.dtype)
 
 
@@ -270,11 +283,19 @@ def flow_to_ve(model: Callable) -> Callable:
 
 # ---- classifier-free guidance ----------------------------------------------------------------
 
-def _cat(uncond, cond):
+def _cat(uncond, cond, where: str = ""):
+    """[uncond; cond] along the batch: the two halves of one guided call."""
     if isinstance(cond, dict):
         if not isinstance(uncond, dict) or uncond.keys() != cond.keys():
             raise ValueError("uncond must be a dict with the same keys as cond")
-        return {k: _cat(uncond[k], cond[k]) for k in cond}
+        return {k: _cat(uncond[k], cond[k], f"[{k!r}]") for k in cond}
+    if not isinstance(cond, Tensor) or not isinstance(uncond, Tensor):
+        bad = cond if not isinstance(cond, Tensor) else uncond
+        raise TypeError(f"cond and uncond must be tensors or dicts of tensors, got"
+                        f" {type(bad).__name__}")
+    if uncond.shape != cond.shape:  # else the halves and x's rows no longer line up
+        raise ValueError(f"uncond{where} has shape {tuple(uncond.shape)}, expected"
+                         f" {tuple(cond.shape)} like cond{where}")
     return torch.cat([uncond, cond])
 
 
@@ -291,6 +312,9 @@ class CFGDenoiser(nn.Module):
 
     def __init__(self, denoiser: Callable, scale: float, cond_key: str = "cond"):
         super().__init__()
+        if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or \
+                not math.isfinite(scale):
+            raise ValueError(f"scale must be a finite number, got {scale!r}")
         self.inner_model = denoiser
         self.scale = float(scale)
         self.cond_key = cond_key

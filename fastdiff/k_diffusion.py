@@ -16,6 +16,7 @@ module costs nothing and does not need scipy, torchsde or k-diffusion. Not provi
 
 from __future__ import annotations
 
+import functools
 import importlib
 
 _SOLVERS = "fastdiff.reference.solvers"
@@ -47,11 +48,43 @@ _WHERE = {
 __all__ = sorted(_WHERE)
 
 
+class _CheckedModel:
+    """The model, its every answer checked (fastdiff.denoisers.check_denoised: x's shape, dtype
+    and device; host metadata, no sync): k-diffusion would broadcast a wrong shape or promote
+    another dtype (an int64 answer silently becomes a float result). Attributes pass through."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __call__(self, x, sigma, **kwargs):
+        from fastdiff.denoisers import check_denoised
+
+        out = self.model(x, sigma, **kwargs)
+        check_denoised(out, x)
+        return out
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+
+def _checking(sample):
+    @functools.wraps(sample)
+    def checked(model, *args, **kwargs):
+        if not callable(model):
+            raise TypeError(f"model must be callable as model(x, sigma, **extra_args), got"
+                            f" {type(model).__name__}")
+        return sample(_CheckedModel(model), *args, **kwargs)
+
+    return checked
+
+
 def __getattr__(name):
     module = _WHERE.get(name)
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     value = getattr(importlib.import_module(module), name)
+    if name.startswith("sample_"):
+        value = _checking(value)
     globals()[name] = value  # cache: later lookups skip __getattr__
     return value
 

@@ -7,8 +7,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
+
+from fastdiff.cli import torch_device
 
 __all__ = ["add_sample_parser"]
 
@@ -52,15 +55,56 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _output_file(text: str) -> Path:
+    """An output file name whose folder exists (checked before any sampling work)."""
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r} is a folder; a file name expected")
+    folder = path.parent
+    if not folder.is_dir():
+        raise argparse.ArgumentTypeError(f"{text!r}: the folder {str(folder)!r} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise argparse.ArgumentTypeError(f"{text!r}: the folder {str(folder)!r} is not writable")
+    return path
+
+
+def _image_file(text: str) -> Path:
+    """--out: an output file in an image format Pillow writes (by its extension)."""
+    path = _output_file(text)
+    try:
+        from PIL import Image
+    except ImportError:  # checked when saving
+        return path
+    Image.init()
+    if path.suffix.lower() not in Image.registered_extensions():
+        raise argparse.ArgumentTypeError(f"{text!r}: an image file name expected (e.g."
+                                         f" digits.png), got extension {path.suffix!r}")
+    return path
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or not -(2**63) <= value < 2**63 - 1:
+        raise argparse.ArgumentTypeError(f"an integer in [-2**63, 2**63 - 1) expected, got"
+                                         f" {text!r}")
+    return value
+
+
 def _cmd_sample(args: argparse.Namespace) -> int:
     import numpy as np
     import torch
 
     from fastdiff.models.digits import load_digits_model, make_grid, sample_digits, to_uint8
+    from fastdiff.ops import unavailable_reason
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = args.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype)
     backend = None if args.reference else args.backend
+    if backend not in (None, "auto") and (why := unavailable_reason(backend, device)):
+        args.parser.error(f"argument --backend: {backend!r} cannot run on {device}: {why}")
     engine = "reference solver" if backend is None else f"fused engine, backend {backend}"
     model = load_digits_model(device=device, dtype=dtype)
     start = time.perf_counter()
@@ -102,19 +146,20 @@ def add_sample_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--steps", type=_positive_int, default=20, help="solver steps (default 20)")
     p.add_argument("--guidance", type=_finite, default=DEFAULT_GUIDANCE,
                    help=f"classifier-free guidance scale (default {DEFAULT_GUIDANCE})")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0)
     p.add_argument("--backend", default="auto", choices=("auto", *BACKENDS),
                    help="kernel backend of the fused engine")
     p.add_argument("--graph", action="store_true", help="capture the loop in one CUDA graph")
     p.add_argument("--reference", action="store_true",
                    help="run the reference solver function instead of the fused engine")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--device", type=torch_device, default=None,
+                   help="cpu or cuda (default: cuda if available)")
     p.add_argument("--dtype", default="float32", choices=["float16", "bfloat16", "float32",
                                                           "float64"])
-    p.add_argument("--out", type=Path, default=Path("digits.png"),
+    p.add_argument("--out", type=_image_file, default="digits.png",
                    help="grid image (PNG; default digits.png)")
-    p.add_argument("--npz", type=Path, default=None,
+    p.add_argument("--npz", type=_output_file, default=None,
                    help="also save uint8 images [N, 8, 8] and labels to this .npz")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=_cmd_sample)
+    p.set_defaults(func=_cmd_sample, parser=p)
     return p

@@ -11,13 +11,16 @@ branch on tensor values, so the whole loop can be captured in one CUDA graph (gr
 
 from __future__ import annotations
 
+import inspect
 import math
+import numbers
+import operator
 import warnings
 from collections.abc import Callable
 
 import torch
 
-from fastdiff.denoisers import CFGDenoiser, Denoiser, ThresholdedDenoiser
+from fastdiff.denoisers import CFGDenoiser, Denoiser, ThresholdedDenoiser, check_denoised
 from fastdiff.ops import BACKENDS, dynamic_threshold, lincomb, resolve
 from fastdiff.ops.lincomb import launch_unchecked, same_dense_layout
 from fastdiff.ops.threshold import static_bounds
@@ -30,11 +33,13 @@ from fastdiff.solvers.lowering import Launch, Scalings, lower
 _BROWNIAN = {"dpmpp_sde"}
 
 
-def _as_float(name: str, value) -> float:
-    try:
-        return float(value)
-    except (TypeError, ValueError, RuntimeError):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}") from None
+def _number(name: str, value) -> float:
+    """A finite host number (a plan is host float64 math: tensors, strings and NaN are not)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
 
 
 class _ModelAdapter:
@@ -53,8 +58,8 @@ class _ModelAdapter:
                 raise ValueError("guidance is given twice: model is a CFGDenoiser with scale"
                                  f" {model.scale} and guidance={guidance}")
             model, guidance, cond_key = model.inner_model, model.scale, model.cond_key
-        if guidance is not None and not math.isfinite(_as_float("guidance", guidance)):
-            raise ValueError(f"guidance must be a finite number, got {guidance!r}")
+        if guidance is not None:
+            guidance = _number("guidance", guidance)
         self.cond_key = cond_key
         if not callable(model):
             raise TypeError(f"model must be callable as model(x, sigma, **cond), got"
@@ -137,16 +142,12 @@ class _ModelAdapter:
             x_in = torch.cat([x_in, x_in])
         fn = self.denoiser.network if self.denoiser is not None else self.model
         out = fn(x_in, level, **cond)
-        if not isinstance(out, torch.Tensor) or out.shape != x_in.shape:
-            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            raise ValueError(f"model returned {got}, expected a tensor of shape"
-                             f" {tuple(x_in.shape)} like its input")
+        # The kernels read it by pointer: a wrong shape, dtype or device is an error here.
+        # A Denoiser's network may answer in any float dtype (Denoiser combines it in fp32).
+        check_denoised(out, x_in, "model" if self.denoiser is None else
+                       "the Denoiser's network", exact_dtype=self.denoiser is None)
         if out.dtype != x_in.dtype:
-            if self.denoiser is None or not out.is_floating_point():
-                what = "model" if self.denoiser is None else "the Denoiser's network"
-                raise TypeError(f"{what} returned {out.dtype}, expected {x_in.dtype} like its"
-                                " input")
-            out = out.to(x_in.dtype)  # a float network output, used as Denoiser uses it
+            out = out.to(x_in.dtype)
         return [out] if self.guidance is None else list(out.chunk(2))
 
 
@@ -256,7 +257,13 @@ class Sampler:
         self.noise_sampler = noise_sampler
         if backend != "auto" and backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS} or 'auto', got {backend!r}")
+        defaults = inspect.signature(info.fn).parameters
         for key, value in options.items():  # NaN/inf options end in obscure errors or NaN samples
+            default = defaults[key].default if key in defaults else None
+            numeric = isinstance(default, numbers.Real) and not isinstance(default, bool)
+            if numeric and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
+                raise TypeError(f"{key} must be a number (default {default!r}), got"
+                                f" {type(value).__name__}")
             if isinstance(value, float) and not math.isfinite(value) and not (
                     key == "s_tmax" and value == math.inf):  # k-diffusion's default: no limit
                 raise ValueError(f"{key} must be finite, got {value}")
@@ -338,9 +345,19 @@ class Sampler:
                   seeds: torch.Tensor | None = None, generator: torch.Generator | None = None
                   ) -> torch.Tensor | None:
         """Per-sample Philox seeds (int64 [B] on noise's device), or None without noise."""
+        batch = noise.shape[0]
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+        if seed is not None:
+            try:
+                seed = operator.index(seed)  # an int (numpy's too), never a float or a string
+            except TypeError:
+                raise TypeError(f"seed must be an int, got {type(seed).__name__}") from None
+            if not -(2**63) <= seed <= 2**63 - batch:  # seed + arange(batch) in int64
+                raise ValueError(f"seed must be in [-2**63, 2**63 - batch] (int64 seeds"
+                                 f" seed + arange(batch)), got {seed}")
         if self.noise != "philox" or not self.plan.noise:
             return None
-        batch = noise.shape[0]
         if seeds is not None:
             if not isinstance(seeds, torch.Tensor) or seeds.dtype != torch.int64 or \
                     seeds.shape != (batch,):
@@ -442,5 +459,7 @@ def sample(model: Callable, x: torch.Tensor, sigmas, solver: str = "dpmpp_2m",
            **options) -> torch.Tensor:
     """One-shot: `Sampler(model, solver, sigmas, **options)(x)`; cond via `extra_args=dict`."""
     extra = options.pop("extra_args", None) or {}
+    if not isinstance(extra, dict):
+        raise TypeError(f"extra_args must be a dict of conditioning, got {type(extra).__name__}")
     call = {k: options.pop(k) for k in ("generator", "seed", "seeds") if k in options}
     return Sampler(model, solver, sigmas, **options)(x, **call, **extra)

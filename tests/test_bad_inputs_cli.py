@@ -80,4 +80,62 @@ def cli_sample_bad_labels(keep):
     _parse_labels("3,12")
 
 
+
+def _sample_cli(argv):
+    """`fastdiff sample argv`, failing loudly if it gets as far as loading the model: the
+    argument errors below must come before any sampling work."""
+    import fastdiff.models.digits as digits
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the model was loaded: the bad argument was not caught first")
+
+    digits.load_digits_model = no_work
+    _cli(["sample", *argv])
+
+
+@case("SystemExit", "argument --out")
+def cli_sample_out_in_a_missing_folder(keep):
+    _sample_cli(["--out", "/nonexistent/x/y.png"])
+
+
+@case("SystemExit", "argument --out")
+def cli_sample_out_is_a_folder(keep):
+    _sample_cli(["--out", "/"])
+
+
+@case("SystemExit", "argument --out")
+def cli_sample_out_not_an_image_format(keep):
+    import tempfile
+    _sample_cli(["--out", f"{tempfile.gettempdir()}/digits.notanimage"])
+
+
+@case("SystemExit", "argument --npz")
+def cli_sample_npz_in_a_missing_folder(keep):
+    _sample_cli(["--npz", "/nonexistent/x.npz", "--out", "/nonexistent/x.png"])
+
+
+@case("SystemExit", "argument --device")
+def cli_sample_device_not_a_device(keep):
+    _sample_cli(["--device", "gpu0"])
+
+
+@case("SystemExit", "argument --device")
+def cli_sample_device_absent(keep):
+    _sample_cli(["--device", "cuda:99"])
+
+
+@case("SystemExit", "argument --backend")
+def cli_sample_backend_for_another_device(keep):
+    _sample_cli(["--device", "cpu", "--backend", "cuda"])
+
+
+@case("SystemExit", "argument --seed")
+def cli_sample_seed_overflow(keep):
+    _sample_cli(["--seed", str(2**64)])
+
+
+@case("SystemExit", "argument --device")
+def cli_compare_device_not_a_device(keep):
+    _cli(["compare", "--device", "gpu0"])
+
 results, test_bad_input = cases.tests(__file__)

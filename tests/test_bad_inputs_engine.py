@@ -180,4 +180,105 @@ def sampler_non_contiguous_noise_is_right_and_untouched(keep):
                                sample_euler(model, x, sig, disable=True))
 
 
+
+@case("TypeError", "model returned torch.int64")
+def sampler_model_returns_int64(keep):
+    torch = _t()
+    for backend in ("reference", "cpu"):
+        s = _sampler(model=lambda x, s, **c: (x * 0.5).to(torch.int64), backend=backend)
+        s(keep(torch.randn(2, 3)))
+
+
+@case("ValueError", "model returned a tensor on meta")
+def sampler_model_answers_on_another_device(keep):  # the cpu kernel read a null pointer
+    torch = _t()
+    s = _sampler(model=lambda x, s, **c: torch.empty_like(x, device="meta"), backend="cpu")
+    s(keep(torch.randn(2, 3)))
+
+
+@case("TypeError", "seed must be an int")
+def sampler_seed_string(keep):
+    _sampler(solver="euler_ancestral")(keep(_t().randn(2, 3)), seed="3")
+
+
+@case("TypeError", "seed must be an int")
+def sampler_seed_float(keep):  # it was truncated silently
+    _sampler(solver="euler_ancestral")(keep(_t().randn(2, 3)), seed=1.5)
+
+
+@case("ValueError", "seed must be in")
+def sampler_seed_overflows_int64(keep):
+    _sampler(solver="euler_ancestral")(keep(_t().randn(2, 3)), seed=2**63 - 1)
+
+
+@case("TypeError", "generator must be a torch.Generator")
+def sampler_generator_not_a_generator(keep):
+    _sampler(solver="euler_ancestral", noise="generator")(keep(_t().randn(2, 3)), generator=3)
+
+
+@case("TypeError", "eta must be a number")
+def sampler_option_of_the_wrong_type(keep):
+    _sampler(solver="euler_ancestral", eta="1")
+
+
+@case("TypeError", "guidance must be a number")
+def sampler_guidance_string(keep):
+    _sampler(guidance="2")
+
+
+@case("ValueError", "scale must be a finite number")
+def cfg_denoiser_nan_scale(keep):
+    from fastdiff.denoisers import CFGDenoiser
+    CFGDenoiser(lambda x, s, **c: x, float("nan"))
+
+
+@case("ValueError", "uncond has shape (1,)")
+def sampler_uncond_shaped_unlike_cond(keep):  # the halves no longer lined up with x's rows
+    torch = _t()
+    _sampler(guidance=2.0)(keep(torch.randn(2, 3)), cond=keep(torch.ones(2)),
+                           uncond=keep(torch.zeros(1)))
+
+
+@case("TypeError", "cond and uncond must be tensors")
+def sampler_cond_a_list(keep):
+    _sampler(guidance=2.0)(keep(_t().randn(2, 3)), cond=[1, 2], uncond=[0, 0])
+
+
+@case("TypeError", "extra_args must be a dict")
+def sample_extra_args_a_list(keep):
+    import fastdiff.sampler as S
+    torch = _t()
+    S.sample(lambda x, s, **c: x, keep(torch.randn(2, 3)), torch.tensor([1.0, 0.0]), "euler",
+             extra_args=[1])
+
+
+@case("TypeError", "network returned torch.int64")
+def denoiser_network_returns_int64(keep):
+    from fastdiff.denoisers import Denoiser
+    torch = _t()
+    Denoiser(lambda x, t: (x * 2).to(torch.int64))(keep(torch.randn(2, 3)), 1.0)
+
+
+@case("ValueError", "network returned shape (1, 3)")
+def denoiser_network_answers_one_row(keep):  # it broadcast against x silently
+    from fastdiff.denoisers import Denoiser
+    Denoiser(lambda x, t: x[:1])(keep(_t().randn(2, 3)), 1.0)
+
+
+def _digits():
+    from fastdiff.models.digits import load_digits_model
+    return load_digits_model()
+
+
+@case("ValueError", "labels")
+def sample_digits_fractional_labels(keep):  # 1.5 was truncated to 1 silently
+    from fastdiff.models.digits import sample_digits
+    sample_digits(_digits(), [1.5, 2], steps=2)
+
+
+@case("ValueError", "seed must be in")
+def sample_digits_seed_overflow(keep):
+    from fastdiff.models.digits import sample_digits
+    sample_digits(_digits(), [1, 2], steps=2, seed=2**64)
+
 results, test_bad_input = cases.tests(__file__)

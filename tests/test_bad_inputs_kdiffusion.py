@@ -76,4 +76,51 @@ def kdiffusion_integer_x(keep):
                   torch.tensor([10.0, 1.0, 0.0]), disable=True)
 
 
+
+# -- what the model answers: every sampler checks it (host metadata, no sync) ---------------
+
+_RANGE = {"sample_dpm_fast": (0.1, 10.0, 3), "sample_dpm_adaptive": (0.1, 10.0)}
+
+
+def _answers(name: str, model):
+    """A case running fastdiff.k_diffusion.`name` with `model`."""
+
+    def run(keep):
+        from fastdiff import k_diffusion as K
+        torch = _t()
+        x = keep(torch.randn(2, 3, generator=torch.Generator().manual_seed(0)) * 10)
+        args = _RANGE.get(name) or (keep(torch.tensor([10.0, 5.0, 1.0, 0.0])),)
+        getattr(K, name)(model, x, *args, disable=True)
+
+    return run
+
+
+def _int64(x, sigma, **kwargs):
+    return (x * 0.5).to(_t().int64)
+
+
+def _sampler_names():
+    from fastdiff import k_diffusion as K
+    return [n for n in K.__all__ if n.startswith("sample_")]
+
+
+for _name in _sampler_names():  # (x * 0.5).to(int64) passed silently through all of them
+    cases.add(f"kdiffusion_{_name}_int64_model", _answers(_name, _int64), "TypeError",
+              "model returned torch.int64")
+cases.add("kdiffusion_euler_float64_model", _answers("sample_euler", lambda x, s: x.double()),
+          "TypeError", "model returned torch.float64")
+cases.add("kdiffusion_heun_model_answers_one_row", _answers("sample_heun", lambda x, s: x[:1]),
+          "ValueError", "model returned shape (1, 3)")  # it broadcast silently
+cases.add("kdiffusion_dpmpp_2m_model_answers_a_tuple",
+          _answers("sample_dpmpp_2m", lambda x, s: (x,)), "TypeError", "model returned tuple")
+cases.add("kdiffusion_lms_model_answers_on_another_device",
+          _answers("sample_lms", lambda x, s: x.to("meta")), "ValueError", "on meta")
+
+
+@case("TypeError", "model")
+def kdiffusion_model_not_callable(keep):
+    from fastdiff import k_diffusion as K
+    torch = _t()
+    K.sample_euler(None, keep(torch.randn(2, 3)), torch.tensor([1.0, 0.0]), disable=True)
+
 results, test_bad_input = cases.tests(__file__)

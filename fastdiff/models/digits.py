@@ -178,6 +178,12 @@ def sample_digits(model: EpsDenoiser, labels: Sequence[int] | Tensor, steps: int
         raise ValueError(f"solver {solver!r} works in {info.param!r} coordinates; the digits "
                          "model is sampled with VE (k-diffusion) solvers")
     labels = _checked_labels(labels)
+    try:
+        seed = operator.index(seed)
+    except TypeError:
+        raise TypeError(f"seed must be an int, got {type(seed).__name__}") from None
+    if not -(2**63) <= seed < 2**63 - 1:  # torch generators take int64 seeds (and seed + 1)
+        raise ValueError(f"seed must be in [-2**63, 2**63 - 1), got {seed}")
     param = next(model.parameters())
     device, dtype = param.device, param.dtype
     fused = backend is not None or graph
@@ -185,7 +191,7 @@ def sample_digits(model: EpsDenoiser, labels: Sequence[int] | Tensor, steps: int
                                   (backend or "auto") if fused else None, graph)
     # The initial noise and the labels are made on the host, then moved: nothing the host
     # makes meets a device tensor (a CPU tensor times a CUDA sigma fails on a GPU).
-    gen = torch.Generator().manual_seed(int(seed))
+    gen = torch.Generator().manual_seed(seed)
     noise = torch.randn(len(labels), 1, IMAGE_SIZE, IMAGE_SIZE, generator=gen, dtype=torch.float64)
     x = (noise * sigma_max).to(device=device, dtype=dtype)
     cond = torch.tensor(labels, dtype=torch.long, device=device)
@@ -195,14 +201,14 @@ def sample_digits(model: EpsDenoiser, labels: Sequence[int] | Tensor, steps: int
     with torch.no_grad():
         if fused:  # the solver's noise: in-kernel Philox, seeded from seed + 1
             seeds = torch.randint(-(2**63), 2**63 - 1, (len(labels),), dtype=torch.int64,
-                                  generator=torch.Generator().manual_seed(int(seed) + 1))
+                                  generator=torch.Generator().manual_seed(seed + 1))
             out = _with_progress(engine, model.network, disable)(x, seeds=seeds.to(device),
                                                                  **extra)
         else:  # the reference draws from the global generators: seed them, restore the caller's
             sigmas = digits_sigmas(model, steps, spacing).to(
                 device, torch.promote_types(dtype, torch.float32))
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-                torch.manual_seed(int(seed) + 1)
+                torch.manual_seed(seed + 1)
                 out = info.fn(model if guidance == 1.0 else guided(model, guidance), x, sigmas,
                               extra_args=extra, callback=callback, disable=disable,
                               **info.kwargs)
