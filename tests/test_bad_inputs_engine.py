@@ -281,4 +281,60 @@ def sample_digits_seed_overflow(keep):
     from fastdiff.models.digits import sample_digits
     sample_digits(_digits(), [1, 2], steps=2, seed=2**64)
 
+
+@case("ValueError", "guidance must be a finite number")
+def sample_digits_guidance_string(keep):  # the message named CFGDenoiser's "scale"
+    from fastdiff.models.digits import sample_digits
+    sample_digits(_digits(), [1, 2], steps=2, guidance="2")
+
+
+@case("ValueError", "x must be a [N, 1, H, W]")
+def to_uint8_without_the_channel_dim(keep):  # it returned each image's first row
+    from fastdiff.models.digits import to_uint8
+    to_uint8(keep(_t().zeros(3, 8, 8)))
+
+
+@case("ValueError", "non-finite")
+def to_uint8_nan_images(keep):  # NaN became an arbitrary byte
+    from fastdiff.models.digits import to_uint8
+    to_uint8(keep(_t().full((1, 1, 8, 8), float("nan"))))
+
+
+@case("ValueError", "images must be a non-empty uint8")
+def make_grid_no_images(keep):  # ZeroDivisionError
+    import numpy as np
+
+    from fastdiff.models.digits import make_grid
+    make_grid(np.zeros((0, 8, 8), np.uint8))
+
+
+@case("ValueError", "images must be a non-empty uint8")
+def make_grid_float_images(keep):  # [0, 1] floats became a black grid
+    import numpy as np
+
+    from fastdiff.models.digits import make_grid
+    make_grid(np.full((2, 8, 8), 0.5))
+
+
+@case("ValueError", "nrow")
+def make_grid_zero_columns(keep):  # ZeroDivisionError
+    import numpy as np
+
+    from fastdiff.models.digits import make_grid
+    make_grid(np.zeros((2, 8, 8), np.uint8), nrow=0)
+
+
+@case("TypeError", "class_labels must be an integer tensor")
+def unet_float_class_labels(keep):  # 3.7 was truncated to 3
+    torch = _t()
+    _digits().network.unet(keep(torch.zeros(2, 1, 8, 8)), torch.zeros(2),
+                           keep(torch.tensor([3.7, 1.2])))
+
+
+@case("ValueError", "means must be a finite")
+def gaussian_mixture_nan_means(keep):  # every answer was NaN
+    from fastdiff.models.gmm import GaussianMixture
+    torch = _t()
+    GaussianMixture(keep(torch.tensor([[float("nan"), 0.0]])), 1.0)
+
 results, test_bad_input = cases.tests(__file__)

@@ -17,6 +17,8 @@ arXiv:2207.12598). Weights: `fastdiff/weights/digits.safetensors`, reproduced by
 from __future__ import annotations
 
 import json
+import math
+import numbers
 import operator
 from collections.abc import Sequence
 from pathlib import Path
@@ -178,6 +180,9 @@ def sample_digits(model: EpsDenoiser, labels: Sequence[int] | Tensor, steps: int
         raise ValueError(f"solver {solver!r} works in {info.param!r} coordinates; the digits "
                          "model is sampled with VE (k-diffusion) solvers")
     labels = _checked_labels(labels)
+    if isinstance(guidance, bool) or not isinstance(guidance, numbers.Real) or \
+            not math.isfinite(guidance):
+        raise ValueError(f"guidance must be a finite number, got {guidance!r}")
     try:
         seed = operator.index(seed)
     except TypeError:
@@ -267,12 +272,25 @@ def _with_progress(engine, network: nn.Module, disable: bool | None):
 def to_uint8(x: Tensor) -> np.ndarray:
     """[N, 1, H, W] in [-1, 1] -> uint8 [N, H, W] (0 = background, as the data: white ink on
     black)."""
-    x = ((x.detach().double().cpu().clamp(-1, 1) + 1) * 127.5).round()
+    if not isinstance(x, Tensor) or x.dim() != 4 or x.shape[1] != 1:
+        got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"x must be a [N, 1, H, W] tensor of images, got {got}")
+    x = x.detach().double().cpu()
+    if not bool(torch.isfinite(x).all()):  # (NaN would become an arbitrary byte)
+        raise ValueError("x has non-finite values: no image to make")
+    x = ((x.clamp(-1, 1) + 1) * 127.5).round()
     return x[:, 0].numpy().astype(np.uint8)
 
 
 def make_grid(images: np.ndarray, nrow: int = 10, scale: int = 4, pad: int = 1) -> np.ndarray:
     """uint8 [N, H, W] -> one uint8 image of `nrow` columns, each cell upscaled `scale` times."""
+    images = np.asarray(images)
+    if images.ndim != 3 or images.shape[0] == 0 or images.dtype != np.uint8:
+        raise ValueError(f"images must be a non-empty uint8 array [N, H, W] (see to_uint8), got"
+                         f" {images.dtype} {images.shape}")
+    for name, value, low in (("nrow", nrow, 1), ("scale", scale, 1), ("pad", pad, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
     n, h, w = images.shape
     ncol = min(nrow, n)
     rows = -(-n // ncol)

@@ -60,8 +60,8 @@ class GaussianMixture:
 
     def __init__(self, means: Tensor, stds: Tensor | float, weights: Tensor | None = None):
         means = torch.as_tensor(means, dtype=torch.float64)
-        if means.ndim != 2:
-            raise ValueError(f"means must have shape [K, d], got {tuple(means.shape)}")
+        if means.ndim != 2 or not bool(torch.isfinite(means).all()):
+            raise ValueError(f"means must be a finite [K, d] tensor, got {tuple(means.shape)}")
         k = means.shape[0]
         stds = torch.as_tensor(stds, dtype=torch.float64).flatten()
         if stds.numel() == 1:

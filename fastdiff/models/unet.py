@@ -310,6 +310,9 @@ class UNet(nn.Module):
             if class_labels is None:
                 raise ValueError("class_labels is required: this UNet is class-conditional "
                                  f"(num_class_embeds={cfg['num_class_embeds']})")
+            if not isinstance(class_labels, Tensor) or class_labels.is_floating_point():
+                raise TypeError("class_labels must be an integer tensor (a float one would be"
+                                " truncated)")
             emb = emb + self.class_embedding(class_labels.to(sample.device).long())
         elif class_labels is not None:
             raise ValueError("class_labels given but this UNet has no class embedding")
