@@ -22,6 +22,7 @@ import torch
 
 from fastdiff.denoisers import CFGDenoiser, Denoiser, ThresholdedDenoiser, check_denoised
 from fastdiff.ops import BACKENDS, dynamic_threshold, lincomb, resolve
+from fastdiff.ops._backends import traced
 from fastdiff.ops.lincomb import launch_unchecked, same_dense_layout
 from fastdiff.ops.threshold import static_bounds
 from fastdiff.reference.solvers import SOLVERS
@@ -186,6 +187,7 @@ class _Buffers:
         self.key = (like.shape, like.dtype, like.device, like.stride())
         self.spare = spare.setdefault(self.key, []) if like.device.type == "cpu" else []
         self.owned: list[torch.Tensor] = []
+        self.recycle = not traced(like)  # a traced run (torch.compile, fakes) plans its own memory
 
     def take(self) -> torch.Tensor:
         try:
@@ -198,7 +200,7 @@ class _Buffers:
     def release(self, t: torch.Tensor | None, live: dict) -> None:
         """Recycles `t` if this run allocated it and no live register shares its storage (a
         model may return its input, or a view of it)."""
-        if t is None or not any(t is o for o in self.owned):
+        if t is None or not self.recycle or not any(t is o for o in self.owned):
             return
         storage = t.untyped_storage()._cdata  # (fake tensors have storages, not pointers)
         if any(r.untyped_storage()._cdata == storage for r in live.values()
@@ -382,7 +384,8 @@ class Sampler:
                              f" {tuple(noise.shape)}")
         tables, levels = self._constants(noise)
         philox_seeds = self.seeds_for(noise, seed, seeds, generator)
-        backend = resolve(self.backend, noise.device)
+        # (traced: the registered ops resolve the backend themselves, when they run)
+        backend = self.backend if traced(noise) else resolve(self.backend, noise.device)
         cond = self.adapter.batch_cond(cond)
         draws = ((self._noise_source(noise, generator),
                   default_noise_sampler(noise, generator=generator))  # the reference's randn_like

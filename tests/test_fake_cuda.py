@@ -199,3 +199,29 @@ def test_the_exact_mixture_follows_x_to_the_device():
         vp = gmm.vp_denoiser(x, 2.0)  # a Python-number level
     assert out.device == vp.device == DEVICE
     assert transfers.after(1) == []  # the parameters' copies happen in the first call
+
+
+class _Loop(torch.nn.Module):
+    def __init__(self, sampler):
+        super().__init__()
+        self.sampler = sampler
+
+    def forward(self, x):
+        return self.sampler.run(x, seed=1)
+
+
+@pytest.mark.parametrize("name", ["dpmpp_2m", "euler_ancestral"])
+def test_the_loop_is_traceable_by_torch_compile_and_export(name):
+    """The same registrations make the whole loop one graph: torch.compile(fullgraph=True) and
+    torch.export trace it (each stage one fastdiff op) and give the eager result bitwise."""
+    model = ThresholdedDenoiser(Denoiser(eps_network), dynamic_ratio=0.9, max_value=3.0)
+    sampler = Sampler(model, name, sigmas_for(name, steps=4), backend="cpu")
+    x = torch.randn(3, 2, 4, generator=torch.Generator().manual_seed(0)) * 14.6
+    want = sampler(x, seed=1)
+    torch._dynamo.reset()
+    compiled = torch.compile(_Loop(sampler), backend="eager", fullgraph=True)
+    assert torch.equal(compiled(x), want)
+    exported = torch.export.export(_Loop(sampler), (x,))
+    ops = [str(n.target) for n in exported.graph.nodes if n.op == "call_function"]
+    assert sum(op.startswith("fastdiff.lincomb") for op in ops) == len(sampler.launches)
+    assert torch.equal(exported.module()(x), want)
