@@ -258,7 +258,8 @@ def _with_progress(engine, network: nn.Module, disable: bool | None):
     from tqdm.auto import tqdm
 
     def run(x: Tensor, **cond) -> Tensor:
-        bar = tqdm(total=engine.plan.nfe, disable=disable, unit="call")
+        # (a replayed CUDA graph runs no Python: no hook would count its calls)
+        bar = tqdm(total=engine.plan.nfe, disable=disable or engine.graph, unit="call")
         hook = network.register_forward_hook(lambda *_: bar.update())
         try:
             return engine(x, **cond)
