@@ -127,3 +127,21 @@ def test_at_most_two_kernel_launches_per_step_outside_the_model(name):
                and "memcpy" not in e.name.lower() and "memset" not in e.name.lower()]
     outside = len(kernels) - sampler.plan.nfe  # the model's own kernels
     assert outside <= 2 * sampler.plan.nfe, [e.name for e in kernels]
+
+
+@NO_FALLBACK
+def test_sample_digits_and_fastdiff_sample_on_the_gpu(tmp_path):
+    """`make demo` on a GPU (item 7: CPU noise times a CUDA sigma raised): the embedded model
+    eager, graphed (the same samples, bitwise) and through the command line."""
+    from fastdiff.cli import main
+    from fastdiff.models.digits import load_digits_model, sample_digits
+
+    model = load_digits_model().to("cuda")
+    labels = [0, 1, 2, 3, 4, 5, 6, 7, 8, 9]
+    eager = sample_digits(model, labels, steps=8, backend="auto")
+    graphed = sample_digits(model, labels, steps=8, backend="auto", graph=True)
+    assert eager.is_cuda and bool(torch.isfinite(eager).all())
+    assert torch.equal(graphed, eager)
+    assert main(["sample", "--device", "cuda", "--steps", "4", "--quiet", "--graph",
+                 "--out", str(tmp_path / "digits.png")]) == 0
+    assert (tmp_path / "digits.png").stat().st_size > 0
