@@ -126,6 +126,16 @@ class Denoiser(nn.Module):
         self.timestep = timestep
         self.schedule = schedule
 
+    # Host-side work kept with the model by helpers (fastdiff.models.digits keeps its engines
+    # and noise levels under this name): never pickled or deep-copied, since it can hold device
+    # tables and CUDA graphs; a copy rebuilds it on first use.
+    HOST_CACHE = "_fastdiff_host_cache"
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.pop(self.HOST_CACHE, None)
+        return state
+
     @staticmethod
     def from_alphas_cumprod(network: Callable, alphas_cumprod: Tensor,
                             prediction: str = "epsilon", quantize: bool = False) -> Denoiser:

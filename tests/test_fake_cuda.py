@@ -201,6 +201,25 @@ def test_the_exact_mixture_follows_x_to_the_device():
     assert transfers.after(1) == []  # the parameters' copies happen in the first call
 
 
+def test_the_host_work_kept_with_a_model_is_never_saved_or_copied(digits_model):
+    """sample_digits keeps its engines with the model (so a device run finds its plan ready);
+    a copy or a saved model must not carry them (device tables, CUDA graphs)."""
+    import io
+
+    from fastdiff.models.digits import sample_digits
+
+    model = copy.deepcopy(digits_model)
+    first = sample_digits(model, [4, 2], steps=2, backend="auto")
+    assert model.HOST_CACHE in model.__dict__
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    for other in (loaded, copy.deepcopy(model)):
+        assert model.HOST_CACHE not in other.__dict__
+        assert torch.equal(sample_digits(other, [4, 2], steps=2, backend="auto"), first)
+
+
 class _Loop(torch.nn.Module):
     def __init__(self, sampler):
         super().__init__()

@@ -239,7 +239,7 @@ def _prepared(model: EpsDenoiser, solver: str, steps: int, spacing: str, guidanc
               backend: str | None, graph: bool):
     """(fused engine or None, sigma_max) for these settings, built once and kept with the model
     (plans and noise levels are host work: a traced or captured run must find them ready)."""
-    cache = model.__dict__.setdefault("_fastdiff_sample_digits", {})
+    cache = model.__dict__.setdefault(model.HOST_CACHE, {})
     key = (solver, steps, spacing, guidance, backend, graph, id(model.schedule))
     if key not in cache:
         sigmas = digits_sigmas(model, steps, spacing)
