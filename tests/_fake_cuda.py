@@ -40,7 +40,7 @@ DEVICE = torch.device("cuda", 0)
 @contextlib.contextmanager
 def _cuda_device_guard():
     lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libc10.so"))
-    registry = (ctypes.c_void_p * 21).in_dll(lib, _REGISTRY)
+    registry = (ctypes.c_void_p * (_LAZY + 1)).in_dll(lib, _REGISTRY)  # (entries 0.._LAZY)
     if registry[_CUDA]:  # a CUDA build: FakeTensorMode handles it
         yield
         return
