@@ -418,14 +418,19 @@ class FusedStepMixin:
     _fd_orders: tuple | None = None  # the solver_order range the step supports (None: any)
 
     def _fd_init(self, *args, **kwargs):
+        orders = self._fd_orders
+        if orders is not None:  # before diffusers' __init__, which may already fail on it
+            bound = _signature(self._fd_base.__init__).bind(self, *args, **kwargs)
+            bound.apply_defaults()
+            self._fd_check_order(orders, bound.arguments.get("solver_order"))
         self._fd_base.__init__(self, *args, **kwargs)
         # diffusers' pipelines record a component's library from `component.__module__`: a
         # pipeline saved with a drop-in then names diffusers' own class, which plain diffusers
         # loads (fastdiff's class is loaded by passing it, see the README)
         self.__dict__["__module__"] = self._fd_base.__module__
-        orders = self._fd_orders
-        order = self.config.get("solver_order")
-        if orders is not None and order is not None and not (
+
+    def _fd_check_order(self, orders, order) -> None:
+        if order is not None and not (
                 orders[0] <= order and (orders[1] is None or order <= orders[1])):
             allowed = (f"{orders[0]} to {orders[1]}" if orders[1] is not None
                        else f">= {orders[0]}")
