@@ -26,7 +26,6 @@ such as FlowMatch's `per_token_timesteps`) runs diffusers' own step, with a warn
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
 import warnings
@@ -34,7 +33,7 @@ import warnings
 import torch
 
 from fastdiff.diffusers import _learned, _noise
-from fastdiff.diffusers._shared import FALLBACK, Shared, Window, freeze, shared_for
+from fastdiff.diffusers._shared import FALLBACK, Shared, freeze, host_only, shared_for
 from fastdiff.diffusers._trace import Clip, StepPlan, get_slot, set_slot, trace_step
 from fastdiff.ops import dynamic_threshold
 from fastdiff.ops._backends import resolve
@@ -60,24 +59,8 @@ class _State:
         self.host_schedule = (None, [])  # (self.timesteps it was read from, its values)
         self.clips: dict = {}
         self.noise_tables: dict = {}
+        self.made: dict = {}  # the schedule tensors set_timesteps made, by name
         self.trace_error = "this step"  # why the last trace failed
-
-
-@contextlib.contextmanager
-def _host_only():
-    """Suspends the caller's torch modes (FakeTensorMode, dispatch-counting modes, a
-    `torch.device` context) while the CPU twin is traced: host arithmetic, never on the
-    caller's tensors."""
-    from torch.utils._python_dispatch import _disable_current_modes
-
-    saved = [torch._C._pop_torch_function_stack()
-             for _ in range(torch._C._len_torch_function_stack())]
-    try:
-        with _disable_current_modes():
-            yield
-    finally:
-        for mode in reversed(saved):
-            torch._C._push_on_torch_function_stack(mode)
 
 
 def _capturing() -> bool:
@@ -121,6 +104,8 @@ class FusedStepMixin:
         state.shared = shared_for(self, arguments, on_host)
         state.window, state.expect = 0, None
         state.host_schedule = (self.timesteps, state.shared.schedule)
+        state.made = {name: self.__dict__.get(name) for name in ("timesteps", "sigmas")
+                      if isinstance(state.shared.fresh.get(name), torch.Tensor)}
         return result
 
     def _fd_shared(self) -> Shared:
@@ -148,8 +133,7 @@ class FusedStepMixin:
         ts = self.timesteps
         if (isinstance(timestep, torch.Tensor) and isinstance(ts, torch.Tensor)
                 and timestep.numel() == 1 and ts.dim() == 1 and ts.stride(0) == 1
-                and timestep.device == ts.device
-                and timestep.untyped_storage().data_ptr() == ts.untyped_storage().data_ptr()):
+                and timestep.device == ts.device and _same_storage(timestep, ts)):
             pos = timestep.storage_offset() - ts.storage_offset()
             if 0 <= pos < len(ts):
                 return pos
@@ -261,7 +245,7 @@ class FusedStepMixin:
         if "generator" in _signature(self._fd_base.step).parameters:
             kwargs["generator"] = None
         plans, next_key = [], None
-        with _host_only():
+        with host_only():
             shared.overlay(self.__dict__)
             make = functools.partial(_twin_timestep, kind)
             t, k = make(value), key
@@ -289,8 +273,8 @@ class FusedStepMixin:
                 next_key = k = shared.key(shared.twin.__dict__, kind, value, options)
                 if shared.find(k) is not None:
                     break
+            shared.add_window(plans)
         state.window, state.expect = len(plans), next_key
-        Window(plans)
         return plans[0]
 
     def _fd_limit_plan(self, shared: Shared, before: dict, t, kwargs, plan) -> StepPlan:
@@ -406,6 +390,9 @@ class FusedStepMixin:
         x = inputs[0]
         if clip.kind == "dynamic":
             ratio, max_value = clip.params
+            if _is_fake(x):  # FakeTensorMode: through the torch.library op's fake
+                return torch.ops.fastdiff.dynamic_threshold(list(inputs), coef, None, 0, ratio,
+                                                            max_value, self.fastdiff_backend)
             return dynamic_threshold(inputs, coef, 0, ratio, max_value,
                                      backend=self.fastdiff_backend)
         key = (clip.params, x.shape[0], coef.dtype, x.device)
@@ -456,6 +443,15 @@ def _same(a, b) -> bool:
     if hasattr(a, "shape") or hasattr(b, "shape"):
         return False
     return a == b
+
+
+def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    if a._base is b:
+        return True
+    try:
+        return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+    except RuntimeError:  # a fake tensor has no data
+        return False
 
 
 def _twin_timestep(kind, value):

@@ -61,8 +61,18 @@ class _Tables:
         return copy[0]
 
 
-def _tables(state, name: str, source: torch.Tensor) -> _Tables:
-    """The cached device copies of the scheduler's `name` tensor (a new tensor: new copies)."""
+def _tables(sched, name: str, source: torch.Tensor) -> _Tables:
+    """The cached device copies of the scheduler's `name` tensor. The one set_timesteps made
+    is the same for every scheduler with these settings: its copies are shared (a pipeline
+    calls set_timesteps on every call; the copies are made once); another tensor set from
+    outside gets its own."""
+    state = sched._fd_state()
+    shared = state.shared
+    if shared is not None and state.made.get(name) is source:
+        cached = shared.noise_tables.get(name)
+        if cached is None:
+            cached = shared.noise_tables[name] = _Tables(shared.fresh[name])
+        return cached
     cached = state.noise_tables.get(name)
     if cached is None or cached.source is not source:
         cached = state.noise_tables[name] = _Tables(source)
@@ -73,13 +83,17 @@ def missing_index(sched) -> int | None:
     """What diffusers' index_for_timestep answers for a timestep not in the schedule: the last
     index (DPM-Solver family) or an IndexError (Euler family, None here). Asked of diffusers
     once per class, on a 2-element host schedule that cannot hold the probe."""
+    from fastdiff.diffusers._shared import host_only
+
     cls = type(sched)
     if "_fd_missing_last" not in cls.__dict__:
-        try:
-            sched._fd_base.index_for_timestep(sched, torch.tensor(0.5), torch.tensor([0., 1.]))
-            cls._fd_missing_last = True
-        except IndexError:
-            cls._fd_missing_last = False
+        with host_only():
+            try:
+                sched._fd_base.index_for_timestep(sched, torch.tensor(0.5),
+                                                  torch.tensor([0., 1.]))
+                cls._fd_missing_last = True
+            except IndexError:
+                cls._fd_missing_last = False
     return len(sched.timesteps) - 1 if cls._fd_missing_last else None
 
 
@@ -93,12 +107,14 @@ def step_indices(sched, timesteps, device: torch.device) -> torch.Tensor:
     schedule = sched.timesteps
     if not isinstance(schedule, torch.Tensor):
         schedule = torch.as_tensor(schedule)
-    schedule = _tables(sched._fd_state(), "timesteps", schedule).get(device, schedule.dtype)
-    eq = schedule[None, :] == timesteps.to(device)[:, None]
+    schedule = _tables(sched, "timesteps", schedule).get(device, schedule.dtype)
+    # (unsqueeze / index_select rather than indexing: the same ops, and they also run on
+    # FakeTensorMode's "cuda" tensors on a CPU-only build, where the CI checks this path)
+    eq = schedule.unsqueeze(0) == timesteps.to(device).unsqueeze(1)
     count = eq.sum(1)
     # index_for_timestep: the second match when the timestep repeats, else the first
     want = torch.where(count > 1, 2, 1)
-    index = (eq & (eq.cumsum(1) == want[:, None])).int().argmax(1).long()
+    index = (eq & (eq.cumsum(1) == want.unsqueeze(1))).int().argmax(1).long()
     fallback = missing_index(sched)
     if fallback is None and device.type == "cpu" and bool((count == 0).any()):
         bad = timesteps[(count == 0).cpu()].tolist()
@@ -109,10 +125,10 @@ def step_indices(sched, timesteps, device: torch.device) -> torch.Tensor:
 
 
 def sigma_at(sched, timesteps, like: torch.Tensor) -> torch.Tensor:
-    sigmas = _tables(sched._fd_state(), "sigmas", sched.sigmas).get(like.device, like.dtype)
+    sigmas = _tables(sched, "sigmas", sched.sigmas).get(like.device, like.dtype)
     index = step_indices(sched, timesteps, like.device)
     nan = torch.full((), float("nan"), dtype=like.dtype, device=like.device)
-    sigma = torch.where(index >= 0, sigmas[index.clamp(min=0)], nan).flatten()
+    sigma = torch.where(index >= 0, sigmas.index_select(0, index.clamp(min=0)), nan).flatten()
     while len(sigma.shape) < len(like.shape):
         sigma = sigma.unsqueeze(-1)
     return sigma

@@ -42,6 +42,23 @@ def freeze(value):
 
 
 @contextlib.contextmanager
+def host_only():
+    """Suspends the caller's torch modes (FakeTensorMode, dispatch-counting modes, a
+    `torch.device` context) for host arithmetic on fastdiff's own CPU tensors (tracing the
+    twin, probing diffusers' behaviour), never on the caller's tensors."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    saved = [torch._C._pop_torch_function_stack()
+             for _ in range(torch._C._len_torch_function_stack())]
+    try:
+        with _disable_current_modes():
+            yield
+    finally:
+        for mode in reversed(saved):
+            torch._C._push_on_torch_function_stack(mode)
+
+
+@contextlib.contextmanager
 def quiet():
     """diffusers' logger and Python warnings silenced (a twin repeats what ours just said)."""
     from diffusers.utils import logging as diffusers_logging
@@ -92,6 +109,8 @@ class Shared:
         self.twin.__class__ = recording_class(base)
         self.plans: dict = {}  # state key -> StepPlan (or FALLBACK)
         self.by_reads: dict = {}  # a plan's reads -> {the key restricted to them: plan}
+        self.noise_tables: dict = {}  # add_noise's device copies of the schedule (_noise.py)
+        self.by_coefs: dict = {}  # a plan's coefficients (bytes) -> a plan holding them
         self.warned: set = set()
 
     @staticmethod
@@ -149,6 +168,25 @@ class Shared:
                     self.plans[key] = plan
                     break
         return plan
+
+    def add_window(self, plans: list[StepPlan]) -> None:
+        """Device tables for new plans. A plan whose coefficients some plan already has (the
+        same step from a state differing only in bookkeeping, e.g. UniPC's timestep_list left
+        from the last loop) shares that plan's tables: no new upload."""
+        new, same = [], []
+        for plan in plans:
+            signature = tuple((tuple(c.coef.shape), c.coef.numpy().tobytes())
+                              for c in plan.chunks)
+            known = self.by_coefs.get(signature)
+            if known is not None:
+                same.append((plan, known))
+            else:
+                self.by_coefs[signature] = plan
+                new.append(plan)
+        if new:
+            Window(new)
+        for plan, known in same:
+            plan.window, plan.slot_in_window = known.window, known.slot_in_window
 
     def snapshot(self) -> dict:
         return {k: (list(v) if isinstance(v, list) else v)
@@ -212,14 +250,9 @@ class Window:
 
             flat = torch.cat([c.reshape(-1) for c in self.coefs] or [torch.zeros(1)])
             flat, host = upload(flat.to(dtype), device)
-            tables, offset = [], 0
-            for p in self.plans:
-                views = []
-                for c in p.chunks:
-                    n = c.coef.numel()
-                    views.append(flat[offset: offset + n].view(c.coef.shape))
-                    offset += n
-                tables.append(views)
+            parts = iter(flat.split([c.numel() for c in self.coefs] + [flat.numel()
+                                    - sum(c.numel() for c in self.coefs)]))
+            tables = [[next(parts).view(c.coef.shape) for c in p.chunks] for p in self.plans]
             self.copies[key] = tables
             self.copies[key, "host"] = host  # kept for as long as the device copy is
         return tables
