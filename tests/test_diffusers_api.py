@@ -18,6 +18,7 @@ D = pytest.importorskip("diffusers")
 F = pytest.importorskip("fastdiff.diffusers")
 
 SHAPE = (2, 3, 8, 8)
+pytestmark = pytest.mark.usefixtures("one_thread")  # many small ops on a shared runner
 RTOL = 1e-5
 NAMES = list(F.__all__)
 EXTRA = {"fastdiff_backend"}  # the one public name fastdiff adds (which implementation runs)

@@ -19,6 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 F = pytest.importorskip("fastdiff.diffusers")
 from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # many small ops on a shared runner
 aten = torch.ops.aten
 SHAPE = (2, 4, 8, 8)
 STEPS = 9
