@@ -115,11 +115,16 @@ class Shared:
 
     @staticmethod
     def _make_twin(sched, base, arguments, on_host):
-        with quiet():
-            twin = base.__new__(base)
-            twin.__dict__.update({k: (list(v) if isinstance(v, list) else v)
-                                  for k, v in sched.__dict__.items() if k not in PRIVATE
-                                  or k == "_internal_dict"})
+        twin = base.__new__(base)
+        twin.__dict__.update({k: (list(v) if isinstance(v, list) else v)
+                              for k, v in sched.__dict__.items() if k not in PRIVATE
+                              or k == "_internal_dict"})
+        if arguments is not None and on_host:
+            on_cpu = all(v.device.type == "cpu" for v in twin.__dict__.values()
+                         if isinstance(v, torch.Tensor) and _is_schedule(v))
+            if on_cpu:  # ours' own schedule, already on the CPU: nothing to recompute
+                return twin
+        with quiet():  # diffusers code that may warn again what ours has said
             if arguments is not None and not on_host:
                 twin.set_timesteps(**arguments)
             on_cpu = all(v.device.type == "cpu" for v in twin.__dict__.values()
