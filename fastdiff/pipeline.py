@@ -7,8 +7,13 @@
    name and config; one fused kernel per step). backend="reference" keeps diffusers' own step
    arithmetic in the twin (and the reference modules in 2.), so with kernels=False and
    graph=False the pipeline's output is bitwise the original's.
-2. kernels=True: GroupNorm and attention modules of the UNet and VAE become fastdiff.nn modules
-   (fastdiff.nn.swap_modules; same parameters and state-dict keys).
+2. kernels=True: GroupNorm modules of the UNet and VAE become fastdiff.nn.GroupNorm (a
+   torch.nn.GroupNorm subclass; same parameters and state-dict keys) and their diffusers
+   Attention modules get fastdiff.nn.AttnProcessor through diffusers' processor API, so
+   `unet.attn_processors`, `set_attn_processor`, `set_default_attn_processor` and attention
+   slicing keep working (fastdiff.nn.swap_modules; a user's own processor is kept).
+   A pipeline saved while accelerated loads with plain diffusers (same weights and keys; the
+   scheduler is recorded as diffusers' class of the same name).
 3. graph=True: the UNet's forward is captured in CUDA graphs keyed by its input signature
    (fastdiff.graph.GraphedCallable); each pipeline step then replays one graph. Where capture is
    impossible (CPU tensors, a model that syncs) it runs eagerly, with a warning.

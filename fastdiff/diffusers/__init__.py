@@ -3,12 +3,13 @@
     from fastdiff.diffusers import DPMSolverMultistepScheduler
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
 
-Each class subclasses diffusers' class of the same name (same config keys, `from_config`,
-`save_pretrained`/`from_pretrained`, `compatibles`, `timesteps`, `sigmas`, `scale_model_input`,
-`add_noise`, ...). Only `step` differs: diffusers' step traced at `set_timesteps` into exact
-per-step linear forms (fastdiff/diffusers/_trace.py) and run as one fastdiff.ops.lincomb launch
-per step, with no host synchronisation (fastdiff/diffusers/_fused.py). Noise comes from
-diffusers' own `randn_tensor` with the caller's generator, so results match diffusers'.
+Each class subclasses diffusers' class of the same name (same config keys, public methods and
+signatures, `from_config`, `save_pretrained`/`from_pretrained`, `compatibles`, state
+attributes). Only `step` differs: diffusers' step traced, from the scheduler's state and the
+timestep given, into an exact linear form (fastdiff/diffusers/_trace.py; plans shared by equal
+settings, _shared.py) and run as one fastdiff.ops.lincomb launch, with no host synchronisation
+(fastdiff/diffusers/_fused.py). Noise comes from diffusers' own `randn_tensor` with the
+caller's generator, so results match diffusers'.
 
 This package imports the `diffusers` library; `import fastdiff` never does.
 """

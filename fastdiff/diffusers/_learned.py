@@ -54,26 +54,24 @@ def split(scheduler, model_output: torch.Tensor, sample: torch.Tensor):
     return model_output.split(channels, dim=1)
 
 
-def retarget_noise(scheduler, twin, plans: dict, timesteps: list) -> None:
+def retarget_noise(scheduler, twin, plan, timestep) -> None:
     """DDPM: the traced (fixed_small) noise coefficient becomes 1 and the plan records how
     step() scales the draw: ("exp", a_t, b_t) or ("sqrt",). a_t and b_t come from diffusers'
-    own float32 logs (`_get_variance` of the twin with the user's config)."""
-    for i, plan in plans.items():
-        noisy = False
-        for chunk in plan.chunks:
-            for col, source in enumerate(chunk.sources):
-                if source[0] == "noise":
-                    chunk.coef[..., col] = (chunk.coef[..., col] != 0).to(chunk.coef.dtype)
-                    noisy = True
-        if not noisy:  # the last step (t = 0) adds no noise
-            continue
-        if scheduler.config.variance_type == "learned":
-            plan.learned = ("sqrt",)
-            continue
-        t = timesteps[i]
-        min_log = float(torch.log(twin._get_variance(t, variance_type="fixed_small")))
-        max_log = float(twin._get_variance(t, variance_type="fixed_large_log"))
-        plan.learned = ("exp", 0.25 * (max_log + min_log), 0.25 * (max_log - min_log))
+    own float32 logs (`_get_variance` of the twin, which has the user's schedule)."""
+    noisy = False
+    for chunk in plan.chunks:
+        for col, source in enumerate(chunk.sources):
+            if source[0] == "noise":
+                chunk.coef[..., col] = (chunk.coef[..., col] != 0).to(chunk.coef.dtype)
+                noisy = True
+    if not noisy:  # the last step (t = 0) adds no noise
+        return
+    if scheduler.config.variance_type == "learned":
+        plan.learned = ("sqrt",)
+        return
+    min_log = float(torch.log(twin._get_variance(timestep, variance_type="fixed_small")))
+    max_log = float(twin._get_variance(timestep, variance_type="fixed_large_log"))
+    plan.learned = ("exp", 0.25 * (max_log + min_log), 0.25 * (max_log - min_log))
 
 
 def scaled_noise(learned: tuple, v: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:

@@ -1,23 +1,28 @@
-"""Tracing a diffusers scheduler's own `step` into per-step linear forms.
+"""Tracing a diffusers scheduler's own `step` into an exact linear form, one state at a time.
 
 Every supported scheduler step is linear in the tensors it touches: the `sample` and
 `model_output` passed in, the history the scheduler keeps between steps (DPM-Solver's
 `model_outputs`, UniPC's `last_sample`, Heun's `prev_derivative`, ...) and the noise it draws
-(DESIGN.md: "a diffusion solver step is a linear combination"). Running diffusers' `step` on
-coefficient vectors — every such tensor replaced by a fresh unit vector of shape [1, DIM] in
-float64, `randn_tensor` intercepted to hand out fresh unit vectors, dtype down-casts turned into
-no-ops — yields every output and every new history entry as an exact linear form over the
-step's inputs. The scalar arithmetic (sigmas, alphas, orders, warm-up) is diffusers' own, so the
-fused step agrees with diffusers by construction, step index by step index.
+(DESIGN.md: "a diffusion solver step is a linear combination"). Running diffusers' `step` on a
+CPU twin of the scheduler whose tensors are *symbols* -- fresh unit vectors of shape [1, DIM] in
+float64 -- with `randn_tensor` intercepted to hand out fresh unit vectors yields every output
+and every new history entry as an exact linear form over the step's inputs. The scalar
+arithmetic (sigmas, alphas, orders, warm-up, the timestep it is given) is diffusers' own, so the
+fused step agrees with diffusers by construction.
+
+What a step computes depends only on (the scheduler's state, the timestep, the step options):
+`state_key` names that state without reading any tensor's value, so a traced StepPlan can be
+reused by any scheduler with the same class, config and `set_timesteps` arguments whenever it
+is in that state again (the scheduler-side caching is in _fused.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import sys
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch.overrides import TorchFunctionMode
 
@@ -25,11 +30,22 @@ from fastdiff.ops.lincomb import MAX_OUTPUTS
 
 DIM = 37  # symbol count per step; odd so no schedule tensor is mistaken for a [1, DIM] symbol
 _F64 = torch.float64
-_SCALAR_TYPES = (int, float, bool, type(None))
+_EYE = torch.eye(DIM, dtype=_F64)
+_SCALARS = (bool, int, float, str, type(None))
+# A stand-in for a history tensor while a twin is set up; _trace_one replaces it by a fresh
+# symbol before diffusers' code can see it.
+PLACEHOLDER = torch.zeros(1, DIM, dtype=_F64)
 
 
-def _is_symbol(t) -> bool:
-    return isinstance(t, torch.Tensor) and t.dtype == _F64 and tuple(t.shape) == (1, DIM)
+class Untraceable(RuntimeError):
+    """diffusers' step did something the fused step cannot express (a non-linear or reshaped
+    result, a second clip): the caller runs diffusers' own step instead."""
+
+
+def is_symbol(t) -> bool:
+    # diffusers up-casts its `sample` with .to(torch.float32): exact for a unit vector
+    return (isinstance(t, torch.Tensor) and t.dtype in (_F64, torch.float32)
+            and tuple(t.shape) == (1, DIM))
 
 
 @dataclass(frozen=True)
@@ -56,53 +72,117 @@ class Chunk:
 
 @dataclass
 class StepPlan:
-    """diffusers' step at one step index, as fused launches plus bookkeeping."""
+    """diffusers' step from one state, as fused launches plus the state changes around them.
+    Sources are read before anything is written: ("sample",), ("model_output",), ("noise", k),
+    ("timestep",) (the object passed to step), ("slot", attr, idx) (idx None: a plain
+    attribute; an int: a list entry)."""
 
     chunks: list[Chunk] = field(default_factory=list)
     moves: list[tuple[tuple, tuple]] = field(default_factory=list)  # (target, source)
-    cleared: list[tuple] = field(default_factory=list)  # slot targets set to None
+    consts: list[tuple[tuple, object]] = field(default_factory=list)  # (target, value)
+    list_lengths: dict = field(default_factory=dict)  # lists rebuilt by the step: new length
+    deleted: list[str] = field(default_factory=list)
     noise_f32: list[bool] = field(default_factory=list)  # per draw: dtype=float32 literal
-    scalars: dict = field(default_factory=dict)  # python-scalar attributes after the step
-    list_lengths: dict = field(default_factory=dict)  # history lists' lengths after the step
     out_cls: type | None = None
     out_fields: list[str] = field(default_factory=list)
     learned: tuple | None = None  # DDPM's learned std of the noise (_learned.py)
+    timestep: object = None  # what the twin was given
+    reads: frozenset = frozenset()  # attributes the step read before writing them
+    window: object = None  # the _Window holding this plan's device tables (_fused.py)
+    slot_in_window: int = 0
 
 
-class _KeepF64(TorchFunctionMode):
-    """Symbols stay float64 through diffusers' `.to(torch.float32)` / `.float()` up-casts; a
-    symmetric clamp of a symbol (clip_sample) becomes the clip symbol."""
+def state_key(attrs: dict, static: frozenset) -> frozenset:
+    """What diffusers' step can branch on, without reading a tensor value: every attribute not
+    in `static` (the schedule) by value for Python scalars, by structure for lists (a value per
+    scalar entry, "T" per tensor), by presence for a history tensor, and by identity for a 0-dim
+    tensor (Heun's `dt`: the object a traced plan put there)."""
+    return frozenset([(name, _sig(v, True)) for name, v in attrs.items() if name not in static])
 
-    def __init__(self, clip=None):
+
+def _sig(v, top: bool):
+    if isinstance(v, _SCALARS):
+        return v
+    if isinstance(v, torch.Tensor):
+        return ("0d", id(v)) if top and v.dim() == 0 else "T"
+    if isinstance(v, list):
+        return tuple([_sig(e, False) for e in v])
+    return ("obj", type(v).__name__)
+
+
+_record: list | None = None  # [reads, writes] of the step being traced
+
+
+def recording_class(base: type) -> type:
+    """`base` with attribute accesses recorded while a step is traced: which state the step
+    reads before it writes it. A plan holds for any state that agrees on those (the step's
+    code path and arithmetic are functions of what it reads), e.g. UniPC's `this_order` left
+    from the previous loop, which the first step overwrites."""
+    cls = _RECORDING.get(base)
+    if cls is None:
+        def __getattribute__(self, name):
+            if _record is not None and name not in _record[1]:
+                _record[0].add(name)
+            return object.__getattribute__(self, name)
+
+        def __setattr__(self, name, value):
+            if _record is not None and name not in _record[0]:
+                _record[1].add(name)
+            object.__setattr__(self, name, value)
+
+        cls = _RECORDING[base] = type(base.__name__, (base,), {
+            "__getattribute__": __getattribute__, "__setattr__": __setattr__,
+            "__module__": base.__module__})
+    return cls
+
+
+_RECORDING: dict = {}
+
+
+def twin_value(v, top: bool = True):
+    """Ours' state value as the twin holds it: history tensors become placeholders (symbols in
+    the trace), lists are copied, everything else is shared."""
+    if isinstance(v, torch.Tensor):
+        return PLACEHOLDER if v.dim() >= 1 else v
+    if isinstance(v, list):
+        return [twin_value(e, False) for e in v]
+    return v
+
+
+class _Intercept(TorchFunctionMode):
+    """Only for clip_sample configurations: a symmetric clamp of a symbol becomes the clip
+    symbol, and symbols stay float64 through dtype casts."""
+
+    def __init__(self, clip):
         super().__init__()
         self.clip = clip
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if (func in (torch.Tensor.to, torch.Tensor.float, torch.Tensor.half, torch.Tensor.type)
-                and args and _is_symbol(args[0])):
+                and args and is_symbol(args[0])):
             return args[0]
-        if func in (torch.Tensor.clamp, torch.clamp) and args and _is_symbol(args[0]):
+        if func in (torch.Tensor.clamp, torch.clamp) and args and is_symbol(args[0]):
             lo = args[1] if len(args) > 1 else kwargs.get("min")
             hi = args[2] if len(args) > 2 else kwargs.get("max")
-            if self.clip is None or lo is None or hi is None or float(lo) != -float(hi):
-                raise RuntimeError("fastdiff.diffusers: only a symmetric clamp of x0 is fused")
+            if lo is None or hi is None or float(lo) != -float(hi):
+                raise Untraceable("only a symmetric clamp of x0 is fused")
             return self.clip(args[0], Clip("static", (float(hi),)))
         return func(*args, **kwargs)
 
 
-def _slots(sched) -> dict[tuple, torch.Tensor | None]:
-    """Every symbol-shaped tensor the scheduler holds: ("slot", attr, idx) -> tensor or None
-    (idx None for a plain attribute, an int for a list entry)."""
-    found = {}
-    for name, value in vars(sched).items():
-        if _is_symbol(value):
-            found[("slot", name, None)] = value
-        elif (isinstance(value, list) and all(v is None or _is_symbol(v) for v in value)
-              and any(v is not None for v in value)):  # model_outputs, ets, derivatives, ...
-            for i, v in enumerate(value):
-                found[("slot", name, i)] = v
-    return found
+class _Columns:
+    """The step's inputs in coordinate order: sample, model_output, history slots, noise."""
+
+    def __init__(self):
+        self.keys: list[tuple] = []
+
+    def fresh(self, key: tuple) -> torch.Tensor:
+        n = len(self.keys)
+        if n >= DIM:
+            raise Untraceable("scheduler state too large to trace")
+        self.keys.append(key)
+        return _EYE[n:n + 1].clone()
 
 
 def get_slot(sched, key):
@@ -119,64 +199,45 @@ def set_slot(sched, key, value) -> None:
         getattr(sched, name)[idx] = value
 
 
-def _scalars(sched) -> dict:
-    return {k: v for k, v in vars(sched).items()
-            if (isinstance(v, _SCALAR_TYPES) or (isinstance(v, torch.Tensor) and v.dim() == 0))
-            and not k.startswith("_fd") and k not in ("_step_index", "_begin_index")}
-
-
-def trace_steps(tracer, start: int, stop: int, timesteps: list, step_kwargs: dict,
-                index_based: bool) -> dict[int, StepPlan]:
-    """Runs diffusers' `step` of `tracer` (a plain diffusers scheduler after set_timesteps, on
-    CPU) for step indices start..stop-1 on symbols; returns {index: StepPlan}."""
-    kwargs = dict(step_kwargs)
-    if "generator" in inspect.signature(tracer.step).parameters:
-        kwargs["generator"] = None
-    if index_based:
-        tracer._step_index = start
-    return {i: _trace_one(tracer, timesteps[i], kwargs) for i in range(start, stop)}
-
-
-class _Columns:
-    """The step's inputs in coordinate order: sample, model_output, history slots, noise."""
-
-    def __init__(self):
-        self.keys: list[tuple] = []
-        self.eye = torch.eye(DIM, dtype=_F64)
-
-    def fresh(self, key: tuple) -> torch.Tensor:
-        if len(self.keys) >= DIM:
-            raise RuntimeError("fastdiff.diffusers: scheduler state too large to trace")
-        self.keys.append(key)
-        return self.eye[len(self.keys) - 1: len(self.keys)].clone()
-
-
-def _trace_one(tracer, timestep, kwargs: dict) -> StepPlan:
+def trace_step(tracer, timestep, kwargs: dict) -> StepPlan:
+    """Runs diffusers' `step` of `tracer` (a CPU diffusers scheduler in the state to trace, its
+    history tensors any [1, DIM] stand-ins) at `timestep`; returns the StepPlan and leaves the
+    tracer in the state after the step (history as result symbols)."""
+    global _record
     module = sys.modules[type(tracer).step.__module__]
     cols, plan = _Columns(), StepPlan()
+    attrs = tracer.__dict__
     sample, model_output = cols.fresh(("sample",)), cols.fresh(("model_output",))
-    for key, value in _slots(tracer).items():
-        if value is not None:
-            set_slot(tracer, key, cols.fresh(key))
-    # pristine copies: diffusers may update history in place (PNDM: cur_model_output += ...)
-    inputs = {("sample",): sample.clone(), ("model_output",): model_output.clone()}
-    inputs.update({k: get_slot(tracer, k).clone() for k in cols.keys[2:]})
-    scalars_before = _scalars(tracer)
+    objects = {id(timestep): ("timestep",)}  # pre-step objects by identity (not symbols)
+    before = {}
+    for name, value in list(attrs.items()):
+        if is_symbol(value):
+            attrs[name] = cols.fresh(("slot", name, None))
+        elif isinstance(value, list):
+            value = attrs[name] = list(value)  # diffusers updates history lists in place
+            for i, v in enumerate(value):
+                if is_symbol(v):
+                    value[i] = cols.fresh(("slot", name, i))
+                elif not isinstance(v, _SCALARS):
+                    objects.setdefault(id(v), ("slot", name, i))
+            before[name] = list(value)
+            continue
+        elif not isinstance(value, _SCALARS):
+            objects.setdefault(id(value), ("slot", name, None))
+        before[name] = attrs[name]
+    objects.pop(id(PLACEHOLDER), None)
 
     def fake_randn(shape, generator=None, device=None, dtype=None, layout=None, **kw):
-        key = ("noise", len(plan.noise_f32))
         plan.noise_f32.append(dtype == torch.float32)
-        sym = cols.fresh(key)
-        inputs[key] = sym.clone()
-        return sym
+        return cols.fresh(("noise", len(plan.noise_f32) - 1))
 
     clips: list[tuple[torch.Tensor, Clip]] = []
 
     def clip_symbol(x0: torch.Tensor, spec: Clip) -> torch.Tensor:
         """x0 clipped: a fresh symbol the kernel computes from x0's form (one per step)."""
         if clips:
-            raise RuntimeError("fastdiff.diffusers: a step that clips twice is not fused")
-        clips.append((x0[0].clone(), spec))
+            raise Untraceable("a step that clips twice is not fused")
+        clips.append((x0[0].double().clone(), spec))
         return cols.fresh(("clip",))
 
     def fake_threshold(x0):
@@ -187,54 +248,109 @@ def _trace_one(tracer, timestep, kwargs: dict) -> StepPlan:
     saved = getattr(module, "randn_tensor", None)
     if saved is not None:
         module.randn_tensor = fake_randn
-    tracer._threshold_sample = fake_threshold  # an instance attribute shadows the method
+    attrs["_threshold_sample"] = fake_threshold  # an instance attribute shadows the method
+    clipping = tracer.config.get("clip_sample", False)
+    reads: set = set()
     try:
-        with _KeepF64(clip_symbol):
+        _record = [reads, set()]
+        if clipping:
+            with _Intercept(clip_symbol):
+                out = tracer.step(model_output, timestep, sample, return_dict=True, **kwargs)
+        else:
             out = tracer.step(model_output, timestep, sample, return_dict=True, **kwargs)
     finally:
+        _record = None
         if saved is not None:
             module.randn_tensor = saved
-        del tracer._threshold_sample
+        attrs.pop("_threshold_sample", None)
+    plan.reads = frozenset(reads)
+
     plan.out_cls = type(out)
     plan.out_fields = [f.name for f in dataclasses.fields(out)]
-    targets = [(("field", n), getattr(out, n)) for n in plan.out_fields]
-    after = _slots(tracer)
-    targets += list(after.items())
-    for _, name, idx in after:
-        if idx is not None:
-            plan.list_lengths[name] = len(getattr(tracer, name))
-    computed: list[tuple[tuple, torch.Tensor]] = []
-    for target, value in targets:
-        if value is None:
-            if target[0] == "slot":
-                plan.cleared.append(target)
-            continue
-        if not _is_symbol(value):
-            raise RuntimeError(f"fastdiff.diffusers: {type(tracer).__name__}.step produced a"
-                               f" non-linear or reshaped {target[1]!r}; this option is not"
-                               " supported by the fused step")
-        src = next((k for k, s in inputs.items() if torch.equal(value, s)), None)
-        if src is not None:
-            plan.moves.append((target, src))
+    symbols: list[tuple] = []  # (target, symbol, its own input column or None)
+
+    def settle(target, value, own=None):
+        """Records what `target` holds after the step."""
+        if is_symbol(value):
+            symbols.append((target, value, own))
+        elif not isinstance(value, _SCALARS) and id(value) in objects:
+            plan.moves.append((target, objects[id(value)]))
+        elif isinstance(value, torch.Tensor) and value.dim() >= 1:
+            raise Untraceable(f"{type(tracer).__name__}.step produced a non-linear or reshaped"
+                              f" {target[1]!r}")
         else:
-            computed.append((target, value[0]))
+            plan.consts.append((target, value))
+
+    for name in plan.out_fields:
+        value = getattr(out, name)
+        if value is not None:
+            settle(("field", name), value)
+    for name, value in list(attrs.items()):
+        old = before.get(name, _MISSING)
+        if isinstance(value, list):
+            if isinstance(old, list) and len(old) == len(value) and not any(
+                    _moved(v, _own_column(cols, ("slot", name, i))) if is_symbol(v)
+                    else v is not old[i] for i, v in enumerate(value)):
+                continue  # the list is as it was
+            plan.list_lengths[name] = len(value)  # rebuilt: every entry is assigned
+            for i, v in enumerate(value):
+                if v is not None:
+                    settle(("slot", name, i), v, _own_column(cols, ("slot", name, i)))
+        elif is_symbol(value):
+            own = _own_column(cols, ("slot", name, None))
+            if _moved(value, own):
+                settle(("slot", name, None), value, own)
+        elif value is not old:
+            settle(("slot", name, None), value)
+    plan.deleted = [name for name in before if name not in attrs]
+    _lower(plan, cols, symbols, clips)
+    return plan
+
+
+_MISSING = object()
+
+
+def _own_column(cols: _Columns, key: tuple) -> int | None:
+    try:
+        return cols.keys.index(key)
+    except ValueError:
+        return None
+
+
+def _moved(value, own) -> bool:
+    """Whether a symbol differs from its own input (its own unit vector)."""
+    form = value[0]
+    return not (own is not None and form[own] == 1 and int((form != 0).sum()) == 1)
+
+
+def _lower(plan: StepPlan, cols: _Columns, symbols: list, clips: list) -> None:
+    """Symbol targets -> moves (a target equal to one input) and fused launches."""
+    if not symbols:
+        return
+    forms = np.stack([v[0].double().numpy() for _, v, _ in symbols])  # [targets, columns]
+    nonzero = forms != 0
+    counts = nonzero.sum(1)
+    computed = []
+    for row, (target, _, _) in enumerate(symbols):
+        if counts[row] == 1:
+            col = int(np.flatnonzero(nonzero[row])[0])
+            if forms[row, col] == 1 and cols.keys[col] != ("clip",):
+                plan.moves.append((target, cols.keys[col]))
+                continue
+        computed.append(row)
     clip_col = cols.keys.index(("clip",)) if clips else None
     # One launch per MAX_OUTPUTS targets: a UniPC step's three (corrected sample, history
     # entry, next sample) are one launch.
     for c in range(0, len(computed), MAX_OUTPUTS):
-        part = computed[c:c + MAX_OUTPUTS]
-        forms = torch.stack([f for _, f in part])  # [nout, DIM]
+        rows = computed[c:c + MAX_OUTPUTS]
+        part = forms[rows]
         clip = None
-        if clip_col is not None and forms[:, clip_col].abs().max() > 0:
+        if clip_col is not None and np.abs(part[:, clip_col]).max() > 0:
             x0_form, clip = clips[0]
-            forms = torch.cat([forms, x0_form[None]])  # the pre-clip row, last (lincomb clip)
-        used = [k for k in range(len(cols.keys)) if k != clip_col
-                and forms[:, k].abs().max() > 0] or [0]
-        coef = forms[:, used]
+            part = np.concatenate([part, x0_form.numpy()[None]])  # the pre-clip row, last
+        used = [k for k in np.flatnonzero(np.abs(part).max(0) > 0) if k != clip_col] or [0]
+        coef = part[:, used]
         if clip is not None:  # the clipped x0's column, last; the pre-clip row has none
-            coef = torch.cat([coef, forms[:, clip_col:clip_col + 1]], dim=1)
-        plan.chunks.append(Chunk([cols.keys[k] for k in used], [t for t, _ in part],
-                                 coef.unsqueeze(0).contiguous(), clip))
-    plan.scalars = {k: v for k, v in _scalars(tracer).items()
-                    if k not in scalars_before or scalars_before[k] is not v}
-    return plan
+            coef = np.concatenate([coef, part[:, clip_col:clip_col + 1]], axis=1)
+        plan.chunks.append(Chunk([cols.keys[k] for k in used], [symbols[r][0] for r in rows],
+                                 torch.from_numpy(np.ascontiguousarray(coef))[None], clip))

@@ -1,25 +1,56 @@
 """The drop-in scheduler classes: diffusers' own class (config, schedule, scale_model_input,
-save/load) with the fused sync-free `step` of _fused.FusedStepMixin, and `add_noise` /
-`scale_noise` that find the timesteps' sigmas on the device (no per-sample host lookup).
+save/load, every public method with diffusers' signature) with the fused sync-free `step` of
+_fused.FusedStepMixin, and `add_noise` / `scale_noise` (only where diffusers' class has them)
+that find the timesteps' sigmas on the device (no per-sample host lookup).
 
 `clip_sample` and dynamic `thresholding` are fused too: the clamp of x0 happens in the step
 kernel's registers, and thresholding's per-sample quantile is one fused reduction launch before
 it (fastdiff.ops.dynamic_threshold). A learned variance (`variance_type="learned" /
 "learned_range"`: the network's extra output channels) is split off as diffusers does; DDPM's
 per-element std exp(a_t + b_t v) scales the noise before the fused launch (_learned.py).
-Everything else is traced, so it is fused whatever its value.
+Everything else is traced, so it is fused whatever its value. Adding a class is one line here.
 """
 
 from __future__ import annotations
 
+import functools
+
 import diffusers as _d
 
-from fastdiff.diffusers._fused import fused_class
+from fastdiff.diffusers import _noise
+from fastdiff.diffusers._fused import FusedStepMixin
 
-# add_noise / scale_noise formulas reimplemented without diffusers' per-sample host lookup
-_SIGMA = {"_fd_noise_formula": "sigma"}  # x + noise * sigma
-_ALPHA_SIGMA = {"_fd_noise_formula": "alpha_sigma"}  # alpha_t x + sigma_t noise
-_FLOW = {"_fd_noise_formula": "flow"}  # scale_noise: sigma noise + (1 - sigma) x
+_SIGMA = {"_fd_noise_formula": _noise.SIGMA}
+_ALPHA_SIGMA = {"_fd_noise_formula": _noise.ALPHA_SIGMA}
+_FLOW = {"_fd_noise_formula": _noise.FLOW}
+_ORDER_1_TO_3 = {"_fd_orders": (1, 3)}  # diffusers' updates exist for orders 1, 2 and 3
+
+
+def fused_class(base: type, doc: str = "", **attrs) -> type:
+    """A subclass of diffusers' `base` with the same name, config surface, public methods and
+    signatures, and the fused sync-free `step`."""
+    cls_dict = dict(_fd_base=base, __module__="fastdiff.diffusers", **attrs)
+    cls_dict["__doc__"] = (f"Drop-in for `diffusers.{base.__name__}` with a fused, sync-free"
+                           f" `step` (one fastdiff.ops.lincomb launch per step). {doc}")
+
+    def wrap(name, impl):  # diffusers' signature: pipelines inspect it (retrieve_timesteps)
+        @functools.wraps(getattr(base, name))
+        def method(self, *args, **kwargs):
+            return impl(self, *args, **kwargs)
+
+        cls_dict[name] = method
+
+    wrap("__init__", FusedStepMixin._fd_init)
+    wrap("set_timesteps", FusedStepMixin._fd_set_timesteps)
+    wrap("step", FusedStepMixin._fd_step)
+    if hasattr(base, "add_noise"):
+        wrap("add_noise", FusedStepMixin._fd_add_noise)
+    if hasattr(base, "scale_noise"):
+        wrap("scale_noise", FusedStepMixin._fd_scale_noise)
+    if hasattr(base, "_init_step_index"):
+        cls_dict["_init_step_index"] = FusedStepMixin._fd_init_step_index
+    return type(base.__name__, (FusedStepMixin, base), cls_dict)
+
 
 DDIMScheduler = fused_class(_d.DDIMScheduler,
                             doc="Step kwargs eta / use_clipped_model_output are traced per value.")
@@ -27,8 +58,9 @@ EulerDiscreteScheduler = fused_class(
     _d.EulerDiscreteScheduler, **_SIGMA,
     doc="Step kwargs s_churn / s_tmin / s_tmax / s_noise are traced per value.")
 DPMSolverMultistepScheduler = fused_class(_d.DPMSolverMultistepScheduler, **_ALPHA_SIGMA,
-                                          _fd_learned="slice")
-UniPCMultistepScheduler = fused_class(_d.UniPCMultistepScheduler, **_ALPHA_SIGMA)
+                                          **_ORDER_1_TO_3, _fd_learned="slice")
+UniPCMultistepScheduler = fused_class(_d.UniPCMultistepScheduler, **_ALPHA_SIGMA,
+                                      _fd_orders=(1, None))
 DDPMScheduler = fused_class(_d.DDPMScheduler, _fd_learned="ddpm")
 EulerAncestralDiscreteScheduler = fused_class(_d.EulerAncestralDiscreteScheduler, **_SIGMA)
 LCMScheduler = fused_class(_d.LCMScheduler)
@@ -37,14 +69,15 @@ FlowMatchEulerDiscreteScheduler = fused_class(
     doc="stochastic_sampling draws float32 noise like diffusers.")
 HeunDiscreteScheduler = fused_class(_d.HeunDiscreteScheduler, **_SIGMA)
 LMSDiscreteScheduler = fused_class(_d.LMSDiscreteScheduler, **_SIGMA)
-DEISMultistepScheduler = fused_class(_d.DEISMultistepScheduler, **_ALPHA_SIGMA)
+DEISMultistepScheduler = fused_class(_d.DEISMultistepScheduler, **_ALPHA_SIGMA, **_ORDER_1_TO_3)
 KDPM2DiscreteScheduler = fused_class(_d.KDPM2DiscreteScheduler, **_SIGMA)
 KDPM2AncestralDiscreteScheduler = fused_class(_d.KDPM2AncestralDiscreteScheduler, **_SIGMA)
 DPMSolverSinglestepScheduler = fused_class(_d.DPMSolverSinglestepScheduler, **_ALPHA_SIGMA,
-                                           _fd_learned="slice")
+                                           **_ORDER_1_TO_3, _fd_learned="slice")
 EDMEulerScheduler = fused_class(_d.EDMEulerScheduler, **_SIGMA)
-EDMDPMSolverMultistepScheduler = fused_class(_d.EDMDPMSolverMultistepScheduler, **_SIGMA)
-PNDMScheduler = fused_class(_d.PNDMScheduler, _fd_row_attr="counter")
+EDMDPMSolverMultistepScheduler = fused_class(_d.EDMDPMSolverMultistepScheduler, **_SIGMA,
+                                             **_ORDER_1_TO_3)
+PNDMScheduler = fused_class(_d.PNDMScheduler)
 
 __all__ = [
     "DDIMScheduler", "EulerDiscreteScheduler", "DPMSolverMultistepScheduler",

@@ -192,36 +192,93 @@ class Attention(nn.Module):
         if unused:
             warnings.warn(f"cross_attention_kwargs {unused} are not expected by"
                           " fastdiff.nn.Attention and will be ignored.", stacklevel=2)
-        if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() not in (3, 4):
-            raise ValueError("hidden_states must be a [B, C, H, W] or [B, S, C] tensor")
-        residual = hidden_states
-        if self.spatial_norm is not None:
-            if temb is None:
-                raise ValueError("temb (the quantised latents zq) is required with spatial_norm")
-            hidden_states = self.spatial_norm(hidden_states, temb)
-        if encoder_hidden_states is not None and self.norm_cross is not None:
-            encoder_hidden_states = self.norm_encoder_hidden_states(encoder_hidden_states)
-        if attention_mask is not None:
-            batch = hidden_states.shape[0]
-            kv_len = (encoder_hidden_states.shape[1] if encoder_hidden_states is not None
-                      else hidden_states[0, 0].numel() if hidden_states.dim() == 4
-                      else hidden_states.shape[1])
-            attention_mask = self.prepare_attention_mask(attention_mask, kv_len, batch)
-            attention_mask = attention_mask.view(batch, self.heads, -1, attention_mask.shape[-1])
-        gn = self.group_norm
-        return attention_block(
-            hidden_states, self.to_q.weight, self.to_k.weight, self.to_v.weight,
-            self.to_out[0].weight, heads=self.heads, q_bias=self.to_q.bias,
-            k_bias=self.to_k.bias, v_bias=self.to_v.bias, out_bias=self.to_out[0].bias,
-            encoder_hidden_states=encoder_hidden_states,
-            norm_weight=gn.weight if gn is not None else None,
-            norm_bias=gn.bias if gn is not None else None,
-            num_groups=gn.num_groups if gn is not None else None,
-            eps=gn.eps if gn is not None else 1e-5, scale=self.scale,
-            residual=residual if self.residual_connection else None,
-            rescale_output_factor=self.rescale_output_factor, attention_mask=attention_mask,
-            dropout_p=self.dropout if self.training else 0.0, backend=self.backend)
+        return attention_forward(self, hidden_states, encoder_hidden_states, attention_mask,
+                                 temb, self.backend)
 
     def extra_repr(self) -> str:
         return (f"heads={self.heads}, dim_head={self.inner_dim // self.heads},"
                 f" backend={self.backend!r}")
+
+
+def attention_forward(attn, hidden_states: torch.Tensor,
+                      encoder_hidden_states: torch.Tensor | None = None,
+                      attention_mask: torch.Tensor | None = None,
+                      temb: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
+    """diffusers' AttnProcessor2_0 as one fastdiff.ops.attention_block call, for `attn` a
+    fastdiff.nn.Attention or a diffusers Attention (the same attribute names):
+    (attention(GroupNorm(x)) + x) / rescale_output_factor, the norm and residual only where
+    configured."""
+    if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() not in (3, 4):
+        raise ValueError("hidden_states must be a [B, C, H, W] or [B, S, C] tensor")
+    residual = hidden_states
+    if attn.spatial_norm is not None:
+        if temb is None:
+            raise ValueError("temb (the quantised latents zq) is required with spatial_norm")
+        hidden_states = attn.spatial_norm(hidden_states, temb)
+    if encoder_hidden_states is not None and attn.norm_cross is not None:
+        encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+    if attention_mask is not None:
+        batch = hidden_states.shape[0]
+        kv_len = (encoder_hidden_states.shape[1] if encoder_hidden_states is not None
+                  else hidden_states[0, 0].numel() if hidden_states.dim() == 4
+                  else hidden_states.shape[1])
+        attention_mask = attn.prepare_attention_mask(attention_mask, kv_len, batch)
+        attention_mask = attention_mask.view(batch, attn.heads, -1, attention_mask.shape[-1])
+    gn = attn.group_norm
+    out = attn.to_out[0]
+    return attention_block(
+        hidden_states, attn.to_q.weight, attn.to_k.weight, attn.to_v.weight, out.weight,
+        heads=attn.heads, q_bias=attn.to_q.bias, k_bias=attn.to_k.bias, v_bias=attn.to_v.bias,
+        out_bias=out.bias, encoder_hidden_states=encoder_hidden_states,
+        norm_weight=gn.weight if gn is not None else None,
+        norm_bias=gn.bias if gn is not None else None,
+        num_groups=gn.num_groups if gn is not None else None,
+        eps=gn.eps if gn is not None else 1e-5, scale=attn.scale,
+        residual=residual if attn.residual_connection else None,
+        rescale_output_factor=attn.rescale_output_factor, attention_mask=attention_mask,
+        dropout_p=attn.dropout if attn.training else 0.0, backend=backend)
+
+
+class AttnProcessor:
+    """A diffusers attention processor (`unet.set_attn_processor(AttnProcessor())`) running
+    fastdiff.ops.attention_block: the same numbers as diffusers' AttnProcessor2_0 within the
+    dtype's tolerance. The module stays diffusers' Attention, so `attn_processors`,
+    `set_default_attn_processor`, attention slicing and other processors keep working.
+    `original` is the processor it replaced (fastdiff.nn.restore_modules puts it back)."""
+
+    def __init__(self, backend: str = "auto", original=None):
+        self.backend = backend
+        self.original = original
+
+    @property
+    def __class__(self):
+        """diffusers' own checks read `processor.__class__` against its tuples of default
+        processors (`set_default_attn_processor` raises for any other class): this processor
+        computes AttnProcessor2_0's function, so it reports that class there. `type()` and
+        `isinstance` still see fastdiff's class."""
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        return AttnProcessor2_0
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 temb=None, *args, **kwargs):
+        return attention_forward(attn, hidden_states, encoder_hidden_states, attention_mask,
+                                 temb, self.backend)
+
+    @staticmethod
+    def supports(attn) -> bool:
+        """Whether a diffusers Attention module is one attention_block computes (plain
+        nn.Linear projections: a LoRA-wrapped one keeps its processor)."""
+        from diffusers.models.attention_processor import AttnProcessor as Default
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        linears = [attn.to_q, attn.to_k, attn.to_v, attn.to_out[0]]
+        return (type(attn.processor) in (Default, AttnProcessor2_0)
+                and all(type(m) is nn.Linear for m in linears)
+                and getattr(attn, "added_kv_proj_dim", None) is None
+                and not getattr(attn, "only_cross_attention", False)
+                and not getattr(attn, "fused_projections", False)
+                and not getattr(attn, "is_causal", False)
+                and getattr(attn, "norm_q", None) is None
+                and getattr(attn, "norm_k", None) is None
+                and attn.inner_kv_dim == attn.inner_dim and attn.out_dim == attn.query_dim)
