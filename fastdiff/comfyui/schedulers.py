@@ -1,0 +1,3 @@
+"""ComfyUI-compatible sigma schedules (SCHEDULER_NAMES, calculate_sigmas)."""
+
+__all__: list[str] = []
