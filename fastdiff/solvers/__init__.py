@@ -1,7 +1,9 @@
 """Solvers as plan builders: every fixed-step reference solver compiles into a Plan (plan.py)
 by tracing it on linear forms (trace.py)."""
 
+import contextlib
 import functools
+import gc
 
 from fastdiff.solvers.plan import Plan, Ref, Stage, compile_plan
 from fastdiff.solvers.trace import Trace, trace_solver
@@ -20,15 +22,30 @@ def build_plan(solver: str, sigmas, noise_mode: str = "calls", history_kind: str
     import torch
 
     sigmas = torch.as_tensor(sigmas, dtype=torch.float64).cpu()
-    trace = trace_solver(solver, sigmas, noise_mode=noise_mode, **options)
-    return compile_plan(trace, options, history_kind)
+    with _no_gc():
+        trace = trace_solver(solver, sigmas, noise_mode=noise_mode, **options)
+        return compile_plan(trace, options, history_kind)
+
+
+@contextlib.contextmanager
+def _no_gc():
+    """Tracing allocates O(steps) small dicts and no reference cycles: the cyclic collector's
+    full passes over them would make the build quadratic again."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def plans_for(solver: str, sigmas, noise_mode: str = "calls", **options
               ) -> tuple[tuple[float, ...], dict[str, Plan | RuntimeError]]:
     """The noise level of every model call, and the plan for each history kind (or the
-    RuntimeError saying why there is none), memoised: tracing and compiling cost 5-200 ms on
-    the host, and `fastdiff.sample` or a server builds the same settings again and again.
+    RuntimeError saying why there is none), memoised: tracing and compiling cost O(steps) on
+    the host (0.1-1 ms per step), and `fastdiff.sample` or a server builds the same settings
+    again and again.
     Plans are shared between callers, so they must not be modified."""
     import torch
 
@@ -44,12 +61,13 @@ def _plans(solver: str, sigmas: tuple, noise_mode: str, options: tuple):
     import torch
 
     options = dict(options)
-    trace = trace_solver(solver, torch.tensor(sigmas, dtype=torch.float64),
-                         noise_mode=noise_mode, **options)
-    plans: dict[str, Plan | RuntimeError] = {}
-    for kind in HISTORY_KINDS:
-        try:
-            plans[kind] = compile_plan(trace, options, kind)
-        except RuntimeError as e:
-            plans[kind] = e
+    with _no_gc():
+        trace = trace_solver(solver, torch.tensor(sigmas, dtype=torch.float64),
+                             noise_mode=noise_mode, **options)
+        plans: dict[str, Plan | RuntimeError] = {}
+        for kind in HISTORY_KINDS:
+            try:
+                plans[kind] = compile_plan(trace, options, kind)
+            except RuntimeError as e:
+                plans[kind] = e
     return tuple(trace.sigmas), plans

@@ -16,6 +16,7 @@ The model side is folded in, because everything is linear (DESIGN.md):
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -36,7 +37,7 @@ class Scalings:
     weights: tuple[float, ...] = (1.0,)  # (1,) plain; (w_u, w_c) with guidance
     clip: bool = False  # D is clipped / thresholded in the kernel
 
-    @property
+    @functools.cached_property  # read per stage: computed once, not O(steps) each time
     def plain(self) -> bool:
         """D is exactly the model output: no conversion, no guidance, no input scaling."""
         return (self.weights == (1.0,) and not self.clip and all(c == 0 for c in self.c_skip)

@@ -1,30 +1,30 @@
 """Plans: a solver as a short program of fused linear-combination stages.
 
-A traced solver (trace.py) gives the model input of every call k as a linear form F_k, and the
-final sample as a form, over [x_T, D_1, z_1, ...]. Executing the forms directly would need every
-past D. Instead, for each call k we find the *sparsest exact* expression of the next model input
-(or of the final sample) in terms of registers that are still alive:
+A traced solver (trace.py) gives the model input of every call k as a sparse linear form over
+registers that are still alive -- the last few model inputs F_m, the last few denoised outputs
+D_j (or noise predictions E_j), the noise z_n -- because the tracer rewrites the solver's state
+over the newest registers at every model call. So the stage after call k,
 
-    F_{k+1} = sum_m a_m F_m  +  sum_j b_j D_j  +  sum_n g_n z_n
+    F_{k+1} = sum_m a_m F_m  +  sum_j b_j D_j  +  sum_n g_n z_n,
 
-over the last few model inputs F_m, the last few denoised outputs D_j and the noise. Each such
-stage is one call of the fused linear-combination kernel, after the model call. The search is
-exact (least squares whose residual must vanish), so a plan equals its reference solver up to
-floating-point rounding; which registers a stage uses is what `print(plan)` shows.
+is read off the trace: no fit, for every solver alike (one-step solvers, DDPM, multistep,
+singlestep, predictor-corrector), and a plan costs O(steps) to build (issue 14). Each stage is
+one call of the fused linear-combination kernel, after the model call. The only search is a
+cheap one for sparsity: the stage may be re-expressed through an older F register by
+substituting a newer F's own definition (an identity of the trace), which drops terms when
+intermediate registers cancel (DPM-Solver-3's last sub-step reads F at the step's start, not
+its midpoint); the expression with the fewest terms is kept, newest registers on ties. Every
+rewrite is an exact identity, so a plan equals its reference solver up to floating-point
+rounding; which registers a stage uses is what `print(plan)` shows.
 """
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass, field
 
-import numpy as np
+from fastdiff.solvers.trace import F_WINDOW, H_WINDOW, TOL, Trace, readable
 
-from fastdiff.solvers.trace import Trace
-
-F_WINDOW = 4  # previous model inputs a stage may read
-H_WINDOW = 12  # previous history entries a stage may read
-_TOL = 1e-10
+__all__ = ["F_WINDOW", "H_WINDOW", "Plan", "Ref", "Stage", "compile_plan"]
 
 @dataclass(frozen=True)
 class Ref:
@@ -59,6 +59,7 @@ class Plan:
     noise_mode: str
     history_kind: str = "D"  # what a stage keeps for later ones: "D" or "E" (= F - D)
     history: set[int] = field(default_factory=set)  # calls whose history entry is read later
+    stats: dict = field(default_factory=dict)  # the work that built it (trace_nonzeros, ...)
 
     @property
     def nfe(self) -> int:
@@ -79,52 +80,66 @@ class Plan:
         return "\n".join(lines)
 
 
-def _fit(target, dense, units):
-    """Exact target = sum a_m dense_m + sum b_i e_i (i in units) or None; terms with c != 0.
-    (numpy float64: a plan costs ~1,000 of these small fits, where torch's per-op overhead
-    dominates.)"""
-    unit_index = sorted(units)
-    free = np.ones(target.size, dtype=bool)
-    free[unit_index] = False
-    scale = float(np.abs(target).max()) + 1.0
-    if dense:
-        m = np.stack([v for _, v in dense], axis=1)  # [dim, n]
-        a = np.linalg.lstsq(m[free], target[free], rcond=None)[0]
-        residual = target - m @ a
-    else:
-        a, residual = np.zeros(0), target
-    if np.abs(residual[free]).max() > _TOL * scale:
-        return None
-    terms = [(r, c) for (r, _), c in zip(dense, a.tolist()) if abs(c) > _TOL * scale]
-    return terms + [(units[i], c) for i, c in zip(unit_index, residual[unit_index].tolist())
-                    if abs(c) > _TOL * scale]
+def _drop(terms: dict) -> dict:
+    scale = max((abs(c) for c in terms.values()), default=0.0) + 1.0
+    return {i: c for i, c in terms.items() if abs(c) > TOL * scale}
 
 
-def _solve(target, dense, history, units):
-    """Sparsest exact expression: every subset of the `dense` registers (few), the `history`
-    registers pruned greedily (many, cheap to try), `units` read off the residual."""
-    best = None
-    for size in range(len(dense) + 1):
-        for subset in itertools.combinations(dense, size):
-            keep = list(history)
-            terms = _fit(target, list(subset) + keep, units)
-            if terms is None:
-                continue
-            while True:  # drop unused history entries, then try dropping the weakest one
-                used = {r for r, _ in terms}
-                keep = [h for h in keep if h[0] in used]
-                if not keep:
-                    break
-                weakest = min(keep, key=lambda h: abs(dict(terms)[h[0]]))
-                trial = _fit(target, list(subset) + [h for h in keep if h is not weakest], units)
-                if trial is None:
-                    break
-                terms, keep = trial, [h for h in keep if h is not weakest]
-            if best is None or len(terms) < len(best):
-                best = terms
-        if best is not None:
-            return best  # the smallest dense subset that is exact
-    return None
+def _substitute(terms: dict, i: int, definition: dict) -> dict:
+    out = dict(terms)
+    c = out.pop(i)
+    for j, v in definition.items():
+        out[j] = out.get(j, 0.0) + c * v
+    return _drop(out)
+
+
+class _Compiler:
+    """One history kind's stages from the trace's representation of that kind."""
+
+    def __init__(self, trace: Trace, history_kind: str):
+        self.trace, self.kind = trace, history_kind
+        self.rep = 0 if history_kind == "D" else 1
+        self.regs = trace.registers
+        self.f_call = {f: k for k, f in enumerate(trace.f_ids)}
+        self.examined = 0  # terms looked at: the compiler's work, O(steps)
+
+    def expression(self, target: dict, k: int):
+        """The sparsest of the target and its rewrites through older F registers (see the
+        module docstring), as [(Ref, coef)]; None if some register is not readable."""
+        regs, inputs = self.regs, self.trace.inputs[self.rep]
+        form = _drop(target)
+        self.examined += len(form)
+        if not all(readable(*regs[i], k, self.kind) for i in form):
+            return None
+        best = form
+        for _ in range(F_WINDOW - 1):
+            f = max((i for i in form if regs[i][0] == "F"), default=None)
+            if f is None:
+                break
+            form = _substitute(form, f, inputs[self.f_call[f]])
+            self.examined += len(form)
+            # older F registers only get older: once unreadable, no later rewrite is readable
+            if not all(readable(*regs[i], k, self.kind) for i in form):
+                break
+            if len(form) < len(best):
+                best = form
+        return self.refs(best, k)
+
+    def refs(self, form: dict, k: int) -> list:
+        """Register ids -> Refs; the current call's E_k is F_k - D_k (the kernel's inputs)."""
+        trace = self.trace
+        if self.kind == "E" and k >= 0 and trace.e_ids[k] in form:
+            form = dict(form)
+            c = form.pop(trace.e_ids[k])
+            form[trace.f_ids[k]] = form.get(trace.f_ids[k], 0.0) + c
+            form[trace.outputs[k]] = -c
+            form = _drop(form)
+        terms = [(Ref(*self.regs[i]), c) for i, c in form.items()]
+        return sorted(terms, key=lambda t: (_ORDER[t[0].kind], -t[0].index if t[0].kind == "F"
+                                            else t[0].index))
+
+
+_ORDER = {"x": 0, "F": 1, "E": 2, "D": 3, "z": 4}
 
 
 def compile_plan(trace: Trace, options: dict | None = None, history_kind: str = "D") -> Plan:
@@ -133,48 +148,26 @@ def compile_plan(trace: Trace, options: dict | None = None, history_kind: str = 
     the Sampler compiles both and keeps the one whose widest launch reads fewer tensors."""
     if history_kind not in ("D", "E"):
         raise ValueError(f"history_kind must be 'D' or 'E', got {history_kind!r}")
-    inputs = [f[0].numpy() for f in trace.inputs]
-    final = trace.final[0].numpy()
-    noise_index = {d.index: Ref("z", n) for n, d in enumerate(trace.noise)}
-    x_t = np.zeros(trace.dim)
-    x_t[0] = 1.0
-
-    def unit(i: int) -> np.ndarray:
-        e = np.zeros(trace.dim)
-        e[i] = 1.0
-        return e
-
-    def registers(k: int):
-        """(history, units) readable after call k."""
-        first = max(0, k - H_WINDOW)
-        if history_kind == "D":  # past D's are unit vectors: read off the residual
-            units = {trace.outputs[j]: Ref("D", j) for j in range(first, k + 1)}
-            history = []
-        else:
-            units = {trace.outputs[k]: Ref("D", k)} if k >= 0 else {}
-            history = [(Ref("E", j), inputs[j] - unit(trace.outputs[j])) for j in range(first, k)]
-        limit = trace.outputs[k + 1] if k + 1 < len(trace.outputs) else trace.dim
-        units.update({i: r for i, r in noise_index.items() if i < limit})
-        return history, units
-
-    history, units = registers(-1)
-    prologue = _solve(inputs[0] if inputs else final, [(Ref("x"), x_t)], [], units)
+    comp = _Compiler(trace, history_kind)
+    dead = trace.dead[comp.rep]
+    if dead is not None:
+        raise RuntimeError(f"{trace.solver}: no exact stage after call {dead} within the register"
+                           f" windows (F: {F_WINDOW}, history: {H_WINDOW})")
+    inputs = trace.inputs[comp.rep]
+    final = trace.final[comp.rep]
+    prologue = comp.expression(inputs[0] if inputs else final, -1)
     if prologue is None:
         raise RuntimeError(f"{trace.solver}: the first model input is not linear in x_T and noise")
     stages = []
     for k in range(len(inputs)):
         last = k == len(inputs) - 1
-        target = final if last else inputs[k + 1]
-        dense = [(Ref("F", m), inputs[m]) for m in range(k, max(-1, k - F_WINDOW), -1)]
-        if k < F_WINDOW:
-            dense.append((Ref("x"), x_t))
-        history, units = registers(k)
-        terms = _solve(target, dense, history, units)
+        terms = comp.expression(final if last else inputs[k + 1], k)
         if terms is None:
             raise RuntimeError(f"{trace.solver}: no exact stage after call {k} within the register"
                                f" windows (F: {F_WINDOW}, history: {H_WINDOW})")
         stages.append(Stage(k, trace.sigmas[k], "out" if last else "F", terms))
     history_calls = {r.index for s in stages for r, _ in s.terms
                      if r.kind == history_kind and r.index != s.call}
+    stats = {"trace_nonzeros": trace.nonzeros, "compile_terms": comp.examined}
     return Plan(trace.solver, dict(options or {}), prologue, stages, trace.noise,
-                trace.noise_mode, history_kind, history_calls)
+                trace.noise_mode, history_kind, history_calls, stats)

@@ -1,12 +1,27 @@
-"""Tracing a reference solver into exact linear forms.
+"""Tracing a reference solver into exact linear forms, in time linear in the step count.
 
 Every fixed-step solver is linear in its free quantities: the initial state x_T, the model's
 outputs D_1, D_2, ... and the noise draws z_1, z_2, ... (DESIGN.md: "a diffusion solver step is
-a linear combination"). So running the *reference* solver on coefficient vectors instead of
-images — one coordinate per free quantity, a fake model that returns a fresh unit vector per
-call, fake noise that does the same — yields every model input and the final output as exact
-linear forms over those quantities, in float64. The plan compiler (plan.py) turns the forms
-into per-stage kernel coefficients, so a plan agrees with its reference by construction.
+a linear combination"). So running the *reference* solver on symbolic linear forms instead of
+images -- a fake model that returns a fresh symbol per call, fake noise that does the same --
+yields every model input and the final output as an exact linear form, in float64. The plan
+compiler (plan.py) turns the forms into per-stage kernel coefficients, so a plan agrees with
+its reference by construction.
+
+Forms are sparse over *registers* (`Form`): x_T, F_k (the model input of call k), D_k (its
+output) and the noise symbols. At every model call the tracer adds the register F_k with its
+definition F_k = v_k (the form it was called on) and uses that identity to eliminate the oldest
+state register of v_k (F_{k-1}, say) from every form that still holds it -- one step of Gaussian
+elimination, done lazily when a form is next read. A solver's state (x, UniPC's corrected x,
+LMS's derivatives) is thereby always written over the newest few F registers plus recent D's
+and noise, so a form holds O(window) terms whatever the step count and the whole trace costs
+O(steps) (issue 14; before, forms were dense vectors over all 6n symbols). The form a model is
+called on *is* the stage that produces it: the plan compiler reads it off, no fit needed.
+
+Each form is kept in two representations at once, one per history kind of the plan (plan.py):
+"D", where a model output is the symbol D_k, and "E", where it is F_k - E_k with E_k the
+(scaled) noise prediction, so that noise-prediction solvers' histories (x - D) / sigma come out
+as single E symbols.
 
 Noise is traced two ways:
   - "calls": one symbol per noise draw of the reference (its values come from a noise_sampler
@@ -18,20 +33,34 @@ Noise is traced two ways:
 
 from __future__ import annotations
 
+import bisect
 import inspect
+import numbers
 from dataclasses import dataclass, field
 
 import torch
-from torch.overrides import TorchFunctionMode
 
 from fastdiff.reference.solvers import SOLVERS
 
 _F64 = torch.float64
+F_WINDOW = 4  # previous model inputs a stage may read
+H_WINDOW = 12  # previous history entries (D or E) a stage may read
+TOL = 1e-10  # relative size of a coefficient left by cancellation, dropped by the compiler
+# A stage over more registers (noise aside) than this can never be one fused launch: the kernel
+# reads lowering.MAX_INPUTS = 6 tensors, and the compiler's rewrites cancel at most a term or
+# so. Tracing stops keeping a representation whose forms grow wider (its plan would not lower).
+MAX_TERMS = 7
+DOMINATED = 1
+SHAPE = (1, 37)  # what a form looks like to the solver: odd, so a stray real tensor stands out
+_BASE = torch.zeros(SHAPE, dtype=_F64)
+_DROP = 1e-13  # relative size below which an elimination's round-off residue is dropped
+_PIVOT = 1e-3  # a pivot's coefficient is at least this fraction of the largest state one
+REPS = ("D", "E")
 
 
 @dataclass
 class NoiseDraw:
-    """One noise symbol: which coordinate, and the arguments of the reference's draw."""
+    """One noise symbol: its register, and the arguments of the reference's draw."""
 
     index: int
     args: tuple = ()  # (sigma, sigma_next) given to noise_sampler, () for torch.randn_like
@@ -39,116 +68,453 @@ class NoiseDraw:
 
 @dataclass
 class Trace:
-    """The solver as linear forms over [x_T, D_1, z_1, ...] (coordinates in creation order)."""
+    """The solver as sparse linear forms over registers (ids in creation order; `registers`
+    names each: ("x", 0), ("F", k), ("D", k), ("E", k) or ("z", n)). Per representation r
+    (REPS): `inputs[r][k]` is the definition of F_k, `pivots[r][k]` the register that call k
+    eliminated and its expression (None if none), `final[r]` the returned sample."""
 
     solver: str
-    inputs: list[torch.Tensor] = field(default_factory=list)  # model input form per call
+    registers: list[tuple[str, int]] = field(default_factory=list)
+    inputs: tuple[list[dict], list[dict]] = ((), ())
+    pivots: tuple[list, list] = ((), ())
     sigmas: list[float] = field(default_factory=list)  # noise level given to the model per call
-    outputs: list[int] = field(default_factory=list)  # coordinate of D_k per call
+    f_ids: list[int] = field(default_factory=list)  # register of F_k per call
+    outputs: list[int] = field(default_factory=list)  # register of D_k per call
+    e_ids: list[int] = field(default_factory=list)  # register of E_k per call
     noise: list[NoiseDraw] = field(default_factory=list)
-    final: torch.Tensor | None = None  # the returned sample's form
-    dim: int = 0
+    final: tuple[dict, dict] | None = None
     noise_mode: str = "calls"
+    dead: list = field(default_factory=lambda: [None, None])  # per rep: first unreadable stage
+
+    @property
+    def nonzeros(self) -> int:
+        """Terms stored over all forms and eliminations: the trace's work, O(steps)."""
+        count = sum(len(f) for r in range(2) for f in self.inputs[r])
+        count += sum(len(p[1]) for r in range(2) for p in self.pivots[r] if p is not None)
+        return count + sum(len(f) for f in (self.final or ()))
 
 
-class _Symbols:
-    def __init__(self, dim: int):
-        self.dim = dim
-        self.used = 1  # coordinate 0 is x_T
-
-    def fresh(self) -> tuple[int, torch.Tensor]:
-        if self.used >= self.dim:
-            raise _OutOfSymbols
-        e = torch.zeros(1, self.dim, dtype=_F64)
-        e[0, self.used] = 1.0
-        self.used += 1
-        return self.used - 1, e
+def readable(kind: str, m: int, k: int, history: str) -> bool:
+    """Whether register (kind, m) can be read by the stage after call k (k = -1: before the
+    first call) of a plan keeping history `history`."""
+    if kind == "z":
+        return True
+    if kind == "x":
+        return k < F_WINDOW
+    if kind == "F":
+        return k - F_WINDOW < m <= k
+    return kind == history and k - H_WINDOW <= m <= k
 
 
-class _OutOfSymbols(Exception):
+class Untraceable(TypeError):
+    """The reference did something to the traced state that is not linear."""
+
+
+def _scalar(v):
+    """v as a float if it is a number or a one-element plain tensor, else None."""
+    if type(v) is float or type(v) is int:
+        return float(v)
+    if isinstance(v, Form):
+        return None
+    if isinstance(v, torch.Tensor):
+        return float(v) if v.numel() == 1 else None
+    if isinstance(v, numbers.Real):
+        return float(v)
+    return None
+
+
+def _combine(a: dict, ca: float, b: dict, cb: float) -> dict:
+    out = {k: ca * v for k, v in a.items()} if ca != 1.0 else dict(a)
+    for k, v in b.items():
+        c = out.get(k, 0.0) + cb * v
+        if c == 0.0:
+            out.pop(k, None)
+        else:
+            out[k] = c
+    return out
+
+
+class Form(torch.Tensor):
+    """A linear form over the trace's registers, standing in for an image tensor: `t` holds
+    {register: coefficient} per representation. Only linear operations are defined; anything
+    else raises Untraceable naming the operation."""
+
+    __slots__ = ("t", "tracer", "epoch")
+
+    # -- arithmetic (Python operators reach these directly; torch calls via __torch_function__)
+
+    def __add__(self, other):
+        return _lin(self, other, 1.0, "add")
+
+    def __radd__(self, other):
+        return _lin(self, other, 1.0, "add")
+
+    def __sub__(self, other):
+        return _lin(self, other, -1.0, "subtract")
+
+    def __rsub__(self, other):
+        return _scaled(_lin(self, other, -1.0, "subtract"), -1.0)
+
+    def __mul__(self, other):
+        c = _scalar(other)
+        if c is None:
+            raise Untraceable(f"multiplying the traced state by {_what(other)}: not linear")
+        return _scaled(self, c)
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, other):
+        c = _scalar(other)
+        if c is None:
+            raise Untraceable(f"dividing the traced state by {_what(other)}: not linear")
+        return _scaled(self, 1.0 / c)
+
+    def __neg__(self):
+        return _scaled(self, -1.0)
+
+    def __pos__(self):
+        return _scaled(self, 1.0)
+
+    def __iadd__(self, other):
+        return self._assign(_lin(self, other, 1.0, "add"))
+
+    def __isub__(self, other):
+        return self._assign(_lin(self, other, -1.0, "subtract"))
+
+    def __imul__(self, other):
+        return self._assign(self * other)
+
+    def __itruediv__(self, other):
+        return self._assign(self / other)
+
+    def _assign(self, value: Form) -> Form:
+        self.t, self.epoch = value.t, value.epoch
+        return self
+
+    def __repr__(self):
+        return f"Form({self.t[0]})"
+
+    def __hash__(self):
+        return id(self)
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        handler = _HANDLERS.get(name)
+        if handler is not None:
+            return handler(*args, **kwargs)
+        if name in _QUERIES:  # shape, dtype, ndim, ...: answered by the stand-in tensor
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*[_BASE if isinstance(a, Form) else a for a in args], **kwargs)
+        raise Untraceable(f"the plan tracer cannot apply {name or func} to the traced state "
+                          "(only linear operations are traceable)")
+
+
+def _what(v) -> str:
+    if isinstance(v, Form):
+        return "the traced state"
+    if isinstance(v, torch.Tensor):
+        return f"a tensor of shape {tuple(v.shape)} (not a traced form: a direct torch.randn?)"
+    return type(v).__name__
+
+
+def _form(tracer, terms: list, epoch: int) -> Form:
+    f = torch.Tensor._make_subclass(Form, _BASE)
+    f.t, f.tracer, f.epoch = terms, tracer, epoch
+    return f
+
+
+def _fresh(f: Form) -> list:
+    if f.epoch != f.tracer.epoch:
+        f.tracer.reduce(f)
+    return f.t
+
+
+def _lin(a: Form, b, cb: float, verb: str) -> Form:
+    """a + cb * b."""
+    if isinstance(b, Form):
+        ta, tb = _fresh(a), _fresh(b)
+        return _form(a.tracer, [_combine(ta[0], 1.0, tb[0], cb) if ta[0] or tb[0] else {},
+                                _combine(ta[1], 1.0, tb[1], cb) if ta[1] or tb[1] else {}],
+                     a.tracer.epoch)
+    if _scalar(b) == 0.0:  # sum() starts from 0
+        return _scaled(a, 1.0)
+    raise Untraceable(f"cannot {verb} {_what(b)} and the traced state: a constant offset is"
+                      " not linear in the state")
+
+
+def _scaled(a: Form, c: float) -> Form:
+    t = _fresh(a)
+    if c == 0.0:
+        return _form(a.tracer, [{}, {}], a.tracer.epoch)
+    return _form(a.tracer, [{k: c * v for k, v in t[0].items()},
+                            {k: c * v for k, v in t[1].items()}], a.tracer.epoch)
+
+
+def _binary(sign: float, verb: str):
+    def op(a, b, *, alpha=1, out=None):
+        if out is not None:
+            raise Untraceable(f"{verb} with out=: not traceable")
+        if not isinstance(a, Form):  # scalar + form
+            return _scaled(_lin(b, a, sign, verb), sign)
+        return _lin(a, b * alpha if isinstance(b, Form) else b, sign, verb)
+    return op
+
+
+def _mul(a, b, *, out=None):
+    return a * b if isinstance(a, Form) else b * a
+
+
+def _div(a, b, *, rounding_mode=None, out=None):
+    if rounding_mode is not None or not isinstance(a, Form):
+        raise Untraceable("dividing by the traced state (or rounding it): not linear")
+    return a / b
+
+
+def _inplace(op):
+    def run(a, *args, **kwargs):
+        return a._assign(op(a, *args, **kwargs))
+    return run
+
+
+def _same(a, *args, **kwargs):
+    """Copies, dtype/device moves and views that keep the image's meaning."""
+    return _scaled(a, 1.0)
+
+
+def _getitem(a, index):
+    parts = index if isinstance(index, tuple) else (index,)
+    if all(p is Ellipsis or p is None or p == slice(None) for p in parts):
+        return _scaled(a, 1.0)
+    raise Untraceable(f"indexing the traced state with {index!r}: only [...]/None keep it whole")
+
+
+def _lerp(a, b, weight, *, out=None):
+    w = _scalar(weight)
+    if w is None or not isinstance(a, Form) or not isinstance(b, Form):
+        raise Untraceable("lerp needs two traced forms and a scalar weight")
+    return a + w * (b - a)
+
+
+def _zeros_like(a, *args, **kwargs):
+    return _scaled(a, 0.0)
+
+
+def _randn_like(a, *args, **kwargs):
+    return a.tracer.draw(())
+
+
+def _new(name):
+    def make(a, *args, **kwargs):
+        shape = args[0] if args else kwargs.get("size")
+        if name in ("new_zeros", "new_empty") and shape is not None and \
+                tuple(shape) == tuple(SHAPE):
+            return _scaled(a, 0.0)  # a zero image
+        with torch._C.DisableTorchFunctionSubclass():
+            result = getattr(_BASE, name)(*args, **kwargs)
+        if tuple(result.shape) == tuple(SHAPE):
+            raise Untraceable(f"{name} of an image-shaped constant: not linear in the state")
+        return result
+    return make
+
+
+_HANDLERS = {
+    "add": _binary(1.0, "add"), "__add__": _binary(1.0, "add"),
+    "__radd__": _binary(1.0, "add"), "sub": _binary(-1.0, "subtract"),
+    "subtract": _binary(-1.0, "subtract"), "__sub__": _binary(-1.0, "subtract"),
+    "__rsub__": lambda a, b: Form.__rsub__(a, b),
+    "mul": _mul, "multiply": _mul, "__mul__": _mul, "__rmul__": _mul,
+    "div": _div, "divide": _div, "true_divide": _div, "__truediv__": _div,
+    "neg": lambda a: -a, "negative": lambda a: -a, "__neg__": lambda a: -a,
+    "lerp": _lerp, "zeros_like": _zeros_like, "empty_like": _zeros_like,
+    "randn_like": _randn_like,
+    "clone": _same, "detach": _same, "contiguous": _same, "to": _same, "double": _same,
+    "cpu": _same, "cuda": _same, "type_as": _same, "view_as": _same, "expand_as": _same,
+    "__getitem__": _getitem,
+}
+_HANDLERS.update({name + "_": _inplace(_HANDLERS[name]) for name in ("add", "sub", "mul", "div",
+                                                                        "neg", "lerp")})
+_HANDLERS["zero_"] = _inplace(_zeros_like)
+_HANDLERS["copy_"] = lambda a, b, non_blocking=False: a._assign(_scaled(b, 1.0))
+for _name in ("new_ones", "new_zeros", "new_tensor", "new_empty", "new_full"):
+    _HANDLERS[_name] = _new(_name)
+_QUERIES = {"__get__", "dim", "size", "numel", "is_floating_point", "is_complex", "__len__",
+            "element_size", "get_device", "is_contiguous", "__format__", "ndimension", "nelement"}
+
+
+class _Retrace(Exception):
     pass
 
 
+class _Tracer:
+    """Registers, the Gaussian elimination at model calls, and the noise symbols."""
+
+    def __init__(self, trace: Trace, prune: bool = True):
+        self.trace = trace
+        self.epoch = 0  # eliminations so far; a form records the epoch it is reduced to
+        self.pivots: tuple[dict, dict] = ({}, {})  # eliminated register -> its expression
+        self.state: set[int] = set()  # registers that are solver state (x_T, F_k)
+        self.alive = [True, True]  # per representation: can it still give a plan?
+        self.prune = prune  # drop a representation dominated by the other (see settle)
+        self.dominated = [False, False]
+        self.widest = [0, 0]  # per representation: its widest form so far
+        trace.inputs, trace.pivots = ([], []), ([], [])
+
+    def register(self, kind: str, index: int) -> int:
+        self.trace.registers.append((kind, index))
+        return len(self.trace.registers) - 1
+
+    def symbol(self, kind: str, index: int, state: bool = False) -> Form:
+        i = self.register(kind, index)
+        if state:
+            self.state.add(i)
+        return _form(self, self.pair({i: 1.0}, {i: 1.0}), self.epoch)
+
+    def pair(self, d: dict, e: dict) -> list:
+        return [d if self.alive[0] else {}, e if self.alive[1] else {}]
+
+    def draw(self, args: tuple) -> Form:
+        n = len(self.trace.noise)
+        z = self.symbol("z", n)
+        self.trace.noise.append(NoiseDraw(len(self.trace.registers) - 1, args))
+        return z
+
+    def noise_form(self, terms: dict) -> Form:
+        return _form(self, self.pair(dict(terms), dict(terms)), self.epoch)
+
+    def reduce(self, f: Form) -> None:
+        """Substitutes every eliminated register (lazily, when a form is read)."""
+        f.t = [self.reduced(f.t[r], r) if self.alive[r] else {} for r in range(2)]
+        f.epoch = self.epoch
+
+    def settle(self, forms: list, k: int) -> None:
+        """Checks that the stage after call k can read `forms` (one per representation). A
+        representation whose form cannot be read, or is too wide for one launch, can give no
+        plan of its history kind and is no longer traced; so is one whose form is wider than
+        every form of the other so far by DOMINATED terms (the Sampler keeps the narrower plan)
+        -- unless the other then fails, which restarts the trace without that shortcut."""
+        regs, widths = self.trace.registers, [None, None]
+        for r in range(2):
+            if not self.alive[r]:
+                continue
+            v = forms[r]
+            scale = max((abs(c) for c in v.values()), default=0.0) + 1.0
+            live = [i for i, c in v.items() if abs(c) > TOL * scale]
+            width = sum(regs[i][0] != "z" for i in live)
+            if width <= MAX_TERMS and all(readable(*regs[i], k, REPS[r]) for i in live):
+                widths[r] = width
+                continue
+            self.alive[r] = False
+            self.trace.dead[r] = k
+            if self.dominated[1 - r]:
+                raise _Retrace
+        if self.prune and None not in widths:
+            for r in range(2):
+                self.widest[r] = max(self.widest[r], widths[r])
+            for r in range(2):
+                if widths[r] > self.widest[1 - r] + DOMINATED:
+                    self.alive[r], self.dominated[r] = False, True
+                    self.trace.dead[r] = k
+                    break
+
+    def reduced(self, terms: dict, r: int) -> dict:
+        pivots = self.pivots[r]
+        hit = [k for k in terms if k in pivots]
+        if not hit:
+            return terms
+        out = dict(terms)
+        while hit:
+            for k in hit:
+                c = out.pop(k)
+                for j, v in pivots[k].items():
+                    out[j] = out.get(j, 0.0) + c * v
+            hit = [k for k in out if k in pivots]
+        big = max((abs(v) for v in out.values()), default=0.0)
+        return {k: v for k, v in out.items() if abs(v) > _DROP * big}
+
+    def call(self, x: Form) -> Form:
+        """Model call k on x: F_k := x, eliminate x's oldest state register, return D_k."""
+        trace = self.trace
+        k = len(trace.f_ids)
+        t = _fresh(x)
+        f = self.register("F", k)
+        d, e = self.register("D", k), self.register("E", k)
+        self.state.add(f)
+        trace.f_ids.append(f)
+        trace.outputs.append(d)
+        trace.e_ids.append(e)
+        self.settle(t, k - 1)
+        for r in range(2):
+            v = t[r]
+            trace.inputs[r].append(v)
+            if not self.alive[r]:
+                trace.pivots[r].append(None)
+                continue
+            state = [(i, c) for i, c in v.items() if i in self.state]
+            pivot = None
+            if state:
+                big = max(abs(c) for _, c in state)
+                p, cp = min((i, c) for i, c in state if abs(c) >= _PIVOT * big)
+                # p = (F_k - sum_{i != p} v_i i) / v_p
+                expr = {i: -c / cp for i, c in v.items() if i != p}
+                expr[f] = 1.0 / cp
+                self.pivots[r][p] = expr
+                pivot = (p, expr)
+            trace.pivots[r].append(pivot)
+        self.epoch += 1
+        x.t, x.epoch = self.pair({f: 1.0}, {f: 1.0}), self.epoch  # exactly the new register
+        return _form(self, self.pair({d: 1.0}, {f: 1.0, e: -1.0}), self.epoch)
+
+
 class _BrownianPath:
-    """W(t) at the times asked for, as forms over independent unit normals (Brownian bridge)."""
+    """W(t) at the times asked for, as increments between consecutive query times over
+    independent unit normals (Brownian bridge); each increment is a sparse form, so a query
+    over a short interval is a short form whatever the step count."""
 
-    def __init__(self, symbols: _Symbols, trace: Trace):
-        self.points: list[tuple[float, torch.Tensor]] = []  # sorted (t, W(t) form)
-        self.symbols, self.trace = symbols, trace
+    def __init__(self, tracer: _Tracer):
+        self.tracer = tracer
+        self.times: list[float] = []  # sorted query times
+        self.steps: list[dict] = []  # steps[i]: W(times[i + 1]) - W(times[i])
 
-    def _normal(self) -> torch.Tensor:
-        index, e = self.symbols.fresh()
-        self.trace.noise.append(NoiseDraw(index))
-        return e
+    def _normal(self, scale: float) -> dict:
+        z = self.tracer.draw(())
+        return {i: scale * c for i, c in z.t[0].items()}
 
-    def at(self, t: float) -> torch.Tensor:
-        for s, w in self.points:
-            if s == t:
-                return w
-        if not self.points:
-            w = torch.zeros(1, self.symbols.dim, dtype=_F64)  # W is pinned at the first time
-        else:
-            before = [(s, w) for s, w in self.points if s < t]
-            after = [(s, w) for s, w in self.points if s > t]
-            if before and after:
-                (s0, w0), (s1, w1) = before[-1], after[0]
-                frac = (t - s0) / (s1 - s0)
-                std = ((t - s0) * (s1 - t) / (s1 - s0)) ** 0.5
-                w = w0 + frac * (w1 - w0) + std * self._normal()
-            else:
-                s0, w0 = (before[-1] if before else after[0])
-                w = w0 + abs(t - s0) ** 0.5 * self._normal()
-        self.points.append((t, w))
-        self.points.sort(key=lambda p: p[0])
-        return w
+    def _insert(self, t: float) -> int:
+        i = bisect.bisect_left(self.times, t)
+        if i < len(self.times) and self.times[i] == t:
+            return i
+        if not self.times:
+            self.times.append(t)  # W is pinned at the first time
+            return 0
+        if i == 0:  # before every known time
+            self.steps.insert(0, self._normal((self.times[0] - t) ** 0.5))
+        elif i == len(self.times):  # after every known time
+            self.steps.append(self._normal((t - self.times[-1]) ** 0.5))
+        else:  # between s0 and s1: the bridge splits that increment
+            s0, s1 = self.times[i - 1], self.times[i]
+            frac = (t - s0) / (s1 - s0)
+            z = self._normal(((t - s0) * (s1 - t) / (s1 - s0)) ** 0.5)
+            inc = self.steps[i - 1]
+            left = _combine(inc, frac, z, 1.0)
+            right = _combine(inc, 1.0 - frac, z, -1.0)
+            self.steps[i - 1:i] = [left, right]
+        self.times.insert(i, t)
+        return i
 
-    def __call__(self, sigma, sigma_next) -> torch.Tensor:
+    def __call__(self, sigma, sigma_next) -> Form:
         t0, t1 = float(sigma), float(sigma_next)
-        return (self.at(t1) - self.at(t0)) / abs(t1 - t0) ** 0.5
-
-
-class _NoiseIntercept(TorchFunctionMode):
-    """Turns the reference's direct draws (torch.randn_like / torch.randn) into fresh symbols."""
-
-    def __init__(self, draw):
-        super().__init__()
-        self.draw = draw
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func in (torch.randn_like, torch.randn, torch.Tensor.normal_):
-            return self.draw(())
-        return func(*args, **(kwargs or {}))
-
-
-def _run(name: str, sigmas: torch.Tensor, options: dict, noise_mode: str, dim: int) -> Trace:
-    info = SOLVERS[name]
-    trace = Trace(solver=name, dim=dim, noise_mode=noise_mode)
-    symbols = _Symbols(dim)
-
-    def draw(args: tuple) -> torch.Tensor:
-        index, e = symbols.fresh()
-        trace.noise.append(NoiseDraw(index, args))
-        return e
-
-    def model(x, sigma, **kwargs):
-        trace.inputs.append(x.detach().clone())
-        trace.sigmas.append(float(sigma.reshape(-1)[0]) if torch.is_tensor(sigma) else float(sigma))
-        index, e = symbols.fresh()
-        trace.outputs.append(index)
-        return e
-
-    x = torch.zeros(1, dim, dtype=_F64)
-    x[0, 0] = 1.0
-    kwargs = {**info.kwargs, **options, "disable": True}
-    params = inspect.signature(info.fn).parameters
-    if "noise_sampler" in params:
-        if noise_mode == "brownian":
-            kwargs["noise_sampler"] = _BrownianPath(symbols, trace)
-        else:
-            kwargs["noise_sampler"] = lambda *args: draw(tuple(float(a) for a in args))
-    with torch.no_grad(), _NoiseIntercept(draw):
-        trace.final = info.fn(model, x, sigmas.to(_F64).cpu(), **kwargs).detach().clone()
-    return trace
+        self._insert(t0)
+        self._insert(t1)
+        i0 = bisect.bisect_left(self.times, t0)
+        i1 = bisect.bisect_left(self.times, t1)
+        lo, hi, sign = (i0, i1, 1.0) if i0 < i1 else (i1, i0, -1.0)
+        w: dict = {}
+        for inc in self.steps[lo:hi]:
+            w = _combine(w, 1.0, inc, 1.0)
+        scale = sign / abs(t1 - t0) ** 0.5
+        return self.tracer.noise_form({k: scale * v for k, v in w.items()})
 
 
 def trace_solver(name: str, sigmas: torch.Tensor, noise_mode: str = "calls", **options) -> Trace:
@@ -157,9 +523,37 @@ def trace_solver(name: str, sigmas: torch.Tensor, noise_mode: str = "calls", **o
         raise ValueError(f"solver must be one of {sorted(SOLVERS)}, got {name!r}")
     if noise_mode not in ("calls", "brownian"):
         raise ValueError(f"noise_mode must be 'calls' or 'brownian', got {noise_mode!r}")
-    dim = 1 + 6 * (len(sigmas) + 2)
-    while True:
-        try:
-            return _run(name, sigmas, options, noise_mode, dim)
-        except _OutOfSymbols:
-            dim *= 2
+    try:
+        return _run(name, sigmas, noise_mode, options, prune=True)
+    except _Retrace:  # the representation kept failed after the other was dropped
+        return _run(name, sigmas, noise_mode, options, prune=False)
+
+
+def _run(name: str, sigmas: torch.Tensor, noise_mode: str, options: dict, prune: bool) -> Trace:
+    info = SOLVERS[name]
+    trace = Trace(solver=name, noise_mode=noise_mode)
+    tracer = _Tracer(trace, prune)
+
+    def model(x, sigma, **kwargs):
+        if not isinstance(x, Form):
+            raise Untraceable(f"{name} called the model on {_what(x)}, not the traced state")
+        trace.sigmas.append(float(sigma.reshape(-1)[0]) if torch.is_tensor(sigma)
+                            else float(sigma))
+        return tracer.call(x)
+
+    x = tracer.symbol("x", 0, state=True)
+    kwargs = {**info.kwargs, **options, "disable": True}
+    params = inspect.signature(info.fn).parameters
+    if "noise_sampler" in params:
+        if noise_mode == "brownian":
+            kwargs["noise_sampler"] = _BrownianPath(tracer)
+        else:
+            kwargs["noise_sampler"] = lambda *args: tracer.draw(tuple(float(a) for a in args))
+    with torch.no_grad():
+        out = info.fn(model, x, sigmas.to(_F64).cpu(), **kwargs)
+    if not isinstance(out, Form):
+        raise Untraceable(f"{name} returned {_what(out)}, not the traced state")
+    t = _fresh(out)
+    trace.final = (t[0], t[1])
+    tracer.settle(t, len(trace.f_ids) - 1)
+    return trace

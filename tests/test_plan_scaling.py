@@ -1,0 +1,82 @@
+"""Plans are built in time linear in the step count (issue 14), measured without a clock: the
+terms the tracer stores (its forms and eliminations) and the terms the compiler examines grow
+like the number of steps, for every solver with a plan. Quadratic work -- dense forms over all
+~6n symbols, fits over all of them -- would make the 1000-step count ~100x the 100-step one."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastdiff.reference.solvers import SOLVERS, SolverInfo
+from fastdiff.solvers import build_plan, compile_plan, trace_solver
+from fastdiff.solvers.trace import Untraceable
+from fastdiff.spacings import get_sigmas_karras
+
+FIXED_STEP = [n for n in SOLVERS if n not in ("dpm_fast", "dpm_adaptive")]
+CASES = [(n, "calls") for n in FIXED_STEP] + [("dpmpp_sde", "brownian")]
+
+
+def sigmas(name: str, steps: int) -> torch.Tensor:
+    if SOLVERS[name].param == "flow":
+        return torch.linspace(1, 0, steps + 1, dtype=torch.float64)
+    return get_sigmas_karras(steps, 0.03, 14.6, dtype=torch.float64)
+
+
+def work(name: str, steps: int, noise_mode: str) -> tuple[int, int]:
+    """(terms stored by the trace, terms examined by the compiler over both history kinds)."""
+    trace = trace_solver(name, sigmas(name, steps), noise_mode=noise_mode)
+    examined, plans = 0, 0
+    for kind in ("D", "E"):
+        try:
+            plan = compile_plan(trace, {}, kind)
+        except RuntimeError:  # no plan of this kind (the other one exists: checked below)
+            continue
+        plans += 1
+        examined += plan.stats["compile_terms"]
+        assert plan.stats["trace_nonzeros"] == trace.nonzeros
+    assert plans >= 1, f"{name}: no plan at {steps} steps"
+    return trace.nonzeros, examined
+
+
+@pytest.mark.parametrize("name,noise_mode", CASES)
+def test_plan_work_grows_linearly_with_the_steps(name, noise_mode):
+    small, large = work(name, 100, noise_mode), work(name, 1000, noise_mode)
+    assert small[0] > 100 and small[1] > 100  # the counts do count the work
+    assert large[0] <= 12 * small[0], f"trace: {small[0]} terms at 100 steps, {large[0]} at 1000"
+    assert large[1] <= 12 * small[1], f"compile: {small[1]} at 100 steps, {large[1]} at 1000"
+
+
+def test_a_stage_is_the_traced_model_input():
+    """Euler's stage is read off the trace: F[k+1] = (sigma_{k+1}/sigma_k) F[k]
+    + (1 - sigma_{k+1}/sigma_k) D[k], the k-diffusion update x + (x - D)/sigma * dt."""
+    s = sigmas("euler", 30)
+    plan = build_plan("euler", s)
+    for stage in plan.stages[:-1]:
+        k = stage.call
+        ratio = float(s[k + 1] / s[k])
+        terms = {str(r): c for r, c in stage.terms}
+        assert terms.keys() == {f"F[{k}]", f"D[{k}]"}
+        assert abs(terms[f"F[{k}]"] - ratio) < 1e-14 and abs(terms[f"D[{k}]"] - (1 - ratio)) < 1e-14
+    assert [(str(r), c) for r, c in plan.stages[-1].terms] == [(f"D[{len(s) - 2}]", 1.0)]
+
+
+def _nonlinear(model, x, sigmas, extra_args=None, callback=None, disable=None):
+    return model(x, sigmas[0]).abs()
+
+
+def _constant(model, x, sigmas, extra_args=None, callback=None, disable=None):
+    return model(x, sigmas[0]) + torch.ones(x.shape)
+
+
+def _direct_randn(model, x, sigmas, extra_args=None, callback=None, disable=None):
+    return model(x, sigmas[0]) + torch.randn(x.shape) * 0.5
+
+
+@pytest.mark.parametrize("fn,match", [(_nonlinear, "cannot apply abs"),
+                                      (_constant, "constant offset"),
+                                      (_direct_randn, "direct torch.randn")])
+def test_a_non_linear_reference_is_a_clear_error(monkeypatch, fn, match):
+    monkeypatch.setitem(SOLVERS, "bad", SolverInfo(fn, 1, 1, False, "test"))
+    with pytest.raises(Untraceable, match=match):
+        trace_solver("bad", sigmas("euler", 4))
