@@ -33,6 +33,7 @@ BASELINES = ("reference", "diffusers", "eager", "sdpa", "k-diffusion", "torch")
 QUICK_ARGS = ["--benchmark-max-time=0.002", "--benchmark-min-rounds=1", "--benchmark-warmup=off"]
 QUICK_DESELECT = "not 128x128"
 _PROGRESS_ENV = "FASTDIFF_BENCH_PROGRESS"
+PLAN_PREFIX = "plan "  # bench_plan.py's groups: one log-log table and plot, not a table each
 
 
 # -- running the suite --------------------------------------------------------------------------
@@ -208,7 +209,26 @@ def summarize(data: dict, status: int = 0) -> str:
     groups = rows_by_group(data)
     if not groups:
         lines.append("No benchmark results.")
+    scaling = plan_scaling(groups)
+    if scaling:
+        steps = sorted({n for row in scaling for n in row["times"]})
+        lines += ["## plan build time (cold cache) against the step count", "",
+                  "Slope: least-squares fit of log(time) on log(steps) (1 = linear).", "",
+                  "| plan | kind | " + " | ".join(f"{n} steps" for n in steps) + " | slope |",
+                  "|---|---|" + "---:|" * (len(steps) + 1)]
+        for row in scaling:
+            cells = [fmt_time(row["times"][n]) if n in row["times"] else "" for n in steps]
+            slope = f"{row['slope']:.2f}" if row["slope"] is not None else ""
+            lines.append(f"| {row['name']} | {row['kind']} | " + " | ".join(cells)
+                         + f" | {slope} |")
+        worst = max((r for r in scaling if r["slope"] is not None), key=lambda r: r["slope"],
+                    default=None)
+        if worst is not None:
+            lines += ["", f"Largest slope: {worst['slope']:.2f} ({worst['name']})."]
+        lines.append("")
     for group, rows in groups.items():
+        if group.startswith(PLAN_PREFIX):
+            continue
         bases = [r for r in rows if is_baseline(r["label"])]
         cols = ["implementation", "median"]
         has = {k: any(k in r["extra"] for r in rows)
@@ -238,6 +258,30 @@ def summarize(data: dict, status: int = 0) -> str:
 
 
 # -- plots ----------------------------------------------------------------------------------------
+
+
+def plan_scaling(groups: dict[str, list[dict]]) -> list[dict]:
+    """Per "plan <name>" group (benchmarks/bench_plan.py): {name, kind, times: {steps:
+    seconds}, slope} with the least-squares slope of log(time) on log(steps), None with fewer
+    than two step counts."""
+    import math
+
+    out = []
+    for group, rows in groups.items():
+        if not group.startswith(PLAN_PREFIX):
+            continue
+        times = {int(r["extra"]["steps"]): r["seconds"] for r in rows if "steps" in r["extra"]}
+        slope = None
+        if len(times) >= 2:
+            xs = [math.log(n) for n in times]
+            ys = [math.log(t) for t in times.values()]
+            mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+            slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum(
+                (x - mx) ** 2 for x in xs)
+        kind = next((r["extra"].get("kind", "") for r in rows), "")
+        out.append(dict(name=group[len(PLAN_PREFIX):], kind=kind, times=dict(sorted(
+            times.items())), slope=slope))
+    return out
 
 
 def _bar_figure(plt, labels: list[str], values: list[float], xlabel: str, title: str):
@@ -292,9 +336,33 @@ def plot(data: dict, out: Path) -> list[Path]:
         ax.grid(axis="y", alpha=0.3)
         save(fig, "step_time.png")
 
+    scaling = [row for row in plan_scaling(groups) if len(row["times"]) >= 2]
+    if scaling:
+        fig, ax = plt.subplots(figsize=(9, 6))
+        slowest = sorted(scaling, key=lambda r: -max(r["times"].values()))[:6]
+        for row in scaling:
+            named = row in slowest
+            ax.plot(list(row["times"]), [t * 1e3 for t in row["times"].values()],
+                    marker="o" if named else None, lw=1.5 if named else 0.6,
+                    color=None if named else "0.7",
+                    label=f"{row['name']} (slope {row['slope']:.2f})" if named else None)
+        lo = min(min(r["times"]) for r in scaling)
+        hi = max(max(r["times"]) for r in scaling)
+        base = min(min(r["times"].values()) for r in scaling) * 1e3
+        ax.plot([lo, hi], [base, base * hi / lo], "k--", lw=1, label="slope 1 (linear)")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("steps")
+        ax.set_ylabel("plan build time, cold cache (ms)")
+        ax.set_title(f"Plan build time against the step count ({len(scaling)} plans; grey: "
+                     "the others)")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3, which="both")
+        save(fig, "plan_scaling.png")
+
     families: dict[str, list[tuple[str, dict]]] = defaultdict(list)
     for g, rows in groups.items():
-        if g not in loops:
+        if g not in loops and not g.startswith(PLAN_PREFIX):
             for r in rows:
                 families[g.split(" ")[0]].append((f"{g.split(' ', 1)[-1]} | {r['label']}", r))
     for family, items in families.items():

@@ -27,7 +27,7 @@ from fastdiff.ops.lincomb import launch_unchecked, same_dense_layout
 from fastdiff.ops.threshold import static_bounds
 from fastdiff.reference.solvers import SOLVERS
 from fastdiff.reference.solvers._utils import default_noise_sampler
-from fastdiff.solvers import plans_for
+from fastdiff.solvers import no_gc, plans_for
 from fastdiff.solvers.lowering import Launch, Scalings, lower
 
 # Solvers whose reference draws Brownian-bridge noise over overlapping intervals.
@@ -292,7 +292,9 @@ class Sampler:
                 error = plan
                 continue
             try:
-                launches, tables = lower(plan, self.scalings, in_kernel_noise=noise == "philox")
+                with no_gc():
+                    launches, tables = lower(plan, self.scalings,
+                                             in_kernel_noise=noise == "philox")
             except RuntimeError as e:
                 error = e
                 continue

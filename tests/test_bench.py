@@ -91,3 +91,25 @@ def test_quick_run_writes_report(tmp_path):
     pngs = list(tmp_path.glob("*.png"))
     assert pngs and all(p.read_bytes()[:8] == PNG_MAGIC for p in pngs)
     assert (tmp_path / "step_time.png").is_file()
+
+
+def test_plan_scaling_table_and_log_log_plot(tmp_path):
+    """bench_plan.py's groups: one table with the least-squares log-log slope per plan and one
+    log-log plot; times c * n**p give slope p."""
+    data = {"benchmarks": [
+        result("plan euler", {"name": "euler", "steps": n}, 2e-4 * n, steps=n, kind="solver")
+        for n in (10, 100, 1000)] + [
+        result("plan lms", {"name": "lms", "steps": n}, 1e-5 * n ** 1.5, steps=n, kind="solver")
+        for n in (10, 100, 1000)] + [
+        result("step euler 2x4", {"impl": "diffusers"}, 2e-3, ms_per_step=0.1, steps=20)]}
+    rows = {r["name"]: r for r in bench.plan_scaling(bench.rows_by_group(data))}
+    assert abs(rows["euler"]["slope"] - 1.0) < 1e-12 and abs(rows["lms"]["slope"] - 1.5) < 1e-12
+    md = bench.summarize(data)
+    line = next(x for x in md.splitlines() if x.startswith("| lms |"))
+    assert [c.strip() for c in line.strip("|").split("|")] == [
+        "lms", "solver", "316 us", "10 ms", "316 ms", "1.50"]
+    assert "## plan euler" not in md and "Largest slope: 1.50 (lms)" in md
+    if pytest.importorskip("matplotlib"):
+        names = {p.name for p in bench.plot(data, tmp_path)}
+        assert names == {"step_time.png", "plan_scaling.png"}
+        assert (tmp_path / "plan_scaling.png").read_bytes()[:8] == PNG_MAGIC

@@ -8,7 +8,7 @@ import gc
 from fastdiff.solvers.plan import Plan, Ref, Stage, compile_plan
 from fastdiff.solvers.trace import Trace, trace_solver
 
-__all__ = ["Plan", "Ref", "Stage", "Trace", "build_plan", "compile_plan", "plans_for",
+__all__ = ["Plan", "Ref", "Stage", "Trace", "build_plan", "compile_plan", "no_gc", "plans_for",
            "trace_solver"]
 
 HISTORY_KINDS = ("D", "E")
@@ -22,15 +22,15 @@ def build_plan(solver: str, sigmas, noise_mode: str = "calls", history_kind: str
     import torch
 
     sigmas = torch.as_tensor(sigmas, dtype=torch.float64).cpu()
-    with _no_gc():
+    with no_gc():
         trace = trace_solver(solver, sigmas, noise_mode=noise_mode, **options)
         return compile_plan(trace, options, history_kind)
 
 
 @contextlib.contextmanager
-def _no_gc():
-    """Tracing allocates O(steps) small dicts and no reference cycles: the cyclic collector's
-    full passes over them would make the build quadratic again."""
+def no_gc():
+    """Tracing and lowering allocate O(steps) small objects and no reference cycles: the
+    cyclic collector's passes over them would make a plan's build quadratic again."""
     enabled = gc.isenabled()
     gc.disable()
     try:
@@ -61,7 +61,7 @@ def _plans(solver: str, sigmas: tuple, noise_mode: str, options: tuple):
     import torch
 
     options = dict(options)
-    with _no_gc():
+    with no_gc():
         trace = trace_solver(solver, torch.tensor(sigmas, dtype=torch.float64),
                              noise_mode=noise_mode, **options)
         plans: dict[str, Plan | RuntimeError] = {}

@@ -107,9 +107,10 @@ def lower(plan: Plan, sc: Scalings, in_kernel_noise: bool = False
             raise RuntimeError(f"{plan.solver}: a stage reads {len(tensors)} tensors and"
                                f" {len(noise)} noise terms ({', '.join(map(str, refs))}); the"
                                f" fused kernel takes {MAX_INPUTS} and {MAX_NOISE}")
-        launch = Launch(tensors, outputs, 0, call, tuple(r.index for r in noise), clipped)
-        table = rows.setdefault(launch.arity, [])
-        launches.append(dataclasses.replace(launch, row=len(table)))
+        arity = (len(outputs), len(tensors) + len(noise), clipped)
+        table = rows.setdefault(arity, [])
+        launches.append(Launch(tensors, outputs, len(table), call, tuple(r.index for r in noise),
+                               clipped))
         columns = tensors + noise + ((Ref("y", call),) if clipped else ())
         table.append([[combo.get(r, 0.0) for r in columns] for combo in combos])
 
