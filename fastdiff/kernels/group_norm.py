@@ -13,9 +13,13 @@ Statistics in fp32 (fp64 for fp64 data), whatever the storage dtype.
 
 from __future__ import annotations
 
+import struct
+
 import torch
 import triton
 import triton.language as tl
+
+from fastdiff.kernels import device_guard
 
 TILE = 4096  # values per program (stats chunk, apply tile)
 
@@ -72,7 +76,7 @@ def stats_channels_last_kernel(
     tl.store(PM2 + dst, tl.sum(d * d, axis=0), mask=cmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["eps_bits"])
 def finalize_kernel(
     PN, PMEAN, PM2,  # partial moments
     MEAN, RSTD,  # outputs [N * G]
@@ -80,7 +84,7 @@ def finalize_kernel(
     SN, SG, SK,  # partial (sample, group, chunk) strides; the J values of a chunk are contiguous
     KJ,  # partials per group: chunks x J
     J,  # consecutive partials per chunk (1 for NCHW, C / G for channels-last)
-    eps,
+    eps_bits,  # eps as the bit pattern of a float64 (Triton would type a Python float fp32)
     BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
@@ -109,6 +113,7 @@ def finalize_kernel(
         d = tl.load(PMEAN + off, mask=mask, other=0.0) - mean
         sm += tl.load(PM2 + off, mask=mask, other=0.0) + pn * d * d
     var = tl.sum(sm, axis=0) / count
+    eps = eps_bits.to(tl.int64).to(tl.float64, bitcast=True).to(acc)  # rounded once, as torch
     tl.store(MEAN + pid, mean)
     tl.store(RSTD + pid, 1.0 / tl.sqrt(var + eps))
 
@@ -194,6 +199,10 @@ def apply_channels_last_kernel(
     tl.store(Y + off, y.to(Y.dtype.element_ty), mask=mask)
 
 
+def _bits(value: float) -> int:
+    return struct.unpack("<q", struct.pack("<d", float(value)))[0]
+
+
 def _tile(C: int) -> tuple[int, int]:
     """[pixels, channels] tile of TILE values for channels-last."""
     block_c = min(triton.next_power_of_2(C), 256)
@@ -215,6 +224,13 @@ def group_norm(
     """Launches the kernels; fastdiff.ops has validated everything and made x, y dense in one
     layout (NCHW, or channels innermost when channels_last), weight/bias [C] and scale/shift
     [N, C] contiguous."""
+    with device_guard(x):
+        _launch(x, y, num_groups, weight, bias, eps, scale, shift, silu, channels_last)
+
+
+# enable_fp_fusion=False on every launch: products and sums rounded one by one, as the reference
+# and the native backends compute them (no FMA contraction; memory-bound, so it costs nothing).
+def _launch(x, y, num_groups, weight, bias, eps, scale, shift, silu, channels_last) -> None:
     N, C = x.shape[0], x.shape[1]
     HW = x.numel() // (N * C)
     G, CG = num_groups, C // num_groups
@@ -224,18 +240,20 @@ def group_norm(
         kp = triton.cdiv(HW, block_p)
         parts = [torch.empty((N, kp, C), device=x.device, dtype=acc) for _ in range(3)]
         stats_channels_last_kernel[(N * kp, triton.cdiv(C, block_c))](
-            x, *parts, HW, C, kp, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=8)
+            x, *parts, HW, C, kp, BLOCK_P=block_p, BLOCK_C=block_c, num_warps=8,
+            enable_fp_fusion=False)
         strides, kj, j = (kp * C, CG, C), kp * CG, CG
     else:
         block = min(TILE, triton.next_power_of_2(CG * HW))
         k = triton.cdiv(CG * HW, block)
         parts = [torch.empty((N * G, k), device=x.device, dtype=acc) for _ in range(3)]
-        stats_nchw_kernel[(N * G * k,)](x, *parts, CG * HW, k, BLOCK=block, num_warps=8)
+        stats_nchw_kernel[(N * G * k,)](x, *parts, CG * HW, k, BLOCK=block, num_warps=8,
+                                        enable_fp_fusion=False)
         strides, kj, j = (G * k, k, 1), k, 1
     mean = torch.empty(N * G, device=x.device, dtype=acc)
     rstd = torch.empty_like(mean)
-    finalize_kernel[(N * G,)](*parts, mean, rstd, G, *strides, kj, j, eps,
-                              BLOCK=min(1024, triton.next_power_of_2(kj)))
+    finalize_kernel[(N * G,)](*parts, mean, rstd, G, *strides, kj, j, _bits(eps),
+                              BLOCK=min(1024, triton.next_power_of_2(kj)), enable_fp_fusion=False)
     dummy = mean  # any pointer for the absent parameters (never read)
     params = [t if t is not None else dummy for t in (weight, bias, scale, shift)]
     flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, HAS_S=scale is not None,
@@ -243,10 +261,10 @@ def group_norm(
     if channels_last:
         apply_channels_last_kernel[(N * kp, triton.cdiv(C, block_c))](
             x, y, *params, mean, rstd, C, HW, CG, kp, **flags, BLOCK_P=block_p, BLOCK_C=block_c,
-            num_warps=8)
+            num_warps=8, enable_fp_fusion=False)
     else:
         block = min(TILE, triton.next_power_of_2(HW))
         planes = TILE // block
         apply_nchw_kernel[(triton.cdiv(N * C, planes), triton.cdiv(HW, block))](
             x, y, *params, mean, rstd, C, HW, CG, N * C, **flags, PLANES=planes, BLOCK=block,
-            num_warps=8)
+            num_warps=8, enable_fp_fusion=False)

@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastdiff.kernels import device_guard
+
 BLOCK = 2048
 
 
@@ -91,7 +93,9 @@ def _madd_noise(acc0, acc1, acc2, C, k, valid, seed, counter, element, NOUT: tl.
     return acc0, acc1, acc2
 
 
-@triton.jit
+# Ints equal to 1 are not specialised into constants: counters are noise indices 0, 1, 2, ...
+# (a constant 1 has no .to()), and each row would otherwise compile its own kernel.
+@triton.jit(do_not_specialize=["row", "rows", "counter0", "counter1"])
 def lincomb_kernel(
     X0, X1, X2, X3, X4, X5,  # input pointers, each [N]; slots >= NIN are unused
     Y0, Y1, Y2,  # output pointers, each [N]; slots >= NOUT are unused
@@ -193,11 +197,14 @@ def lincomb(
     y = list(outputs) + [outputs[0]] * (3 - len(outputs))
     grid = (triton.cdiv(n, BLOCK),)
     c = list(counters) + [0] * (2 - len(counters))
-    lincomb_kernel[grid](
-        *x, *y, coef, row_tensor if row_tensor is not None else coef, row, coef.shape[0], n,
-        seeds if seeds is not None else coef,
-        n // inputs[0].shape[0] if counters or clip is not None else 1, *c,
-        clip if clip is not None else coef,
-        NIN=len(inputs), NOUT=len(outputs), NNOISE=len(counters), CLIP=int(clip is not None),
-        HAS_ROW_PTR=row_tensor is not None, BLOCK=BLOCK, num_warps=8,
-    )
+    with device_guard(inputs[0]):
+        # enable_fp_fusion=False: no FMA contraction, each product and sum rounded as the
+        # reference, cpu and cuda backends round them (bitwise-equal results)
+        lincomb_kernel[grid](
+            *x, *y, coef, row_tensor if row_tensor is not None else coef, row, coef.shape[0], n,
+            seeds if seeds is not None else coef,
+            n // inputs[0].shape[0] if counters or clip is not None else 1, *c,
+            clip if clip is not None else coef,
+            NIN=len(inputs), NOUT=len(outputs), NNOISE=len(counters), CLIP=int(clip is not None),
+            HAS_ROW_PTR=row_tensor is not None, BLOCK=BLOCK, num_warps=8, enable_fp_fusion=False,
+        )

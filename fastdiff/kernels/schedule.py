@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastdiff.kernels import device_guard
+
 MAX_BLOCK = 1 << 16  # whole tables in one program: 64k float64 values per tensor at most
 
 
@@ -263,9 +265,10 @@ def schedule_tables(out: torch.Tensor, *, betas: int, num_train_timesteps: int,
     block_n = triton.next_power_of_2(n + 1)
     if max(block_t, block_n) > MAX_BLOCK:
         raise ValueError(f"the triton backend handles num_train_timesteps <= {MAX_BLOCK}")
-    schedule_kernel[(1,)](
-        out, big_t, n, betas, int(rescale_zero_snr), spacing, family, steps_offset, grid,
-        final_sigma, int(round_karras), _bits(beta_start), _bits(beta_end), _bits(rho),
-        BLOCK_T=block_t, BLOCK_N=block_n, LOG_T=block_t.bit_length(),
-        num_warps=8 if max(block_t, block_n) >= 1024 else 4, enable_fp_fusion=False,
-    )
+    with device_guard(out):
+        schedule_kernel[(1,)](
+            out, big_t, n, betas, int(rescale_zero_snr), spacing, family, steps_offset, grid,
+            final_sigma, int(round_karras), _bits(beta_start), _bits(beta_end), _bits(rho),
+            BLOCK_T=block_t, BLOCK_N=block_n, LOG_T=block_t.bit_length(),
+            num_warps=8 if max(block_t, block_n) >= 1024 else 4, enable_fp_fusion=False,
+        )

@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastdiff.kernels import device_guard
+
 BLOCK = 1024
 BINS = tl.constexpr(256)  # radix: 8 bits a pass
 
@@ -51,8 +53,9 @@ def _coef(C, k: tl.constexpr, valid, NIN: tl.constexpr):
     return tl.where(valid, c, float("nan")).to(C.dtype.element_ty)
 
 
-# No specialisation on values: 1 or a zero bit pattern must stay a runtime integer.
-@triton.jit(do_not_specialize=["lo", "hi", "weight_bits", "max_value_bits"])
+# No specialisation on values: 1 or a zero bit pattern must stay a runtime integer (and each
+# row would otherwise compile its own kernel).
+@triton.jit(do_not_specialize=["row", "rows", "lo", "hi", "weight_bits", "max_value_bits"])
 def dynamic_threshold_kernel(
     X0, X1, X2, X3, X4, X5,  # input pointers, each [batch * N]; slots >= NIN are unused
     COEF,  # coefficient table [rows, out_rows, width], contiguous, fp32 (fp64 for fp64 data)
@@ -174,8 +177,11 @@ def dynamic_threshold(
     x = list(inputs) + [inputs[0]] * (6 - len(inputs))
     n = inputs[0].numel() // batch
     lo, hi, weight = quantile_rank(n, ratio, coef.dtype)
-    dynamic_threshold_kernel[(batch,)](
-        *x, coef, row_tensor if row_tensor is not None else coef, row, coef.shape[0],
-        coef.shape[1], coef.shape[2], n, lo, hi, _bits(weight), _bits(max_value), out,
-        NIN=len(inputs), HAS_ROW_PTR=row_tensor is not None, BLOCK=BLOCK, num_warps=8,
-    )
+    with device_guard(inputs[0]):
+        # enable_fp_fusion=False: w is the step kernel's pre-clip combination to the bit
+        dynamic_threshold_kernel[(batch,)](
+            *x, coef, row_tensor if row_tensor is not None else coef, row, coef.shape[0],
+            coef.shape[1], coef.shape[2], n, lo, hi, _bits(weight), _bits(max_value), out,
+            NIN=len(inputs), HAS_ROW_PTR=row_tensor is not None, BLOCK=BLOCK, num_warps=8,
+            enable_fp_fusion=False,
+        )

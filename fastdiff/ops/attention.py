@@ -23,7 +23,6 @@ while the attention core is >80% of the block.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import weakref
 
@@ -204,9 +203,7 @@ def _run(q, k, v, attn_mask, scale: float, backend: str) -> torch.Tensor:
         from fastdiff.kernels.attention import attention as attention_triton
 
         out = q.new_empty(b, n_q, h, d)
-        guard = torch.cuda.device(q.device) if q.is_cuda else contextlib.nullcontext()
-        with guard:
-            attention_triton(q, k, v, out.transpose(1, 2), scale)
+        attention_triton(q, k, v, out.transpose(1, 2), scale)  # under q's device guard
         return out
     if backend == "sdpa":
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
