@@ -120,8 +120,8 @@ class _Compiler:
             form = _substitute(form, f, inputs[self.f_call[f]])
             self.examined += len(form)
             # Older F registers only get older: once unreadable, no later rewrite is readable;
-            # a rewrite two terms longer than the best would need two cancellations to win.
-            if len(form) > len(best) + 1 or not self.readable(form, k):
+            # a rewrite that grew did not cancel, and the next one rarely makes up for it.
+            if len(form) > len(best) or not self.readable(form, k):
                 break
             if len(form) < len(best):
                 best = form

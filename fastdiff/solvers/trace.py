@@ -398,11 +398,25 @@ class _Tracer:
         for r in range(2):
             if not self.alive[r]:
                 continue
-            v = forms[r]
-            scale = max((abs(c) for c in v.values()), default=0.0) + 1.0
-            live = [i for i, c in v.items() if abs(c) > TOL * scale]
-            width = sum(regs[i][0] != "z" for i in live)
-            if width <= MAX_TERMS and all(readable(*regs[i], k, REPS[r]) for i in live):
+            v, hist = forms[r], REPS[r]
+            cut = TOL * (max(map(abs, v.values()), default=0.0) + 1.0)
+            width, ok = 0, True
+            for i, c in v.items():  # readable() and the width, inlined (once per model call)
+                if -cut <= c <= cut:
+                    continue
+                kind, m = regs[i]
+                if kind == "z":
+                    continue
+                width += 1
+                if kind == "F":
+                    ok = k - F_WINDOW < m <= k
+                elif kind == hist:
+                    ok = k - H_WINDOW <= m <= k
+                else:
+                    ok = kind == "x" and k < F_WINDOW
+                if not ok:
+                    break
+            if ok and width <= MAX_TERMS:
                 widths[r] = width
                 continue
             self.alive[r] = False
@@ -454,11 +468,15 @@ class _Tracer:
             state = [(i, c) for i, c in v.items() if i in self.state]
             pivot = None
             if state:
-                big = max(abs(c) for _, c in state)
-                p, cp = min((i, c) for i, c in state if abs(c) >= _PIVOT * big)
+                if len(state) == 1:
+                    p, cp = state[0]
+                else:
+                    cut = _PIVOT * max(abs(c) for _, c in state)
+                    p, cp = min((i, c) for i, c in state if abs(c) >= cut)
                 # p = (F_k - sum_{i != p} v_i i) / v_p
-                expr = {i: -c / cp for i, c in v.items() if i != p}
-                expr[f] = 1.0 / cp
+                inv = -1.0 / cp
+                expr = {i: c * inv for i, c in v.items() if i != p}
+                expr[f] = -inv
                 self.pivots[r][p] = expr
                 pivot = (p, expr)
             trace.pivots[r].append(pivot)
