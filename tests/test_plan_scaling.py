@@ -80,3 +80,24 @@ def test_a_non_linear_reference_is_a_clear_error(monkeypatch, fn, match):
     monkeypatch.setitem(SOLVERS, "bad", SolverInfo(fn, 1, 1, False, "test"))
     with pytest.raises(Untraceable, match=match):
         trace_solver("bad", sigmas("euler", 4))
+
+
+def _torch_style(model, x, sigmas, extra_args=None, callback=None, disable=None):
+    """A solver written with torch calls instead of operators (ComfyUI's style)."""
+    s_in = x.new_ones([x.shape[0]])
+    for i in range(len(sigmas) - 1):
+        denoised = model(x.float(), sigmas[i] * s_in)
+        d = torch.sub(x, denoised).div(sigmas[i])
+        x = torch.add(x, d, alpha=float(sigmas[i + 1] - sigmas[i]))
+        x = torch.lerp(x.clone(), denoised, 0.0) + torch.zeros_like(x)
+    return x
+
+
+def test_torch_calls_trace_like_operators(monkeypatch):
+    monkeypatch.setitem(SOLVERS, "torch_style", SolverInfo(_torch_style, 1, 1, False, "test"))
+    s = sigmas("euler", 12)
+    want, got = build_plan("euler", s), build_plan("torch_style", s)
+    assert [[str(r) for r, _ in st.terms] for st in got.stages[:-1]] == \
+        [[str(r) for r, _ in st.terms] for st in want.stages[:-1]]
+    for a, b in zip(got.stages[:-1], want.stages[:-1], strict=True):
+        assert max(abs(x - y) for (_, x), (_, y) in zip(a.terms, b.terms, strict=True)) < 1e-14

@@ -329,8 +329,10 @@ _HANDLERS = {
     "neg": lambda a: -a, "negative": lambda a: -a, "__neg__": lambda a: -a,
     "lerp": _lerp, "zeros_like": _zeros_like, "empty_like": _zeros_like,
     "randn_like": _randn_like,
+    # Copies, moves and casts keep the form exact (the trace is float64 whatever the solver asks)
     "clone": _same, "detach": _same, "contiguous": _same, "to": _same, "double": _same,
-    "cpu": _same, "cuda": _same, "type_as": _same, "view_as": _same, "expand_as": _same,
+    "float": _same, "half": _same, "bfloat16": _same, "type": _same, "cpu": _same,
+    "cuda": _same, "type_as": _same, "view_as": _same, "expand_as": _same,
     "__getitem__": _getitem,
 }
 _HANDLERS.update({name + "_": _inplace(_HANDLERS[name]) for name in ("add", "sub", "mul", "div",
