@@ -13,9 +13,10 @@ __version__ = "0.1.0"
 from fastdiff import ops  # noqa: E402
 
 _LAZY_MODULES = ("k_diffusion", "schedules", "spacings", "denoisers", "models", "reference",
-                 "kernels", "nn", "solvers", "sampler", "graph", "cli")
+                 "kernels", "nn", "solvers", "sampler", "graph", "cli", "tuning")
 _LAZY_NAMES = {"Sampler": "fastdiff.sampler", "sample": "fastdiff.sampler",
-               "accelerate": "fastdiff.pipeline", "restore": "fastdiff.pipeline"}
+               "accelerate": "fastdiff.pipeline", "restore": "fastdiff.pipeline",
+               "tune": "fastdiff.tuning"}
 
 
 def __getattr__(name: str):
@@ -26,4 +27,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'fastdiff' has no attribute {name!r}")
 
 
-__all__ = ["__version__", "ops", "Sampler", "accelerate", "restore", "sample", *_LAZY_MODULES]
+__all__ = ["__version__", "ops", "Sampler", "accelerate", "restore", "sample", "tune",
+           *_LAZY_MODULES]

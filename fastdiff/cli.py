@@ -1,5 +1,5 @@
-"""The `fastdiff` command line: info, compare, sample, generate, train, bench (each handler lives
-beside the feature it drives; this file only assembles the parser)."""
+"""The `fastdiff` command line: info, compare, sample, tune, generate, train, bench (each handler
+lives beside the feature it drives; this file only assembles the parser)."""
 
 from __future__ import annotations
 
@@ -99,10 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
     from fastdiff.generate import add_generate_parser
     from fastdiff.sample_cli import add_sample_parser
     from fastdiff.train import add_train_parser
+    from fastdiff.tune_cli import add_tune_parser
 
     add_sample_parser(sub)
     add_generate_parser(sub)
     add_train_parser(sub)
+    add_tune_parser(sub)
     add_bench_parser(sub)
     return parser
 

@@ -73,6 +73,21 @@ def _checking(sample):
         if not callable(model):
             raise TypeError(f"model must be callable as model(x, sigma, **extra_args), got"
                             f" {type(model).__name__}")
+        # a tuned plan (fastdiff.tuning.TunedPlan) as sigmas: its schedule in x's dtype, as
+        # k-diffusion's get_sigmas_* make them (after a warning if made for another model)
+        plan = kwargs.get("sigmas", args[1] if len(args) > 1 else None)
+        if hasattr(plan, "check_model"):
+            from fastdiff.reference.solvers import SOLVERS
+
+            info = SOLVERS.get(plan.solver)
+            same = info is not None and info.fn.__name__ == sample.__name__
+            plan.check_model(model, plan.solver if same else sample.__name__)
+            x = kwargs.get("x", args[0] if args else None)
+            sigmas = plan.sigmas.to(x.dtype if hasattr(x, "dtype") else plan.sigmas.dtype)
+            if "sigmas" in kwargs:
+                kwargs["sigmas"] = sigmas
+            else:
+                args = (args[0], sigmas, *args[2:])
         return sample(_CheckedModel(model), *args, **kwargs)
 
     return checked

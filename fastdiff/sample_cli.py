@@ -2,6 +2,7 @@
 
     fastdiff sample                                   # 100 digits (0..9 x 10), digits.png
     fastdiff sample --labels 3,1,4 --solver euler --steps 50 --guidance 3 --npz out.npz
+    fastdiff sample --plan plan.json                  # a tuned plan (`fastdiff tune`)
 """
 
 from __future__ import annotations
@@ -107,16 +108,28 @@ def _cmd_sample(args: argparse.Namespace) -> int:
         args.parser.error(f"argument --backend: {backend!r} cannot run on {device}: {why}")
     engine = "reference solver" if backend is None else f"fused engine, backend {backend}"
     model = load_digits_model(device=device, dtype=dtype)
+    plan = None
+    if args.plan is not None:  # the plan's solver and sigmas (warns if made for another model)
+        from fastdiff.tuning import load_plan
+
+        try:
+            plan = load_plan(args.plan)
+        except (ValueError, KeyError, OSError) as e:
+            args.parser.error(f"argument --plan: {e}")
+        args.solver, args.steps = plan.solver, len(plan.sigmas) - 1
     start = time.perf_counter()
     x = sample_digits(model, args.labels, steps=args.steps, solver=args.solver,
                       guidance=args.guidance, seed=args.seed, backend=backend,
-                      graph=args.graph and backend is not None, disable=args.quiet or None)
+                      graph=args.graph and backend is not None, disable=args.quiet or None,
+                      sigmas=plan)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
     images = to_uint8(x)
     n = len(args.labels)
-    print(f"{n} digits, {args.solver}, {args.steps} steps, guidance {args.guidance}, {engine}"
+    tuned = " (tuned plan)" if plan else ""
+    print(f"{n} digits, {args.solver}, {args.steps} steps{tuned}, guidance {args.guidance},"
+          f" {engine}"
           f"{' + CUDA graph' if args.graph and backend else ''}, {device} {args.dtype}: "
           f"{seconds:.2f} s ({seconds / args.steps * 1e3:.1f} ms/step)")
     if args.out is not None:
@@ -134,6 +147,7 @@ def add_sample_parser(subparsers) -> argparse.ArgumentParser:
     """Adds `sample` to the `fastdiff` CLI (fastdiff/cli.py)."""
     from fastdiff.ops import BACKENDS
     from fastdiff.reference.solvers import SOLVERS
+    from fastdiff.tune_cli import plan_file
 
     p = subparsers.add_parser("sample", help="generate digits with the embedded model",
                               description=__doc__,
@@ -160,6 +174,8 @@ def add_sample_parser(subparsers) -> argparse.ArgumentParser:
                    help="grid image (PNG; default digits.png)")
     p.add_argument("--npz", type=_output_file, default=None,
                    help="also save uint8 images [N, 8, 8] and labels to this .npz")
+    p.add_argument("--plan", type=plan_file, default=None,
+                   help="a tuned plan file (`fastdiff tune`): its solver and sigmas")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_sample, parser=p)
     return p

@@ -222,7 +222,9 @@ class Sampler:
             `fastdiff.denoisers.Denoiser` wrapping a network (its parameterisation and input
             scaling are fused into the step), or a `CFGDenoiser`.
         solver: a name from `fastdiff.reference.solvers.SOLVERS` (adaptive solvers excluded).
-        sigmas: the noise levels, descending (flow solvers: the flow times s, 1 -> 0).
+        sigmas: the noise levels, descending (flow solvers: the flow times s, 1 -> 0), or a tuned
+            plan (`fastdiff.tune`, `fastdiff.tuning.load_plan`; warns if made for another
+            model or solver).
         guidance: classifier-free guidance scale; then call with cond=... and uncond=..., which
             reach the network batched as `cond_key` (a CFGDenoiser model brings its own).
         backend: "auto", "cuda", "triton", "cpu" or "reference" for the fused steps.
@@ -248,6 +250,9 @@ class Sampler:
             raise ValueError(f"solver must be one of {sorted(SOLVERS)}, got {solver!r}")
         if sigmas is None:
             raise ValueError("sigmas is required (e.g. fastdiff.spacings.get_sigmas_karras(...))")
+        if hasattr(sigmas, "check_model"):  # a fastdiff.tuning.TunedPlan: warns if not ours
+            sigmas.check_model(model, solver)
+            sigmas = sigmas.sigmas
         info = SOLVERS[solver]
         noise = noise or ("generator" if noise_sampler is not None else "philox")
         if noise not in ("philox", "generator"):

@@ -157,7 +157,7 @@ def digits_sigmas(model: EpsDenoiser, steps: int, spacing: str = "karras") -> Te
 def sample_digits(model: EpsDenoiser, labels: Sequence[int] | Tensor, steps: int = 20,
                   solver: str = "dpmpp_2m", guidance: float = 1.5, seed: int = 0,
                   spacing: str = "karras", backend: str | None = None, graph: bool = False,
-                  disable: bool | None = True, callback=None) -> Tensor:
+                  disable: bool | None = True, callback=None, sigmas=None) -> Tensor:
     """Generate one digit per label: [N, 1, 8, 8] in [-1, 1] (clamped).
 
     solver: a name in `fastdiff.reference.solvers.SOLVERS` (a "ve" one); guidance: the
@@ -192,6 +192,12 @@ def sample_digits(model: EpsDenoiser, labels: Sequence[int] | Tensor, steps: int
     param = next(model.parameters())
     device, dtype = param.device, param.dtype
     fused = backend is not None or graph
+    if sigmas is not None:
+        if hasattr(sigmas, "check_model"):  # a TunedPlan
+            sigmas.check_model(model if guidance == 1.0 else guided(model, guidance), solver)
+            sigmas = sigmas.sigmas
+        sigmas = torch.as_tensor(sigmas, dtype=torch.float64).cpu()
+        steps, spacing = len(sigmas) - 1, tuple(sigmas.tolist())  # the cache key
     engine, sigma_max = _prepared(model, solver, steps, spacing, float(guidance),
                                   (backend or "auto") if fused else None, graph)
     # The initial noise and the labels are made on the host, then moved: nothing the host
@@ -210,7 +216,7 @@ def sample_digits(model: EpsDenoiser, labels: Sequence[int] | Tensor, steps: int
             out = _with_progress(engine, model.network, disable)(x, seeds=seeds.to(device),
                                                                  **extra)
         else:  # the reference draws from the global generators: seed them, restore the caller's
-            sigmas = digits_sigmas(model, steps, spacing).to(
+            sigmas = _sigmas_of(model, steps, spacing).to(
                 device, torch.promote_types(dtype, torch.float32))
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 torch.manual_seed(seed + 1)
@@ -242,7 +248,7 @@ def _prepared(model: EpsDenoiser, solver: str, steps: int, spacing: str, guidanc
     cache = model.__dict__.setdefault(model.HOST_CACHE, {})
     key = (solver, steps, spacing, guidance, backend, graph, id(model.schedule))
     if key not in cache:
-        sigmas = digits_sigmas(model, steps, spacing)
+        sigmas = _sigmas_of(model, steps, spacing)
         engine = None
         if backend is not None:
             from fastdiff.sampler import Sampler
@@ -251,6 +257,13 @@ def _prepared(model: EpsDenoiser, solver: str, steps: int, spacing: str, guidanc
             engine = Sampler(denoiser, solver, sigmas, backend=backend, graph=graph)
         cache[key] = (engine, float(sigmas[0]))
     return cache[key]
+
+
+def _sigmas_of(model: EpsDenoiser, steps: int, spacing) -> Tensor:
+    """A spacing's name, or the schedule itself as a tuple (given sigmas)."""
+    if isinstance(spacing, tuple):
+        return torch.tensor(spacing, dtype=torch.float64)
+    return digits_sigmas(model, steps, spacing)
 
 
 def _with_progress(engine, network: nn.Module, disable: bool | None):

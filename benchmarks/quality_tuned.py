@@ -1,0 +1,173 @@
+"""Tuned plans vs fixed schedules on the digits model (the tuned rows of the quality table).
+
+For each solver and NFE: FD-digits and recognised fraction of 500 samples (guidance 1.5, seed 0,
+the fused engine) with Karras (rho 7), AYS-style and tuned sigmas (`fastdiff.tune`, tuned on
+noise from seed 1000 + 10 samples per class: disjoint from the evaluation noise), plus the
+time each tuning took and the sampling time per run. One teacher (dpmpp_2m, 100 Karras steps)
+serves every tuning. Also records the exact-mixture check (tuned NFE 5 vs the best untuned
+NFE 10 of the same solver on held-out noise).
+
+    python benchmarks/quality_tuned.py --out benchmarks/results/cpu-x86-64/<date>-tuned
+    python benchmarks/quality_tuned.py --quick     # CI: one solver, NFE 3, tiny budgets
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+SOLVERS = ["dpmpp_2m", "unipc_bh2_2", "euler", "ipndm"]
+NFES = [3, 4, 5, 6, 8, 10]
+SCHEDULES = ["karras", "ays", "tuned"]
+
+
+def digits_rows(solvers, nfes, per_class: int, samples_per_class: int, max_evals: int,
+                teacher_steps: int, plans_dir: Path | None) -> list[dict]:
+    import fastdiff
+    from fastdiff.models.classifier import evaluate_digits, load_classifier
+    from fastdiff.models.digits import load_digits_model, sample_digits
+    from fastdiff.tune_cli import digits_tuning_set
+    from fastdiff.tuning import _run, fixed_sigmas
+
+    guided_model, noise, cond = digits_tuning_set(per_class)
+    model, classifier = load_digits_model(), load_classifier()
+    lo, hi = model.schedule.sigma_min, model.schedule.sigma_max
+    start = time.perf_counter()
+    targets = _run(guided_model, "dpmpp_2m", noise * hi, fixed_sigmas("karras", teacher_steps,
+                                                                      lo, hi), cond, 256, {})
+    teacher_seconds = time.perf_counter() - start
+    print(f"teacher: dpmpp_2m, {teacher_steps} Karras steps, {len(noise)} samples:"
+          f" {teacher_seconds:.1f} s", flush=True)
+    labels = torch.arange(10).repeat_interleave(samples_per_class)
+    rows = []
+    for solver in solvers:
+        for nfe in nfes:
+            for kind in SCHEDULES:
+                tune_s = None
+                if kind == "tuned":
+                    t0, c0 = time.perf_counter(), time.process_time()
+                    plan = fastdiff.tune(guided_model, solver, nfe, noise=noise, cond=cond,
+                                         targets=targets, clamp=(-1.0, 1.0),
+                                         max_evals=max_evals, progress=False)
+                    tune_s = (time.perf_counter() - t0, time.process_time() - c0)
+                    plan.method["teacher"] = {"solver": "dpmpp_2m", "steps": teacher_steps,
+                                              "spacing": "karras", "seconds": teacher_seconds}
+                    if plans_dir is not None:
+                        plan.save(plans_dir / f"{solver}_nfe{nfe}.json")
+                    sigmas = plan.sigmas
+                else:
+                    sigmas = fixed_sigmas(kind, nfe, lo, hi)
+                t0 = time.perf_counter()
+                x = sample_digits(model, labels, solver=solver, guidance=1.5, seed=0,
+                                  backend="auto", sigmas=sigmas)
+                run_s = time.perf_counter() - t0
+                score = evaluate_digits(x, labels, classifier)
+                rows.append(dict(solver=solver, nfe=nfe, schedule=kind, fd=score["fd"],
+                                 accuracy=score["accuracy"], sample_seconds=run_s,
+                                 tune_seconds=tune_s and tune_s[0],
+                                 tune_cpu_seconds=tune_s and tune_s[1],
+                                 sigmas=sigmas.tolist()))
+                extra = (f"  tuned in {tune_s[0]:.1f} s wall / {tune_s[1]:.1f} s CPU"
+                         if tune_s else "")
+                print(f"{solver:>12} NFE {nfe:>2} {kind:>6}: FD-digits {score['fd']:7.2f}"
+                      f"  recognised {score['accuracy']:.3f}{extra}", flush=True)
+    return rows
+
+
+def mixture_rows(solvers, max_evals: int) -> list[dict]:
+    import fastdiff
+    from fastdiff.tune_cli import MIXTURE_RANGE, mixture_problem
+    from fastdiff.tuning import _run, fixed_sigmas
+
+    lo, hi = MIXTURE_RANGE
+    g, noise, exact = mixture_problem(256)
+    _, held, held_exact = mixture_problem(256, seed=7)
+
+    def err(solver, sigmas):
+        return float((_run(g, solver, held * hi, sigmas, {}, 512, {}) - held_exact)
+                     .pow(2).mean().sqrt())
+
+    rows = []
+    for solver in solvers:
+        plan = fastdiff.tune(g, solver, 5, noise=noise, targets=exact, sigma_min=lo,
+                             sigma_max=hi, max_evals=max_evals, progress=False)
+        untuned = {f"{k}_nfe{n}": err(solver, fixed_sigmas(k, n, lo, hi))
+                   for n in (5, 10) for k in ("karras", "exponential", "ays")}
+        best10 = min(v for k, v in untuned.items() if k.endswith("nfe10"))
+        rows.append(dict(solver=solver, tuned_nfe5=err(solver, plan.sigmas),
+                         best_untuned_nfe10=best10, **untuned, sigmas=plan.sigmas.tolist()))
+        r = rows[-1]
+        print(f"mixture {solver:>12}: tuned NFE 5 RMSE {r['tuned_nfe5']:.4f}, best untuned"
+              f" NFE 10 {best10:.4f} ({'meets' if r['tuned_nfe5'] <= best10 else 'misses'})",
+              flush=True)
+    return rows
+
+
+def markdown(rows: list[dict], nfes, mixture: list[dict], caption: str) -> str:
+    cell = {(r["solver"], r["nfe"], r["schedule"]): r for r in rows}
+    lines = [caption, "", "| solver | schedule | " + " | ".join(f"NFE {n}" for n in nfes)
+             + " |", "|---|---|" + "---|" * len(nfes)]
+    for s in dict.fromkeys(r["solver"] for r in rows):
+        for k in SCHEDULES:
+            cells = [f"{cell[s, n, k]['fd']:.1f} ({100 * cell[s, n, k]['accuracy']:.0f}%)"
+                     for n in nfes]
+            lines.append(f"| {s} | {k} | " + " | ".join(cells) + " |")
+    tuned = [r for r in rows if r["schedule"] == "tuned"]
+    if tuned:
+        lines += ["", "Tuning time per plan (wall / CPU seconds): " + ", ".join(
+            f"{r['solver']} NFE {r['nfe']} {r['tune_seconds']:.0f}/{r['tune_cpu_seconds']:.0f}"
+            for r in tuned)]
+    if mixture:
+        lines += ["", "Exact mixture (2-D, sigma 80 -> 0, RMSE against the exact ODE solution"
+                  " on 256 held-out noises):", "",
+                  "| solver | tuned NFE 5 | best untuned NFE 10 | karras NFE 5 | meets |",
+                  "|---|---|---|---|---|"]
+        for r in mixture:
+            lines.append(f"| {r['solver']} | {r['tuned_nfe5']:.4f} | "
+                         f"{r['best_untuned_nfe10']:.4f} | {r['karras_nfe5']:.4f} | "
+                         f"{'yes' if r['tuned_nfe5'] <= r['best_untuned_nfe10'] else 'no'} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default="benchmarks/results/quality_tuned")
+    p.add_argument("--solvers", default=",".join(SOLVERS))
+    p.add_argument("--nfe", default=",".join(map(str, NFES)))
+    p.add_argument("--per-class", type=int, default=10, help="tuning samples per class")
+    p.add_argument("--samples-per-class", type=int, default=50, help="evaluation samples")
+    p.add_argument("--max-evals", type=int, default=100)
+    p.add_argument("--teacher-steps", type=int, default=100)
+    p.add_argument("--mixture-evals", type=int, default=400)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: see conftest)")
+    p.add_argument("--quick", action="store_true", help="CI: dpmpp_2m at NFE 3, tiny budgets")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.solvers, args.nfe, args.per_class, args.samples_per_class = "dpmpp_2m", "3", 1, 3
+        args.max_evals, args.teacher_steps, args.mixture_evals = 3, 6, 5
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    (out / "plans").mkdir(parents=True, exist_ok=True)
+    nfes = [int(n) for n in args.nfe.split(",")]
+    solvers = args.solvers.split(",")
+    mixture = mixture_rows(solvers, args.mixture_evals)
+    rows = digits_rows(solvers, nfes, args.per_class, args.samples_per_class, args.max_evals,
+                       args.teacher_steps, out / "plans")
+    caption = (f"FD-digits (recognised) of {10 * args.samples_per_class} samples, guidance 1.5,"
+               f" evaluation seed 0; tuned: {10 * args.per_class} tuning samples from seed 1000,"
+               f" teacher dpmpp_2m {args.teacher_steps} Karras steps, {args.max_evals} solver"
+               f" runs of Nelder-Mead; {args.threads} torch thread(s). Real held-out digits:"
+               " FD ~10.7.")
+    (out / "quality_tuned.md").write_text(markdown(rows, nfes, mixture, caption))
+    (out / "quality_tuned.json").write_text(json.dumps(dict(rows=rows, mixture=mixture,
+                                                            args=vars(args)), indent=1))
+    print(f"wrote {out / 'quality_tuned.md'}, quality_tuned.json, plans/")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
