@@ -8,6 +8,9 @@ distance of its penultimate features against the real held-out split, and the fr
 samples classified as their requested label.
 
     python benchmarks/quality.py --out benchmarks/results/quality
+
+The tuned rows (`fastdiff.tune` plans vs Karras vs AYS-style schedules at NFE 3-10, evaluated on
+noise disjoint from the tuning noise) are benchmarks/quality_tuned.py.
 """
 
 from __future__ import annotations

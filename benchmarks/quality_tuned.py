@@ -26,7 +26,7 @@ SCHEDULES = ["karras", "ays", "tuned"]
 
 
 def digits_rows(solvers, nfes, per_class: int, samples_per_class: int, max_evals: int,
-                teacher_steps: int, plans_dir: Path | None) -> list[dict]:
+                teacher_steps: int, plans_dir: Path | None, done=None) -> list[dict]:
     import fastdiff
     from fastdiff.models.classifier import evaluate_digits, load_classifier
     from fastdiff.models.digits import load_digits_model, sample_digits
@@ -37,8 +37,8 @@ def digits_rows(solvers, nfes, per_class: int, samples_per_class: int, max_evals
     model, classifier = load_digits_model(), load_classifier()
     lo, hi = model.schedule.sigma_min, model.schedule.sigma_max
     start = time.perf_counter()
-    targets = _run(guided_model, "dpmpp_2m", noise * hi, fixed_sigmas("karras", teacher_steps,
-                                                                      lo, hi), cond, 256, {})
+    teacher_sigmas = fixed_sigmas("karras", teacher_steps, lo, hi)
+    targets = _run(guided_model, "dpmpp_2m", (noise * hi).float(), teacher_sigmas, cond, 256, {})
     teacher_seconds = time.perf_counter() - start
     print(f"teacher: dpmpp_2m, {teacher_steps} Karras steps, {len(noise)} samples:"
           f" {teacher_seconds:.1f} s", flush=True)
@@ -75,6 +75,8 @@ def digits_rows(solvers, nfes, per_class: int, samples_per_class: int, max_evals
                          if tune_s else "")
                 print(f"{solver:>12} NFE {nfe:>2} {kind:>6}: FD-digits {score['fd']:7.2f}"
                       f"  recognised {score['accuracy']:.3f}{extra}", flush=True)
+        if done is not None:  # partial results survive an interrupted run
+            done(rows)
     return rows
 
 
@@ -154,17 +156,20 @@ def main(argv: list[str] | None = None) -> int:
     (out / "plans").mkdir(parents=True, exist_ok=True)
     nfes = [int(n) for n in args.nfe.split(",")]
     solvers = args.solvers.split(",")
-    mixture = mixture_rows(solvers, args.mixture_evals)
-    rows = digits_rows(solvers, nfes, args.per_class, args.samples_per_class, args.max_evals,
-                       args.teacher_steps, out / "plans")
     caption = (f"FD-digits (recognised) of {10 * args.samples_per_class} samples, guidance 1.5,"
                f" evaluation seed 0; tuned: {10 * args.per_class} tuning samples from seed 1000,"
                f" teacher dpmpp_2m {args.teacher_steps} Karras steps, {args.max_evals} solver"
                f" runs of Nelder-Mead; {args.threads} torch thread(s). Real held-out digits:"
                " FD ~10.7.")
-    (out / "quality_tuned.md").write_text(markdown(rows, nfes, mixture, caption))
-    (out / "quality_tuned.json").write_text(json.dumps(dict(rows=rows, mixture=mixture,
-                                                            args=vars(args)), indent=1))
+    mixture = mixture_rows(solvers, args.mixture_evals)
+
+    def write(rows):
+        (out / "quality_tuned.md").write_text(markdown(rows, nfes, mixture, caption))
+        (out / "quality_tuned.json").write_text(json.dumps(dict(rows=rows, mixture=mixture,
+                                                                args=vars(args)), indent=1))
+
+    digits_rows(solvers, nfes, args.per_class, args.samples_per_class, args.max_evals,
+                args.teacher_steps, out / "plans", done=write)
     print(f"wrote {out / 'quality_tuned.md'}, quality_tuned.json, plans/")
     return 0
 

@@ -179,3 +179,18 @@ def test_cli_tune_and_sample_with_the_plan(tmp_path, capsys):
     assert main(["sample", "--plan", str(out), "--labels", "0,1", "--quiet",
                  "--out", str(img)]) == 0
     assert img.is_file() and "3 steps (tuned plan)" in capsys.readouterr().out
+
+
+def test_quality_table_quick_mode(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "quality_tuned.py"
+    spec = importlib.util.spec_from_file_location("quality_tuned", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.main(["--quick", "--out", str(tmp_path)]) == 0
+    table = (tmp_path / "quality_tuned.md").read_text()
+    for kind in ("karras", "ays", "tuned"):
+        assert f"| dpmpp_2m | {kind} |" in table
+    assert load_plan(tmp_path / "plans" / "dpmpp_2m_nfe3.json").nfe == 3
