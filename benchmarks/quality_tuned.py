@@ -25,8 +25,10 @@ NFES = [3, 4, 5, 6, 8, 10]
 SCHEDULES = ["karras", "ays", "tuned"]
 
 
-def digits_rows(solvers, nfes, per_class: int, samples_per_class: int, max_evals: int,
+def digits_rows(solvers, nfes, per_class: int, samples_per_class: int, max_evals: dict,
                 teacher_steps: int, plans_dir: Path | None, done=None) -> list[dict]:
+    """Cells in NFE-major order (5 and 3 first: the acceptance cells), so an interrupted run
+    has recorded whole NFE columns; `max_evals` maps a solver (or "default") to its budget."""
     import fastdiff
     from fastdiff.models.classifier import evaluate_digits, load_classifier
     from fastdiff.models.digits import load_digits_model, sample_digits
@@ -36,26 +38,30 @@ def digits_rows(solvers, nfes, per_class: int, samples_per_class: int, max_evals
     guided_model, noise, cond = digits_tuning_set(per_class)
     model, classifier = load_digits_model(), load_classifier()
     lo, hi = model.schedule.sigma_min, model.schedule.sigma_max
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     teacher_sigmas = fixed_sigmas("karras", teacher_steps, lo, hi)
     targets = _run(guided_model, "dpmpp_2m", (noise * hi).float(), teacher_sigmas, cond, 256, {})
     teacher_seconds = time.perf_counter() - start
+    teacher_cpu = time.process_time() - cpu
     print(f"teacher: dpmpp_2m, {teacher_steps} Karras steps, {len(noise)} samples:"
-          f" {teacher_seconds:.1f} s", flush=True)
+          f" {teacher_seconds:.1f} s wall, {teacher_cpu:.1f} s CPU", flush=True)
     labels = torch.arange(10).repeat_interleave(samples_per_class)
     rows = []
-    for solver in solvers:
-        for nfe in nfes:
+    order = sorted(nfes, key=lambda n: (n not in (5, 3), -n if n in (5, 3) else n))
+    for nfe in order:
+        for solver in solvers:
+            budget = max_evals.get(solver, max_evals["default"])
             for kind in SCHEDULES:
                 tune_s = None
                 if kind == "tuned":
                     t0, c0 = time.perf_counter(), time.process_time()
                     plan = fastdiff.tune(guided_model, solver, nfe, noise=noise, cond=cond,
                                          targets=targets, clamp=(-1.0, 1.0),
-                                         max_evals=max_evals, progress=False)
+                                         max_evals=budget, progress=False)
                     tune_s = (time.perf_counter() - t0, time.process_time() - c0)
                     plan.method["teacher"] = {"solver": "dpmpp_2m", "steps": teacher_steps,
-                                              "spacing": "karras", "seconds": teacher_seconds}
+                                              "spacing": "karras", "seconds": teacher_seconds,
+                                              "cpu_seconds": teacher_cpu}
                     if plans_dir is not None:
                         plan.save(plans_dir / f"{solver}_nfe{nfe}.json")
                     sigmas = plan.sigmas
@@ -69,7 +75,8 @@ def digits_rows(solvers, nfes, per_class: int, samples_per_class: int, max_evals
                 rows.append(dict(solver=solver, nfe=nfe, schedule=kind, fd=score["fd"],
                                  accuracy=score["accuracy"], sample_seconds=run_s,
                                  tune_seconds=tune_s and tune_s[0],
-                                 tune_cpu_seconds=tune_s and tune_s[1],
+                                 tune_cpu_seconds=tune_s and tune_s[1], max_evals=budget,
+                                 teacher_seconds=teacher_seconds, teacher_cpu_seconds=teacher_cpu,
                                  sigmas=sigmas.tolist()))
                 extra = (f"  tuned in {tune_s[0]:.1f} s wall / {tune_s[1]:.1f} s CPU"
                          if tune_s else "")
@@ -116,13 +123,15 @@ def markdown(rows: list[dict], nfes, mixture: list[dict], caption: str) -> str:
     for s in dict.fromkeys(r["solver"] for r in rows):
         for k in SCHEDULES:
             cells = [f"{cell[s, n, k]['fd']:.1f} ({100 * cell[s, n, k]['accuracy']:.0f}%)"
-                     for n in nfes]
+                     if (s, n, k) in cell else "not run" for n in nfes]
             lines.append(f"| {s} | {k} | " + " | ".join(cells) + " |")
     tuned = [r for r in rows if r["schedule"] == "tuned"]
     if tuned:
         lines += ["", "Tuning time per plan (wall / CPU seconds): " + ", ".join(
             f"{r['solver']} NFE {r['nfe']} {r['tune_seconds']:.0f}/{r['tune_cpu_seconds']:.0f}"
-            for r in tuned)]
+            f" ({r['max_evals']} runs)" for r in tuned)
+            + f"; the shared teacher {tuned[0]['teacher_seconds']:.0f}/"
+              f"{tuned[0]['teacher_cpu_seconds']:.0f}."]
     if mixture:
         lines += ["", "Exact mixture (2-D, sigma 80 -> 0, RMSE against the exact ODE solution"
                   " on 256 held-out noises):", "",
@@ -142,7 +151,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nfe", default=",".join(map(str, NFES)))
     p.add_argument("--per-class", type=int, default=10, help="tuning samples per class")
     p.add_argument("--samples-per-class", type=int, default=50, help="evaluation samples")
-    p.add_argument("--max-evals", type=int, default=100)
+    p.add_argument("--max-evals", default="100",
+                   help="solver runs per tuning: N, or e.g. 'dpmpp_2m=80,default=40'")
     p.add_argument("--teacher-steps", type=int, default=100)
     p.add_argument("--mixture-evals", type=int, default=400)
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: see conftest)")
@@ -150,17 +160,20 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.quick:
         args.solvers, args.nfe, args.per_class, args.samples_per_class = "dpmpp_2m", "3", 1, 3
-        args.max_evals, args.teacher_steps, args.mixture_evals = 3, 6, 5
+        args.max_evals, args.teacher_steps, args.mixture_evals = "3", 6, 5
     torch.set_num_threads(args.threads)
     out = Path(args.out)
     (out / "plans").mkdir(parents=True, exist_ok=True)
     nfes = [int(n) for n in args.nfe.split(",")]
+    budgets = dict(kv.split("=") if "=" in kv else ("default", kv)
+                   for kv in args.max_evals.split(","))
+    budgets = {k: int(v) for k, v in budgets.items()}
     solvers = args.solvers.split(",")
     caption = (f"FD-digits (recognised) of {10 * args.samples_per_class} samples, guidance 1.5,"
                f" evaluation seed 0; tuned: {10 * args.per_class} tuning samples from seed 1000,"
-               f" teacher dpmpp_2m {args.teacher_steps} Karras steps, {args.max_evals} solver"
-               f" runs of Nelder-Mead; {args.threads} torch thread(s). Real held-out digits:"
-               " FD ~10.7.")
+               f" teacher dpmpp_2m {args.teacher_steps} Karras steps, Nelder-Mead with"
+               f" {args.max_evals} solver runs; {args.threads} torch thread(s). Real held-out"
+               " digits: FD ~10.7.")
     mixture = mixture_rows(solvers, args.mixture_evals)
 
     def write(rows):
@@ -168,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         (out / "quality_tuned.json").write_text(json.dumps(dict(rows=rows, mixture=mixture,
                                                                 args=vars(args)), indent=1))
 
-    digits_rows(solvers, nfes, args.per_class, args.samples_per_class, args.max_evals,
+    digits_rows(solvers, nfes, args.per_class, args.samples_per_class, budgets,
                 args.teacher_steps, out / "plans", done=write)
     print(f"wrote {out / 'quality_tuned.md'}, quality_tuned.json, plans/")
     return 0

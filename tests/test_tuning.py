@@ -92,8 +92,13 @@ def test_tuned_schedule_is_strictly_decreasing_and_valid(solver, nfe):
     assert s[-2] >= LO * (1 - 1e-12)
     assert plan.loss["final"] <= min(plan.loss["start"].values())
     g, noise, _ = _problem(7)
-    out = fastdiff.Sampler(g, solver, sigmas=plan, backend="reference")(noise[:4] * HI)
-    assert bool(torch.isfinite(out).all())
+    engine = fastdiff.Sampler(g, solver, sigmas=plan, backend="reference")
+    assert bool(torch.isfinite(engine(noise[:4] * HI)).all())
+    # the same fused engine at the same per-step cost: as many launches, reading as many inputs
+    karras = fastdiff.Sampler(g, solver, sigmas=fixed_sigmas("karras", nfe, LO, HI))
+    assert [len(la.inputs) for la in engine.launches] == \
+        [len(la.inputs) for la in karras.launches]
+    assert engine.plan.nfe == karras.plan.nfe == nfe
 
 
 def test_tuned_beats_fixed_schedules_on_held_out_noise():
