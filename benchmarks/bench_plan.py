@@ -37,7 +37,7 @@ except ImportError:  # diffusers is an optional extra
 
 
 def _rounds(steps: int) -> int:
-    return 3 if steps >= 250 else 5
+    return 1 if QUICK else 3 if steps >= 250 else 5
 
 
 def _skip_long(benchmark, steps: int) -> None:
@@ -68,7 +68,7 @@ def bench_plan_solver(benchmark, name, steps):
         return (), {}
 
     sampler = benchmark.pedantic(lambda: fastdiff.Sampler(_denoiser, name, sigmas), setup=cold,
-                                 rounds=_rounds(steps), warmup_rounds=1)
+                                 rounds=_rounds(steps), warmup_rounds=0 if QUICK else 1)
     benchmark.extra_info["model_calls"] = sampler.plan.nfe
 
 
@@ -98,4 +98,5 @@ def bench_plan_dropin(benchmark, name, steps):
             x = sched.step(sample, t, x).prev_sample
         return x
 
-    benchmark.pedantic(trace_schedule, setup=fresh, rounds=_rounds(steps), warmup_rounds=1)
+    benchmark.pedantic(trace_schedule, setup=fresh, rounds=_rounds(steps),
+                       warmup_rounds=0 if QUICK else 1)
