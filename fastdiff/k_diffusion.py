@@ -25,7 +25,7 @@ _SOLVERS = "fastdiff.reference.solvers"
 _WHERE = {
     **dict.fromkeys(
         ("get_sigmas_karras", "get_sigmas_exponential", "get_sigmas_polyexponential",
-         "get_sigmas_vp"), "fastdiff.spacings"),
+         "get_sigmas_vp"), "fastdiff.schedules.spacings"),
     **dict.fromkeys(
         ("append_dims", "append_zero", "to_d", "get_ancestral_step", "default_noise_sampler",
          "BatchedBrownianTree", "BrownianTreeNoiseSampler"), f"{_SOLVERS}._utils"),

@@ -261,20 +261,24 @@ def test_out_buffer_is_written_in_place(backend, device, tol):
     assert second.buffer.data_ptr() == out.data_ptr()
 
 
-def test_schedule_method():
+def test_tables_from_schedule_object():
+    """ops.tables_from_schedule reads a schedule object (the ops layer imports no schedule):
+    a closed-form one is the kernel's launch, bit for bit; one given as a table, the host path."""
+    from fastdiff.ops import tables_from_schedule as op_from_schedule
+
     sched = S.DiscreteVPSchedule.from_betas("scaled_linear", 1000, 0.00085, 0.012)
     settings = dict(spacing="leading", steps_offset=1, grid="karras")
-    via_method = sched.tables(12, **settings, backend="cpu")
+    via_schedule = op_from_schedule(sched, 12, **settings, backend="cpu")
     via_op = schedule_tables(12, beta_schedule="scaled_linear", beta_start=0.00085,
                              beta_end=0.012, **settings, backend="cpu")
-    torch.testing.assert_close(via_method.buffer, via_op.buffer, rtol=0, atol=0)
+    torch.testing.assert_close(via_schedule.buffer, via_op.buffer, rtol=0, atol=0)
     # a schedule given as a table has no closed form: the host path
     as_table = S.DiscreteVPSchedule(sched.alphas_cumprod)
-    torch.testing.assert_close(as_table.tables(12, **settings).buffer,
+    torch.testing.assert_close(op_from_schedule(as_table, 12, **settings).buffer,
                                flat(*tables_from_schedule(as_table, 12, **settings)),
                                rtol=0, atol=0)
     with pytest.raises(ValueError, match="backend"):
-        as_table.tables(12, backend="cpu")
+        op_from_schedule(as_table, 12, backend="cpu")
 
 
 def test_import_fastdiff_stays_light():

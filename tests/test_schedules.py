@@ -1,4 +1,4 @@
-"""Noise schedules and spacings (fastdiff/schedules.py, fastdiff/spacings.py).
+"""Noise schedules and spacings (the fastdiff/schedules/ package).
 
 References: diffusers' schedulers and k-diffusion's sampling.py / external.py on the same inputs,
 scipy for the Beta quantile, and the defining identities of each schedule. diffusers and

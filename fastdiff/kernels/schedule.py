@@ -56,7 +56,7 @@ def _alpha_bar(kind, t):
 
 @triton.jit
 def _beta(kind, i, T, beta_start, beta_end):
-    """beta_i of fastdiff.schedules.make_betas (kinds in the order of ops.schedule.BETAS)."""
+    """beta_i of fastdiff.reference.schedule.make_betas (kinds in the order of ops.schedule.BETAS)."""
     if kind == 0:
         beta = _torch_linspace(beta_start, beta_end, T, i)
     elif kind == 1:
@@ -68,7 +68,7 @@ def _beta(kind, i, T, beta_start, beta_end):
     else:
         t0 = i.to(tl.float64) / T.to(tl.float64)
         t1 = (i + 1).to(tl.float64) / T.to(tl.float64)
-        if kind == 2:  # cosine without cancellation (fastdiff.betas._cosine_beta)
+        if kind == 2:  # cosine without cancellation (fastdiff.reference.schedule._cosine_beta)
             # (pi / 2 written out: a float constant bound to a name would become float32)
             n = T.to(tl.float64)
             c = tl.sin((T - i).to(tl.float64) / n / 1.008 * 1.5707963267948966)

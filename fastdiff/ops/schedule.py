@@ -7,13 +7,13 @@ plan's tables, DESIGN.md). The natural device path::
         spacing="trailing", grid="karras", device="cuda")
     tables.sigmas, tables.timesteps      # float64 views into one device buffer
 
-or, for a schedule object, ``DiscreteVPSchedule.from_betas(...).tables(20, grid="karras",
-device="cuda")``. A request with new settings costs one launch and no host-device copy: every
-setting travels as a kernel argument, and the kernel writes one float64 buffer (pass ``out=``,
-of `buffer_numel` values, to reuse one, e.g. in a captured CUDA graph). Backends: "cuda" (CUDA
-C++, one block), "triton" (one program), "cpu" (the same C++ element math on the host) and
-"reference": the host float64 path (fastdiff/reference/schedule.py, built from
-fastdiff.schedules and fastdiff.spacings), the specification, copied to the device.
+or, for a schedule object, ``tables_from_schedule(DiscreteVPSchedule.from_betas(...), 20,
+grid="karras", device="cuda")``. A request with new settings costs one launch and no
+host-device copy: every setting travels as a kernel argument, and the kernel writes one float64
+buffer (pass ``out=``, of `buffer_numel` values, to reuse one, e.g. in a captured CUDA graph).
+Backends: "cuda" (CUDA C++, one block), "triton" (one program), "cpu" (the same C++ element
+math on the host) and "reference": the host float64 path (fastdiff/reference/schedule.py), the
+specification, copied to the device.
 
 What is computed (see the reference's docstring): diffusers' timestep spacing of a scheduler
 ``family`` ("euler", "ddim", "dpmsolver"), sigmas interpolated at those timesteps, optionally
@@ -117,8 +117,8 @@ def _validate(num_inference_steps, beta_schedule, num_train_timesteps, beta_star
               final_sigma) -> dict:
     if beta_schedule not in BETAS:
         raise ValueError(f"beta_schedule must be one of {BETAS} (closed forms; for a schedule of"
-                         f" your own use DiscreteVPSchedule(alphas_cumprod).tables(...)), got"
-                         f" {beta_schedule!r}")
+                         " your own use tables_from_schedule(DiscreteVPSchedule(alphas_cumprod),"
+                         f" ...)), got {beta_schedule!r}")
     codes = _validate_steps(num_inference_steps, num_train_timesteps, spacing, steps_offset,
                             family, grid, rho, final_sigma)
     if beta_schedule in ("linear", "scaled_linear", "sigmoid"):  # the others ignore the range
@@ -203,7 +203,7 @@ def schedule_tables(
     Args:
         num_inference_steps: n, 1..num_train_timesteps.
         beta_schedule, num_train_timesteps, beta_start, beta_end, rescale_betas_zero_snr: the
-            training schedule, as diffusers' configs name them (`schedules.make_betas`; the
+            training schedule, as diffusers' configs name them (`reference.schedule.make_betas`; the
             range matters for "linear", "scaled_linear" and "sigmoid" only).
         spacing: "linspace", "leading" or "trailing" (Lin et al. 2023, arXiv:2305.08891,
             Table 2); steps_offset is added to "leading" timesteps, as in diffusers.
@@ -236,11 +236,22 @@ def tables_from_schedule(schedule, num_inference_steps: int, *, spacing: str = "
                          steps_offset: int = 0, family: str = "euler", grid: str = "discrete",
                          rho: float = 7.0, final_sigma: str = "zero",
                          device: torch.device | str | None = None,
-                         out: Tensor | None = None) -> ScheduleTables:
-    """The same tables for any `DiscreteVPSchedule` (e.g. one made from a table of its own,
-    which has no closed form for the kernels): the host float64 path, copied to `device`."""
+                         out: Tensor | None = None, backend: str = "auto") -> ScheduleTables:
+    """The same tables for a `fastdiff.schedules.DiscreteVPSchedule` (read through its
+    attributes; this layer imports no schedule). One made by ``from_betas`` carries its closed
+    form in ``config``: one kernel launch (`schedule_tables`, any ``backend``). One made from a
+    table of its own has none: the host float64 path, copied to ``device`` (``backend`` "auto"
+    or "reference")."""
     from fastdiff.reference.schedule import tables_from_schedule as reference
 
+    kw = dict(spacing=spacing, steps_offset=steps_offset, family=family, grid=grid, rho=rho,
+              final_sigma=final_sigma, device=device, out=out)
+    config = getattr(schedule, "config", None)
+    if config is not None:
+        return schedule_tables(num_inference_steps, **config, **kw, backend=backend)
+    if backend not in ("auto", "reference"):
+        raise ValueError(f"backend={backend!r}: this schedule was given as a table, which the"
+                         " kernels cannot rebuild; use backend='reference' (or 'auto')")
     codes = _validate_steps(num_inference_steps, schedule.num_train_timesteps, spacing,
                             steps_offset, family, grid, rho, final_sigma)
     buffer = _buffer(codes, device, out)

@@ -1,4 +1,4 @@
-"""Noise schedules: the mathematics of diffusion noise levels, computed in float64.
+"""Model noise schedules: the mathematics of diffusion noise levels, computed in float64.
 
 One meaning per name across fastdiff:
 
@@ -44,12 +44,16 @@ import math
 import torch
 from torch import Tensor
 
-from fastdiff.betas import (
+from fastdiff.reference.schedule import (
     BETA_SCHEDULES,
+    ZERO_SNR_ALPHA_CUMPROD,
     _check_count,
     _f64,
     alphas_cumprod_from_betas,
     betas_for_alpha_bar,
+    discrete_sigma_to_t,
+    discrete_sigmas,
+    discrete_t_to_sigma,
     make_betas,
     rescale_zero_terminal_snr,
 )
@@ -65,9 +69,6 @@ __all__ = [
 ]
 
 KINDS = ("vp", "ve", "edm", "flow")
-# diffusers (EulerDiscreteScheduler, DPMSolverMultistepScheduler) replaces the zero terminal
-# alphas_cumprod by the smallest positive float16 subnormal so the first sigma is finite.
-ZERO_SNR_ALPHA_CUMPROD = 2.0**-24
 
 
 def _check_kind(kind: str) -> None:
@@ -139,41 +140,6 @@ def flow_to_sigma(s) -> Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
-# Discrete t <-> sigma (k-diffusion's DiscreteSchedule.sigma_to_t / t_to_sigma)
-# ----------------------------------------------------------------------------------------------
-def discrete_sigma_to_t(sigma, log_sigmas: Tensor, quantize: bool = False) -> Tensor:
-    """Timestep of ``sigma`` by linear interpolation in log-sigma between table entries, exactly
-    k-diffusion's ``DiscreteSchedule.sigma_to_t`` (and diffusers' ``_sigma_to_t``).
-
-    ``low`` is the last index whose log-sigma is <= log(sigma) (0 if none), capped at N - 2; the
-    weight is clamped to [0, 1], so values outside the table map to its end timesteps: sigma = 0
-    gives t = 0 (computed from the smallest positive float, not from log(0) = -inf) and
-    sigma = inf gives N - 1. ``quantize=True`` returns the nearest index instead.
-    """
-    sigma, log_sigmas = _f64(sigma), _f64(log_sigmas)
-    log_sigma = torch.log(sigma.clamp_min(torch.finfo(torch.float64).tiny)).reshape(-1)
-    dists = log_sigma - log_sigmas[:, None]  # [N, M]
-    if quantize:
-        return dists.abs().argmin(dim=0).reshape(sigma.shape).to(torch.float64)
-    # argmax of the cumulative count returns its first maximum: the last index with dist >= 0.
-    low = dists.ge(0).cumsum(dim=0).argmax(dim=0).clamp(max=log_sigmas.numel() - 2)
-    lo, hi = log_sigmas[low], log_sigmas[low + 1]
-    gap = lo - hi
-    w = torch.where(gap == 0, torch.zeros_like(gap), (lo - log_sigma) / gap).clamp(0, 1)
-    return ((1 - w) * low + w * (low + 1)).reshape(sigma.shape)
-
-
-def discrete_t_to_sigma(t, log_sigmas: Tensor) -> Tensor:
-    """Sigma at a (fractional) timestep: linear interpolation of log-sigma between the two
-    neighbouring table entries, as k-diffusion's ``DiscreteSchedule.t_to_sigma``. ``t`` is clamped
-    to [0, N - 1]."""
-    log_sigmas = _f64(log_sigmas)
-    t = _f64(t).clamp(0, log_sigmas.numel() - 1)
-    low, high, w = t.floor().long(), t.ceil().long(), t - t.floor()
-    return ((1 - w) * log_sigmas[low] + w * log_sigmas[high]).exp()
-
-
-# ----------------------------------------------------------------------------------------------
 # Schedules
 # ----------------------------------------------------------------------------------------------
 class NoiseSchedule:
@@ -240,8 +206,7 @@ class DiscreteVPSchedule(NoiseSchedule):
         if bool((a[:-1] == 0).any()):
             raise ValueError("only the last alphas_cumprod may be 0 (zero terminal SNR)")
         self.alphas_cumprod = a
-        clamped = torch.where(a == 0, torch.full_like(a, zero_snr_alphas_cumprod), a)
-        self.sigmas = alphas_cumprod_to_sigma(clamped)
+        self.sigmas = discrete_sigmas(a, zero_snr_alphas_cumprod)
         self.log_sigmas = self.sigmas.log()
         self.t_min, self.t_max = 0.0, float(a.numel() - 1)
         self.config: dict | None = None  # from_betas' arguments, when it made the table
@@ -279,27 +244,6 @@ class DiscreteVPSchedule(NoiseSchedule):
 
     def t(self, sigma, quantize: bool = False) -> Tensor:
         return discrete_sigma_to_t(sigma, self.log_sigmas, quantize)
-
-    def tables(self, steps: int, *, spacing: str = "linspace", steps_offset: int = 0,
-               family: str = "euler", grid: str = "discrete", rho: float = 7.0,
-               final_sigma: str = "zero", device=None, out: Tensor | None = None,
-               backend: str = "auto"):
-        """The sampling tables for ``steps`` steps (timesteps, sigmas, alpha_t, sigma_t, lambda;
-        `fastdiff.ops.ScheduleTables`), made on ``device``: for a schedule from `from_betas`, by
-        one float64 kernel launch from its closed form (`fastdiff.ops.schedule_tables`, which
-        documents the arguments); for a table given as is, by the host float64 path, copied."""
-        kw = dict(spacing=spacing, steps_offset=steps_offset, family=family, grid=grid, rho=rho,
-                  final_sigma=final_sigma, device=device, out=out)
-        if self.config is not None:
-            from fastdiff.ops.schedule import schedule_tables
-
-            return schedule_tables(steps, **self.config, **kw, backend=backend)
-        if backend not in ("auto", "reference"):
-            raise ValueError(f"backend={backend!r}: this schedule was given as a table, which the"
-                             " kernels cannot rebuild; use backend='reference' (or 'auto')")
-        from fastdiff.ops.schedule import tables_from_schedule
-
-        return tables_from_schedule(self, steps, **kw)
 
 
 class VPSchedule(NoiseSchedule):
