@@ -56,7 +56,7 @@ def _alpha_bar(kind, t):
 
 @triton.jit
 def _beta(kind, i, T, beta_start, beta_end):
-    """beta_i of fastdiff.reference.schedule.make_betas (kinds in the order of ops.schedule.BETAS)."""
+    """beta_i of fastdiff.reference.schedule.make_betas (kinds in ops.schedule.BETAS order)."""
     if kind == 0:
         beta = _torch_linspace(beta_start, beta_end, T, i)
     elif kind == 1:
