@@ -56,13 +56,13 @@ def import_graph(root: pathlib.Path, package: str = "fastdiff") -> dict[str, set
 
 def reachable(graph: dict[str, set[str]], start: str) -> dict[str, str]:
     """Every module ``start`` imports transitively -> the module that imports it (for messages)."""
-    seen, stack = {}, [start]
-    while stack:
-        here = stack.pop()
-        for there in graph.get(here, ()):
+    seen, queue = {}, [start]
+    while queue:  # breadth first, in sorted order: the same answer in every run
+        here = queue.pop(0)
+        for there in sorted(graph.get(here, ())):
             if there not in seen and there != start:
                 seen[there] = here
-                stack.append(there)
+                queue.append(there)
     return seen
 
 
