@@ -334,6 +334,12 @@ class CFGDenoiser(nn.Module):
         return 1.0 - self.scale, self.scale
 
     def forward(self, x: Tensor, sigma, cond=None, uncond=None, **kwargs) -> Tensor:
+        return self.denoise_with_uncond(x, sigma, cond, uncond, **kwargs)[0]
+
+    def denoise_with_uncond(self, x: Tensor, sigma, cond=None, uncond=None,
+                            **kwargs) -> tuple[Tensor, Tensor]:
+        """(D, D_u) of one batched call: the guided and the unconditional denoised outputs.
+        CFG++ samplers (Chung et al. 2024, arXiv:2406.08070) renoise with D_u."""
         if cond is None:
             raise ValueError("CFGDenoiser needs the conditioning: pass cond=... (got None)")
         if uncond is None:
@@ -344,7 +350,7 @@ class CFGDenoiser(nn.Module):
         both = self.inner_model(torch.cat([x, x]), sigma_in,
                                 **{self.cond_key: _cat(uncond, cond)}, **kwargs)
         d_u, d_c = both.chunk(2)
-        return d_u + self.scale * (d_c - d_u)
+        return d_u + self.scale * (d_c - d_u), d_u
 
 
 # ---- thresholding of the denoised prediction -------------------------------------------------
@@ -373,7 +379,17 @@ class ThresholdedDenoiser(nn.Module):
         self.max_value, self.clip = float(max_value), clip
 
     def forward(self, x: Tensor, sigma, **cond) -> Tensor:
-        d = self.inner_model(x, sigma, **cond)
+        return self._threshold(self.inner_model(x, sigma, **cond))
+
+    def denoise_with_uncond(self, x: Tensor, sigma, **cond) -> tuple[Tensor, Tensor]:
+        """(thresholded D, D_u) for CFG++: only the guided prediction is thresholded, the
+        unconditional one renoises as it is (the fused kernel does the same)."""
+        from fastdiff.reference.solvers._utils import denoise_with_uncond
+
+        d, d_u = denoise_with_uncond(self.inner_model, x, sigma, **cond)
+        return self._threshold(d), d_u
+
+    def _threshold(self, d: Tensor) -> Tensor:
         if self.dynamic_ratio is not None:
             # quantile needs fp32 or fp64 (as diffusers upcasts); per-sample over all other dims
             acc = torch.promote_types(d.dtype, torch.float32)

@@ -64,7 +64,18 @@ class _CheckedModel:
         return out
 
     def __getattr__(self, name):
-        return getattr(self.model, name)
+        value = getattr(self.model, name)
+        if name == "denoise_with_uncond":  # CFG++'s call: both answers are checked
+            from fastdiff.denoisers import check_denoised
+
+            def both(x, sigma, **kwargs):
+                d, d_u = value(x, sigma, **kwargs)
+                check_denoised(d, x)
+                check_denoised(d_u, x, "model (its unconditional output)")
+                return d, d_u
+
+            return both
+        return value
 
 
 def _checking(sample):

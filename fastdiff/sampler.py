@@ -160,10 +160,11 @@ def _lifetimes(launches: list[Launch], history_kind: str) -> list[list[tuple]]:
         if launch.call >= 0:
             last[("F", launch.call)] = i
         for ref in launch.inputs:
-            if ref.kind in ("F", "D", "E"):
+            if ref.kind in ("F", "D", "E", "U"):
                 last[(ref.kind, ref.index)] = i
         for name in launch.outputs:  # written, possibly never read (e.g. a history entry)
-            key = ("F", launch.call + 1) if name == "F" else (history_kind, launch.call)
+            key = (("F", launch.call + 1) if name == "F" else ("U", launch.call) if name == "HU"
+                   else (history_kind, launch.call))
             if name != "out":
                 last.setdefault(key, i)
     dead: list[list[tuple]] = [[] for _ in launches]
@@ -409,8 +410,8 @@ class Sampler:
                 parts = self.adapter(regs[("F", k)], levels[k], cond)
                 for p, part in enumerate(parts):
                     regs[("part", p)] = part
-                if self.scalings.plain:
-                    regs[("D", k)] = parts[0]
+                if self.scalings.plain:  # D (and, without guidance, U) is the output itself
+                    regs[("D", k)] = regs[("U", k)] = parts[0]
             result = self._launch(launch, regs, tables, backend, buffers, drawn, draws,
                                   philox_seeds)
             for key in self._dead_after[i]:
@@ -443,6 +444,8 @@ class Sampler:
                 regs[("F", launch.call + 1)] = t
             elif name == "H":
                 regs[(self.plan.history_kind, launch.call)] = t
+            elif name == "HU":  # CFG++: the unconditional output, for a later stage
+                regs[("U", launch.call)] = t
         return outs[0]
 
     def __call__(self, noise: torch.Tensor, generator: torch.Generator | None = None,

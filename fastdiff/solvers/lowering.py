@@ -8,6 +8,8 @@ The model side is folded in, because everything is linear (DESIGN.md):
     network output (two pointers into one tensor, no copy);
   - a past D_j is read from the history tensor stage j wrote (a second kernel output), or is
     the model's own output when the model is a plain denoiser;
+  - CFG++ solvers also read U_k = c_skip_k F_k + c_out_k * u, the unconditional denoised output
+    (the first guidance half alone; without guidance U_k = D_k), and may keep U as history;
   - with x0 clipping or dynamic thresholding (Scalings.clip), the current D_k is the kernel's
     clipped value y = clamp(w, -b, b) / d of the pre-clip combination w = c_skip F + c_out out
     (fastdiff.ops.lincomb's clip row), so every use of D_k, history included, reads y.
@@ -78,6 +80,10 @@ def _expand(plan: Plan, terms, call: int, sc: Scalings, scale: float) -> dict[Re
                 _accumulate(acc, Ref("F", call), c * sc.c_skip[call] / sc.c_in[call])
             for p, w in enumerate(sc.weights):
                 _accumulate(acc, Ref("part", p), c * sc.c_out[call] * w)
+        elif ref.kind == "U" and ref.index == call:  # CFG++: the unconditional half alone
+            if sc.c_skip[call] != 0:  # (without guidance, part 0 is the output: U = D)
+                _accumulate(acc, Ref("F", call), c * sc.c_skip[call] / sc.c_in[call])
+            _accumulate(acc, Ref("part", 0), c * sc.c_out[call])
         elif ref.kind == "E" and ref.index == call:  # E_k = F_k - D_k of this call
             for r, v in _expand(plan, [(Ref("F", call), 1.0), (Ref("D", call), -1.0)], call,
                                 sc, c).items():
@@ -127,6 +133,9 @@ def lower(plan: Plan, sc: Scalings, in_kernel_noise: bool = False
         if k in plan.history and not (sc.plain and plan.history_kind == "D"):
             combos.append(_expand(plan, [(Ref(plan.history_kind, k), 1.0)], k, sc, 1.0))
             outputs += ("H",)
+        if k in plan.uncond_history and not sc.plain:  # CFG++: U_k kept for a later stage
+            combos.append(_expand(plan, [(Ref("U", k), 1.0)], k, sc, 1.0))
+            outputs += ("HU",)
         add(outputs, combos, k)
     tables = {key: torch.tensor(r, dtype=torch.float64) for key, r in rows.items()}
     return launches, tables

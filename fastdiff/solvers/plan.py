@@ -30,7 +30,9 @@ __all__ = ["F_WINDOW", "H_WINDOW", "Plan", "Ref", "Stage", "compile_plan"]
 class Ref(NamedTuple):
     """A register: "x" (the initial noise), "F" (model input of call k), "D" (denoised output of
     call k), "E" (F - D of call k: the noise prediction times sigma, the history of
-    noise-prediction solvers) or "z" (noise symbol k, in creation order). (A named tuple:
+    noise-prediction solvers), "U" (the unconditional denoised output of call k, read by CFG++
+    solvers; Chung et al. 2024, arXiv:2406.08070) or "z" (noise symbol k, in creation order).
+    (A named tuple:
     plans of 1000 steps hash Refs ~10^5 times while lowering.)"""
 
     kind: str
@@ -61,6 +63,8 @@ class Plan:
     history_kind: str = "D"  # what a stage keeps for later ones: "D" or "E" (= F - D)
     history: set[int] = field(default_factory=set)  # calls whose history entry is read later
     stats: dict = field(default_factory=dict)  # the work that built it (trace_nonzeros, ...)
+    # CFG++: calls whose unconditional output U is read later (a second history entry, "HU")
+    uncond_history: set[int] = field(default_factory=set)
 
     @property
     def nfe(self) -> int:
@@ -135,7 +139,7 @@ class _Compiler:
             if kind == "F":
                 if not k - F_WINDOW < m <= k:
                     return False
-            elif kind == hist:
+            elif kind == hist or kind == "U":
                 if not k - H_WINDOW <= m <= k:
                     return False
             elif kind == "x":
@@ -159,7 +163,7 @@ class _Compiler:
                                             else t[0].index))
 
 
-_ORDER = {"x": 0, "F": 1, "E": 2, "D": 3, "z": 4}
+_ORDER = {"x": 0, "F": 1, "E": 2, "D": 3, "U": 4, "z": 5}
 
 
 def compile_plan(trace: Trace, options: dict | None = None, history_kind: str = "D") -> Plan:
@@ -188,6 +192,8 @@ def compile_plan(trace: Trace, options: dict | None = None, history_kind: str = 
         stages.append(Stage(k, trace.sigmas[k], "out" if last else "F", terms))
     history_calls = {r.index for s in stages for r, _ in s.terms
                      if r.kind == history_kind and r.index != s.call}
+    uncond_calls = {r.index for s in stages for r, _ in s.terms
+                    if r.kind == "U" and r.index != s.call}
     stats = {"trace_nonzeros": trace.nonzeros, "compile_terms": comp.examined}
     return Plan(trace.solver, dict(options or {}), prologue, stages, trace.noise,
-                trace.noise_mode, history_kind, history_calls, stats)
+                trace.noise_mode, history_kind, history_calls, stats, uncond_calls)

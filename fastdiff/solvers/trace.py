@@ -18,6 +18,10 @@ and noise, so a form holds O(window) terms whatever the step count and the whole
 O(steps) (issue 14; before, forms were dense vectors over all 6n symbols). The form a model is
 called on *is* the stage that produces it: the plan compiler reads it off, no fit needed.
 
+A CFG++ solver also reads U_k, the unconditional denoised output of call k
+(`_utils.denoise_with_uncond`): one more free register per call, read in-kernel from the first
+guidance half at its own stage and from a history tensor of its own ("U") later.
+
 Each form is kept in two representations at once, one per history kind of the plan (plan.py):
 "D", where a model output is the symbol D_k, and "E", where it is F_k - E_k with E_k the
 (scaled) noise prediction, so that noise-prediction solvers' histories (x - D) / sigma come out
@@ -81,6 +85,8 @@ class Trace:
     f_ids: list[int] = field(default_factory=list)  # register of F_k per call
     outputs: list[int] = field(default_factory=list)  # register of D_k per call
     e_ids: list[int] = field(default_factory=list)  # register of E_k per call
+    # register of U_k, the unconditional denoised output CFG++ reads, per call (None: not read)
+    u_ids: list[int | None] = field(default_factory=list)
     noise: list[NoiseDraw] = field(default_factory=list)
     final: tuple[dict, dict] | None = None
     noise_mode: str = "calls"
@@ -103,6 +109,8 @@ def readable(kind: str, m: int, k: int, history: str) -> bool:
         return k < F_WINDOW
     if kind == "F":
         return k - F_WINDOW < m <= k
+    if kind == "U":  # CFG++'s U_k: this call's is converted in-kernel, older ones are history
+        return k - H_WINDOW <= m <= k
     return kind == history and k - H_WINDOW <= m <= k
 
 
@@ -412,7 +420,7 @@ class _Tracer:
                 width += 1
                 if kind == "F":
                     ok = k - F_WINDOW < m <= k
-                elif kind == hist:
+                elif kind == hist or kind == "U":
                     ok = k - H_WINDOW <= m <= k
                 else:
                     ok = kind == "x" and k < F_WINDOW
@@ -460,6 +468,7 @@ class _Tracer:
         trace.f_ids.append(f)
         trace.outputs.append(d)
         trace.e_ids.append(e)
+        trace.u_ids.append(None)
         self.settle(t, k - 1)
         for r in range(2):
             v = t[r]
@@ -485,6 +494,15 @@ class _Tracer:
         self.epoch += 1
         x.t, x.epoch = self.pair({f: 1.0}, {f: 1.0}), self.epoch  # exactly the new register
         return _form(self, self.pair({d: 1.0}, {f: 1.0, e: -1.0}), self.epoch)
+
+
+    def uncond(self) -> Form:
+        """U_k of the call just made (CFG++): one more free register, the same in both
+        representations (its history entry, where a later stage reads it, is a U tensor)."""
+        k = len(self.trace.f_ids) - 1
+        u = self.register("U", k)
+        self.trace.u_ids[k] = u
+        return _form(self, self.pair({u: 1.0}, {u: 1.0}), self.epoch)
 
 
 class _BrownianPath:
@@ -561,6 +579,12 @@ def _run(name: str, sigmas: torch.Tensor, noise_mode: str, options: dict, prune:
                             else float(sigma))
         return tracer.call(x)
 
+    def denoise_with_uncond(x, sigma, **kwargs):
+        """CFG++'s call (_utils.denoise_with_uncond): D_k and U_k, two free registers."""
+        d = model(x, sigma, **kwargs)
+        return d, tracer.uncond()
+
+    model.denoise_with_uncond = denoise_with_uncond
     x = tracer.symbol("x", 0, state=True)
     kwargs = {**info.kwargs, **options, "disable": True}
     params = inspect.signature(info.fn).parameters

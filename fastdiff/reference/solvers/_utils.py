@@ -21,6 +21,7 @@ __all__ = [
     "to_d",
     "get_ancestral_step",
     "default_noise_sampler",
+    "denoise_with_uncond",
     "BatchedBrownianTree",
     "BrownianTreeNoiseSampler",
     "validate_sigmas",
@@ -176,6 +177,22 @@ class BrownianTreeNoiseSampler:
             t0, t1 = t0.cpu(), t1.cpu()
         w = self.tree(t0, t1) / (t1 - t0).abs().sqrt()
         return w.to(self.device) if self.cpu else w
+
+
+def denoise_with_uncond(model, x: Tensor, sigma, **extra_args) -> tuple[Tensor, Tensor]:
+    """The guided and the unconditional denoised outputs (D, D_u) of one model call, for CFG++
+    (Chung et al. 2024, arXiv:2406.08070), whose samplers renoise with D_u.
+
+    A guided denoiser (`fastdiff.denoisers.CFGDenoiser`, or any model with a method
+    `denoise_with_uncond(x, sigma, **extra_args) -> (D, D_u)`) gives both from its one batched
+    call. A model without guidance is its own unconditional prediction: D_u = D, and every
+    CFG++ sampler is then exactly its base sampler.
+    """
+    both = getattr(model, "denoise_with_uncond", None)
+    if both is None:
+        d = model(x, sigma, **extra_args)
+        return d, d
+    return both(x, sigma, **extra_args)
 
 
 def validate_sigmas(sigmas) -> list[float]:

@@ -36,6 +36,7 @@ from ._utils import (
     BrownianTreeNoiseSampler,
     SolverInfo,
     default_noise_sampler,
+    denoise_with_uncond,
     get_ancestral_step,
     to_d,
     validate_sigmas,
@@ -93,20 +94,34 @@ def _callback(callback, x, i, sigma, denoised):
 
 # --- k-diffusion 0.1.1 samplers -------------------------------------------------------------
 
+def _denoise(model, x, sigma, extra_args, cfg_pp):
+    """(D, D_u): with CFG++ the unconditional output of the same guided call, else (D, D)."""
+    if cfg_pp:
+        return denoise_with_uncond(model, x, sigma, **extra_args)
+    denoised = model(x, sigma, **extra_args)
+    return denoised, denoised
+
+
 @torch.no_grad()
 def sample_dpmpp_2s_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None,
-                              eta=1.0, s_noise=1.0, noise_sampler=None):
+                              eta=1.0, s_noise=1.0, noise_sampler=None, cfg_pp=False):
     """Ancestral sampling with DPM-Solver++(2S) steps (Lu et al. 2022, arXiv:2211.01095,
     Algorithm 1 with r = 1/2): a 2S step down to sigma_down, then fresh noise of std sigma_up
     (`get_ancestral_step`). Euler (x -> D) where sigma_down = 0. eta = 0 is `sample_dpmpp_2s`.
+
+    cfg_pp: CFG++ (Chung et al. 2024, arXiv:2406.08070; ComfyUI's `dpmpp_2s_ancestral_cfg_pp`):
+    the data-prediction step runs from x + (D - D_u) instead of x, i.e. the state's noise part is
+    the unconditional estimate x - D_u (D_u = D gives the base sampler).
     """
     _check_eta(eta)
     sig, extra_args, s_in = _setup(x, sigmas, extra_args)
     noise_sampler = default_noise_sampler(x) if noise_sampler is None else noise_sampler
     for i in trange(len(sig) - 1, disable=disable):
-        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        denoised, uncond = _denoise(model, x, sigmas[i] * s_in, extra_args, cfg_pp)
         sigma_down, sigma_up = get_ancestral_step(sigmas[i], sigmas[i + 1], eta=eta)
         _callback(callback, x, i, sigmas[i], denoised)
+        if cfg_pp:
+            x = x + (denoised - uncond)
         if get_ancestral_step(sig[i], sig[i + 1], eta=eta)[0] == 0:
             x = x + to_d(x, sigmas[i], denoised) * (sigma_down - sigmas[i])
         else:
@@ -172,19 +187,30 @@ def sample_dpmpp_sde(model, x, sigmas, extra_args=None, callback=None, disable=N
 
 
 @torch.no_grad()
-def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=None):
+def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=None,
+                    cfg_pp=False):
     """DPM-Solver++(2M) (Lu et al. 2022, arXiv:2211.01095, Algorithm 2): multistep, one model
     call per step, D_i = (1 + 1/(2r)) D(x_i) - 1/(2r) D(x_{i-1}) with r = h_{i-1} / h_i.
     First-order steps at the start and into sigma = 0.
+
+    cfg_pp: CFG++ (Chung et al. 2024, arXiv:2406.08070; ComfyUI's `dpmpp_2m_cfg_pp`): the step
+    runs from x + (D_i - D_u,i) (renoising with the unconditional noise estimate) and the
+    multistep correction differences D_i against the previous *unconditional* output:
+
+        x' = D_i + (sigma'/sigma)(x - D_u,i) - expm1(-h) / (2r) (D_i - D_u,i-1).
+
+    D_u = D gives the base sampler.
     """
     sig, extra_args, s_in = _setup(x, sigmas, extra_args)
     old_denoised = None
     for i in trange(len(sig) - 1, disable=disable):
-        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        denoised, uncond = _denoise(model, x, sigmas[i] * s_in, extra_args, cfg_pp)
         _callback(callback, x, i, sigmas[i], denoised)
         if sig[i + 1] == 0:
             x = denoised  # the h -> inf limit of the first-order step
         else:
+            if cfg_pp:
+                x = x + (denoised - uncond)
             t, t_next = _t_fn(sigmas[i]), _t_fn(sigmas[i + 1])
             h = t_next - t
             if old_denoised is None:
@@ -193,7 +219,7 @@ def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=No
                 r = (t - _t_fn(sigmas[i - 1])) / h
                 denoised_d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
             x = (_sigma_fn(t_next) / _sigma_fn(t)) * x - (-h).expm1() * denoised_d
-        old_denoised = denoised
+        old_denoised = uncond
     return x
 
 
@@ -438,7 +464,16 @@ def sample_dpmpp_3m(model, x, sigmas, extra_args=None, callback=None, disable=No
 
 
 _ETA0 = {"eta": 0.0}
+_CFG_PP = "Chung et al. 2024, CFG++ (arXiv:2406.08070) on "
 SOLVERS = {
+    "dpmpp_2m_cfg_pp": SolverInfo(sample_dpmpp_2m, order=2, nfe_per_step=1, stochastic=False,
+                                  paper=_CFG_PP + _PAPER + ", Alg. 2",
+                                  kwargs={"cfg_pp": True}),
+    "dpmpp_2s_ancestral_cfg_pp": SolverInfo(sample_dpmpp_2s_ancestral, order=2, nfe_per_step=2,
+                                            stochastic=True,
+                                            paper=_CFG_PP + _PAPER + ", Alg. 1, ancestral",
+                                            kwargs={"cfg_pp": True},
+                                            deterministic_kwargs=_ETA0),
     "dpmpp_2m": SolverInfo(sample_dpmpp_2m, order=2, nfe_per_step=1, stochastic=False,
                            paper=_PAPER + ", Alg. 2"),
     "dpmpp_3m": SolverInfo(sample_dpmpp_3m, order=3, nfe_per_step=1, stochastic=False,

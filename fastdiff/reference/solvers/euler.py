@@ -17,6 +17,7 @@ from tqdm.auto import trange
 from ._utils import (
     SolverInfo,
     default_noise_sampler,
+    denoise_with_uncond,
     get_ancestral_step,
     to_d,
     validate_sigmas,
@@ -59,42 +60,58 @@ def _setup(x, sigmas, extra_args):
     return sig, extra_args, x.new_ones([x.shape[0]])
 
 
+def _denoise(model, x, sigma, extra_args, cfg_pp):
+    """(D, the prediction the step renoises with): D itself, or with CFG++ (Chung et al. 2024,
+    arXiv:2406.08070) the unconditional D_u of the same guided call."""
+    return denoise_with_uncond(model, x, sigma, **extra_args) if cfg_pp else \
+        (model(x, sigma, **extra_args),) * 2
+
+
 @torch.no_grad()
 def sample_euler(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0.0,
-                 s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0):
+                 s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0, cfg_pp=False):
     """Implements Algorithm 2 (Euler steps) from Karras et al. (2022), arXiv:2206.00364.
 
     With s_churn = 0 (default) this is the plain Euler method on the probability-flow ODE.
+    cfg_pp: CFG++ (Chung et al. 2024, arXiv:2406.08070, Algorithm 1 on the Karras ODE; ComfyUI's
+    `euler_cfg_pp`): x' = D + sigma' (x - D_u) / sigma, the guided x0 renoised with the
+    unconditional noise estimate (`_utils.denoise_with_uncond`); with D_u = D it is Euler.
     """
     sig, extra_args, s_in = _setup(x, sigmas, extra_args)
     for i in trange(len(sig) - 1, disable=disable):
         x, sigma_hat = _churn(x, sigmas, sig, i, s_churn, s_tmin, s_tmax, s_noise)
-        denoised = model(x, sigma_hat * s_in, **extra_args)
-        d = to_d(x, sigma_hat, denoised)
+        denoised, renoise = _denoise(model, x, sigma_hat * s_in, extra_args, cfg_pp)
+        d = to_d(x, sigma_hat, renoise)
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigma_hat,
                       "denoised": denoised})
-        x = x + d * (sigmas[i + 1] - sigma_hat)
+        if cfg_pp:
+            x = denoised + d * sigmas[i + 1]
+        else:
+            x = x + d * (sigmas[i + 1] - sigma_hat)
     return x
 
 
 @torch.no_grad()
 def sample_euler_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None,
-                           eta=1.0, s_noise=1.0, noise_sampler=None):
+                           eta=1.0, s_noise=1.0, noise_sampler=None, cfg_pp=False):
     """Ancestral sampling with Euler steps: an Euler step down to sigma_down, then fresh noise
     of std sigma_up (`get_ancestral_step`). eta=0 is `sample_euler`; eta=1 is the DDPM ancestral
     sampler (Ho et al. 2020, arXiv:2006.11239) in sigma parameterisation.
+    cfg_pp: CFG++ (Chung et al. 2024, arXiv:2406.08070; ComfyUI's `euler_ancestral_cfg_pp`):
+    the step down is x' = D + sigma_down (x - D_u) / sigma, renoised with the unconditional
+    noise estimate (D_u = D gives the base sampler).
     """
     sig, extra_args, s_in = _setup(x, sigmas, extra_args)
     noise_sampler = default_noise_sampler(x) if noise_sampler is None else noise_sampler
     for i in trange(len(sig) - 1, disable=disable):
-        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        denoised, renoise = _denoise(model, x, sigmas[i] * s_in, extra_args, cfg_pp)
         sigma_down, sigma_up = get_ancestral_step(sigmas[i], sigmas[i + 1], eta=eta)
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i],
                       "denoised": denoised})
-        d = to_d(x, sigmas[i], denoised)
-        x = x + d * (sigma_down - sigmas[i])
+        d = to_d(x, sigmas[i], renoise)
+        x = denoised + d * sigma_down if cfg_pp else x + d * (sigma_down - sigmas[i])
         if eta and sig[i + 1] > 0:  # eta = 0: no noise term, so no draw either
             x = x + noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise * sigma_up
     return x
@@ -184,7 +201,15 @@ def sample_dpm_2_ancestral(model, x, sigmas, extra_args=None, callback=None, dis
     return x
 
 
+_CFG_PP = "Chung et al. 2024, CFG++ (arXiv:2406.08070)"
 SOLVERS = {
+    "euler_cfg_pp": SolverInfo(sample_euler, order=1, nfe_per_step=1, stochastic=False,
+                               paper=_CFG_PP + " on " + _KARRAS + ", Alg. 2 (Euler)",
+                               kwargs={"cfg_pp": True}),
+    "euler_ancestral_cfg_pp": SolverInfo(sample_euler_ancestral, order=1, nfe_per_step=1,
+                                         stochastic=True, paper=_CFG_PP + ", ancestral Euler",
+                                         kwargs={"cfg_pp": True},
+                                         deterministic_kwargs={"eta": 0.0}),
     "euler": SolverInfo(sample_euler, order=1, nfe_per_step=1, stochastic=False,
                         paper=_KARRAS + ", Alg. 2 (Euler)"),
     "heun": SolverInfo(sample_heun, order=2, nfe_per_step=2, stochastic=False,
