@@ -118,6 +118,12 @@ def exact_consistency_function(x: torch.Tensor, sigma) -> torch.Tensor:
     return _gmm().ode_solution(x, sigma, 0.0, rtol=1e-6, atol=1e-6)
 
 
+def exact_flow_consistency_function(x: torch.Tensor, s) -> torch.Tensor:
+    """The flow-space consistency function: the rectified-flow ODE solved from s to 0."""
+    s = float(torch.as_tensor(s).flatten()[0])
+    return _gmm().flow_ode_solution(x, s, 0.0, rtol=1e-6, atol=1e-6)
+
+
 def default_steps(name: str) -> int:
     info = SOLVERS[name]
     if info.fn.__name__ == "sample_lcm":
@@ -135,7 +141,9 @@ def run_solver(name: str, steps: int | None = None, model=None, seed: int = 0,
     if info.param == "flow":
         sigmas = torch.linspace(1.0, 0.0, steps + 1, dtype=F64)
         x = torch.randn(n, 2, generator=gen, dtype=F64)  # s = 1 is pure noise
-        model = model or g.flow_denoiser
+        if model is None:
+            model = exact_flow_consistency_function if info.fn.__name__ == "sample_lcm" \
+                else g.flow_denoiser
     else:
         sigmas = karras_sigmas(steps)
         x = g.sample(n, generator=gen, sigma=SIGMA_MAX)
@@ -184,6 +192,19 @@ def test_negative_control_lcm_with_a_denoiser_is_rejected():
         pytest.skip("lcm not registered")
     stat, threshold = statistic(run_solver("lcm", steps=25, model=_gmm()))
     assert stat > threshold, f"LCM driven by the posterior mean not rejected: {stat:.4f}"
+
+
+def test_negative_control_lcm_flow_with_ve_renoising_is_rejected():
+    # ComfyUI's flow LCM renoises as s z + (1 - s) x0; the VE form x0 + s z is off-marginal.
+    if "lcm_flow" not in SOLVERS:
+        pytest.skip("lcm_flow not registered")
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(N_SAMPLES, 2, generator=gen, dtype=F64)
+    torch.manual_seed(4)
+    out = SOLVERS["lcm"].fn(exact_flow_consistency_function, x,
+                            torch.linspace(1.0, 0.0, LCM_STEPS + 1, dtype=F64), disable=True)
+    stat, threshold = statistic(out)
+    assert stat > threshold, f"flow LCM with VE renoising not rejected: {stat:.4f}"
 
 
 def measure_bias(name: str, steps: int, n: int = 50_000) -> float:

@@ -26,6 +26,11 @@ __all__ = [
     "BrownianTreeNoiseSampler",
     "validate_sigmas",
     "validate_x",
+    "MODEL_KINDS",
+    "check_model_kind",
+    "half_log_snr",
+    "half_log_snr_to_sigma",
+    "offset_first_sigma",
 ]
 
 
@@ -227,3 +232,41 @@ def validate_x(x) -> None:
         raise ValueError("x: expected at least one (batch) dimension, got a 0-d tensor")
     if not x.is_floating_point():
         raise TypeError(f"x: expected a floating dtype, got {x.dtype}")
+
+
+# ---- model kinds (ComfyUI's `isinstance(model_sampling, CONST)` made an explicit option) ------
+
+# "ve": k-diffusion sigma, x = x0 + sigma eps (ComfyUI's EPS / V_PREDICTION / EDM samplings);
+# "flow": flow time s in [0, 1], x = (1 - s) x0 + s eps (ComfyUI's CONST: Flux, SD3, Wan).
+MODEL_KINDS = ("ve", "flow")
+
+
+def check_model_kind(model_kind) -> str:
+    if model_kind not in MODEL_KINDS:
+        raise ValueError(f"model_kind: expected one of {MODEL_KINDS}, got {model_kind!r}")
+    return model_kind
+
+
+def half_log_snr(sigma: Tensor, model_kind: str) -> Tensor:
+    """lambda = log(alpha / sigma): -log(sigma) (VE, alpha = 1), log((1 - s) / s) (flow,
+    alpha = 1 - s). The two agree under the flow -> VE map sigma_ve = s / (1 - s)."""
+    return sigma.logit().neg() if model_kind == "flow" else sigma.log().neg()
+
+
+def half_log_snr_to_sigma(lam: Tensor, model_kind: str) -> Tensor:
+    """The inverse of `half_log_snr`: exp(-lambda) (VE), sigmoid(-lambda) (flow)."""
+    return lam.neg().sigmoid() if model_kind == "flow" else lam.neg().exp()
+
+
+def offset_first_sigma(sigmas: Tensor, sig: list[float], model_kind: str, first_sigma: float
+                       ) -> tuple[Tensor, list[float]]:
+    """For a flow model a first time s >= 1 has lambda = -inf: it is replaced by `first_sigma`
+    (ComfyUI's `offset_first_sigma_for_snr`: model_sampling.percent_to_sigma(1e-4), which is
+    1 - 1e-4 at shift 1). The model is then called at that time too, as in ComfyUI."""
+    if model_kind != "flow" or sig[0] < 1:
+        return sigmas, sig
+    if not 0 < first_sigma < 1:
+        raise ValueError(f"first_sigma: expected a flow time in (0, 1), got {first_sigma!r}")
+    sigmas = sigmas.clone()
+    sigmas[0] = first_sigma
+    return sigmas, [float(first_sigma)] + sig[1:]

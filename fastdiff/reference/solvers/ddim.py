@@ -22,7 +22,13 @@ import math
 import torch
 from tqdm.auto import trange
 
-from ._utils import SolverInfo, default_noise_sampler, validate_sigmas, validate_x
+from ._utils import (
+    SolverInfo,
+    check_model_kind,
+    default_noise_sampler,
+    validate_sigmas,
+    validate_x,
+)
 
 __all__ = ["sample_ddim", "sample_ddpm", "sample_lcm", "alpha_bar", "ddim_coefficients",
            "ddpm_coefficients"]
@@ -145,7 +151,7 @@ def sample_ddpm(model, x, sigmas, extra_args=None, callback=None, disable=None, 
 
 @torch.no_grad()
 def sample_lcm(model, x, sigmas, extra_args=None, callback=None, disable=None,
-               noise_sampler=None):
+               noise_sampler=None, model_kind="ve"):
     """Multistep latent consistency sampling: Luo et al. 2023 (arXiv:2310.04378) Algorithm 1,
     the multistep consistency sampler of Song et al. 2023 (arXiv:2303.01469) Algorithm 1.
 
@@ -153,7 +159,10 @@ def sample_lcm(model, x, sigmas, extra_args=None, callback=None, disable=None,
     scalings folded in). Each step maps to x0 and re-noises it to the next level with *fresh*
     noise, x <- f(x, sigma_i) + sigma_{i+1} z (VP: sqrt(abar) f + sqrt(1 - abar) z), so the
     sampler is stochastic and has no ODE order. The last step (sigma_next = 0) returns f(x).
+    model_kind="flow" renoises a flow model's x0 as x = s z + (1 - s) x0 (ComfyUI's CONST
+    `noise_scaling`).
     """
+    check_model_kind(model_kind)
     sig, extra_args, s_in = _setup(x, sigmas, extra_args)
     noise_sampler = default_noise_sampler(x) if noise_sampler is None else noise_sampler
     for i in trange(len(sig) - 1, disable=disable):
@@ -162,7 +171,9 @@ def sample_lcm(model, x, sigmas, extra_args=None, callback=None, disable=None,
             callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i],
                       "denoised": denoised})
         x = denoised
-        if sig[i + 1] > 0:  # host float
+        if sig[i + 1] > 0 and model_kind == "flow":
+            x = sig[i + 1] * noise_sampler(sigmas[i], sigmas[i + 1]) + (1 - sig[i + 1]) * x
+        elif sig[i + 1] > 0:  # host float
             x = x + sig[i + 1] * noise_sampler(sigmas[i], sigmas[i + 1])
     return x
 
@@ -181,4 +192,8 @@ SOLVERS = {
     # Consistency sampling has no ODE order; 1 is a placeholder (tests treat it as stochastic).
     "lcm": SolverInfo(fn=sample_lcm, order=1, nfe_per_step=1, stochastic=True,
                       paper=_LCM + " Alg. 1"),
+    # flow model (ComfyUI's CONST noise_scaling): x = s z + (1 - s) x0
+    "lcm_flow": SolverInfo(fn=sample_lcm, order=1, nfe_per_step=1, stochastic=True,
+                           paper=_LCM + " Alg. 1, flow renoising", param="flow",
+                           kwargs={"model_kind": "flow"}),
 }

@@ -16,6 +16,7 @@ from tqdm.auto import trange
 
 from ._utils import (
     SolverInfo,
+    check_model_kind,
     default_noise_sampler,
     denoise_with_uncond,
     get_ancestral_step,
@@ -30,6 +31,8 @@ __all__ = [
     "sample_heun",
     "sample_dpm_2",
     "sample_dpm_2_ancestral",
+    "sample_heunpp2",
+    "sample_gradient_estimation",
 ]
 
 _KARRAS = "Karras et al. 2022, EDM (arXiv:2206.00364)"
@@ -92,20 +95,58 @@ def sample_euler(model, x, sigmas, extra_args=None, callback=None, disable=None,
     return x
 
 
+def _rf_step(sigmas, i, eta):
+    """The flow-model ancestral split of ComfyUI's `_RF` samplers (x = (1 - s) x0 + s eps): the
+    deterministic part ends at s_down = s_{i+1} (1 + (s_{i+1}/s_i - 1) eta); rescaling by
+    (1 - s_{i+1}) / (1 - s_down) and adding noise of std
+    sqrt(s_{i+1}^2 - s_down^2 (1 - s_{i+1})^2 / (1 - s_down)^2) lands on the marginal at s_{i+1}
+    (the noise-to-signal ratio s / (1 - s) is that of VE sigma_down, then topped up).
+    Returns tensors (s_down, renoise scale, renoise std), in ComfyUI's operation order."""
+    sigma_down = sigmas[i + 1] * (1 + (sigmas[i + 1] / sigmas[i] - 1) * eta)
+    alpha_ip1, alpha_down = 1 - sigmas[i + 1], 1 - sigma_down
+    renoise = (sigmas[i + 1] ** 2 - sigma_down**2 * alpha_ip1**2 / alpha_down**2) ** 0.5
+    return sigma_down, alpha_ip1 / alpha_down, renoise
+
+
+def _rf_down_host(sig, i, eta) -> float:
+    return sig[i + 1] * (1 + (sig[i + 1] / sig[i] - 1) * eta)
+
+
 @torch.no_grad()
 def sample_euler_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None,
-                           eta=1.0, s_noise=1.0, noise_sampler=None, cfg_pp=False):
+                           eta=1.0, s_noise=1.0, noise_sampler=None, cfg_pp=False,
+                           model_kind="ve"):
     """Ancestral sampling with Euler steps: an Euler step down to sigma_down, then fresh noise
     of std sigma_up (`get_ancestral_step`). eta=0 is `sample_euler`; eta=1 is the DDPM ancestral
     sampler (Ho et al. 2020, arXiv:2006.11239) in sigma parameterisation.
     cfg_pp: CFG++ (Chung et al. 2024, arXiv:2406.08070; ComfyUI's `euler_ancestral_cfg_pp`):
     the step down is x' = D + sigma_down (x - D_u) / sigma, renoised with the unconditional
     noise estimate (D_u = D gives the base sampler).
+
+    model_kind="flow" is ComfyUI's `sample_euler_ancestral_RF` (flow times s, `_rf_step`): the
+    exact first-order step x <- (s_down/s) x + (1 - s_down/s) D, then the flow renoising; into
+    s = 0, x = D.
     """
+    if check_model_kind(model_kind) == "flow" and cfg_pp:
+        raise ValueError("cfg_pp: not available with model_kind='flow' (ComfyUI has no such"
+                         " sampler)")
     sig, extra_args, s_in = _setup(x, sigmas, extra_args)
     noise_sampler = default_noise_sampler(x) if noise_sampler is None else noise_sampler
     for i in trange(len(sig) - 1, disable=disable):
         denoised, renoise = _denoise(model, x, sigmas[i] * s_in, extra_args, cfg_pp)
+        if model_kind == "flow":
+            if callback is not None:
+                callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i],
+                          "denoised": denoised})
+            if sig[i + 1] == 0:
+                x = denoised
+                continue
+            sigma_down, scale, renoise = _rf_step(sigmas, i, eta)
+            ratio = sigma_down / sigmas[i]
+            x = ratio * x + (1 - ratio) * denoised
+            if eta > 0:
+                x = scale * x + noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise * renoise
+            continue
         sigma_down, sigma_up = get_ancestral_step(sigmas[i], sigmas[i + 1], eta=eta)
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i],
@@ -174,20 +215,30 @@ def sample_dpm_2(model, x, sigmas, extra_args=None, callback=None, disable=None,
 
 @torch.no_grad()
 def sample_dpm_2_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None,
-                           eta=1.0, s_noise=1.0, noise_sampler=None):
+                           eta=1.0, s_noise=1.0, noise_sampler=None, model_kind="ve"):
     """Ancestral sampling with DPM-Solver second-order steps (k-diffusion): a DPM-2 step down to
     sigma_down, then fresh noise of std sigma_up. eta=0 is `sample_dpm_2`.
 
     Deviation from k-diffusion: where sigma_down = 0 but sigma_{i+1} > 0 (only possible for
     eta > 1), k-diffusion adds no noise and leaves x at noise level 0; here the sigma_up noise is
     added as in every other ancestral step. For eta <= 1 the numbers are k-diffusion's.
+
+    model_kind="flow" is ComfyUI's `sample_dpm_2_ancestral_RF`: the DPM-2 step goes down to the
+    flow s_down of `_rf_step`, then x is rescaled and renoised as there (Euler, no noise, where
+    s_down = 0).
     """
+    check_model_kind(model_kind)
     sig, extra_args, s_in = _setup(x, sigmas, extra_args)
     noise_sampler = default_noise_sampler(x) if noise_sampler is None else noise_sampler
+    flow = model_kind == "flow"
     for i in trange(len(sig) - 1, disable=disable):
         denoised = model(x, sigmas[i] * s_in, **extra_args)
-        sigma_down, sigma_up = get_ancestral_step(sigmas[i], sigmas[i + 1], eta=eta)
-        sigma_down_host = get_ancestral_step(sig[i], sig[i + 1], eta=eta)[0]
+        if flow:
+            sigma_down, scale, renoise = _rf_step(sigmas, i, eta)
+            sigma_down_host = _rf_down_host(sig, i, eta)
+        else:
+            sigma_down, sigma_up = get_ancestral_step(sigmas[i], sigmas[i + 1], eta=eta)
+            sigma_down_host = get_ancestral_step(sig[i], sig[i + 1], eta=eta)[0]
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i],
                       "denoised": denoised})
@@ -196,8 +247,82 @@ def sample_dpm_2_ancestral(model, x, sigmas, extra_args=None, callback=None, dis
             x = x + d * (sigma_down - sigmas[i])  # log(0) is undefined: Euler step
         else:
             x = _dpm_2_step(model, x, d, sigmas[i], sigma_down, s_in, extra_args)
-        if eta and sig[i + 1] > 0:
+            if flow and eta > 0:
+                x = scale * x + noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise * renoise
+        if not flow and eta and sig[i + 1] > 0:
             x = x + noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise * sigma_up
+    return x
+
+
+@torch.no_grad()
+def sample_heunpp2(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0.0,
+                   s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0):
+    """Heun++ (ComfyUI's `sample_heunpp2`, from Carzit's sd-webui-samplers-scheduler, MIT):
+    Euler predictors through sigma_{i+1} and sigma_{i+2} (3 model calls), then one step with the
+    slope w1 d_i + w2 d_{i+1} + w3 d_{i+2}, w2 = sigma_{i+1} / (3 sigma_0), w3 = sigma_{i+2} /
+    (3 sigma_0), w1 = 1 - w2 - w3; the second-to-last step is Heun-like with w2 = sigma_{i+1} /
+    (2 sigma_0), the last an Euler step. Churn as EDM Algorithm 2 (`_churn`).
+
+    Order 1: with d_k = d + d' (sigma_k - sigma_i) + O(h^2) the slope is
+    d + d' dt (sigma_{i+1} + 2 sigma_{i+2}) / (3 sigma_0) + O(h^2), and second order needs that
+    factor to be 1/2: it is sigma_i / sigma_0, not 1/2, except at one point of the run.
+    (ComfyUI draws a normal sample every step even at s_churn = 0; none is drawn here.)
+    """
+    sig, extra_args, s_in = _setup(x, sigmas, extra_args)
+    s_end = sig[-1]
+    for i in trange(len(sig) - 1, disable=disable):
+        x, sigma_hat = _churn(x, sigmas, sig, i, s_churn, s_tmin, s_tmax, s_noise)
+        denoised = model(x, sigma_hat * s_in, **extra_args)
+        d = to_d(x, sigma_hat, denoised)
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigma_hat,
+                      "denoised": denoised})
+        dt = sigmas[i + 1] - sigma_hat
+        if sig[i + 1] == s_end:
+            x = x + d * dt
+            continue
+        x_2 = x + d * dt
+        d_2 = to_d(x_2, sigmas[i + 1], model(x_2, sigmas[i + 1] * s_in, **extra_args))
+        if sig[i + 2] == s_end:
+            w2 = sigmas[i + 1] / (2 * sigmas[0])
+            x = x + (d * (1 - w2) + d_2 * w2) * dt
+            continue
+        x_3 = x_2 + d_2 * (sigmas[i + 2] - sigmas[i + 1])
+        d_3 = to_d(x_3, sigmas[i + 2], model(x_3, sigmas[i + 2] * s_in, **extra_args))
+        w2, w3 = sigmas[i + 1] / (3 * sigmas[0]), sigmas[i + 2] / (3 * sigmas[0])
+        x = x + ((1 - w2 - w3) * d + w2 * d_2 + w3 * d_3) * dt
+    return x
+
+
+@torch.no_grad()
+def sample_gradient_estimation(model, x, sigmas, extra_args=None, callback=None, disable=None,
+                               ge_gamma=2.0):
+    """Gradient estimation (Permenter & Yuan 2024, "Interpreting and Improving Diffusion Models
+    from an Optimization Perspective", ICML, arXiv:2306.04848, Algorithm 2; ComfyUI's
+    `sample_gradient_estimation`): Euler with the slope d_i + (gamma - 1)(d_i - d_{i-1}) after
+    the first step, x = D into sigma = 0.
+
+    Order 1 (gamma != 1 changes the error constant, not the order): second order would need
+    (gamma - 1)(sigma_{i-1} - sigma_i) = (sigma_i - sigma_{i+1}) / 2, which a fixed gamma meets
+    on no usual grid (on a lambda-uniform grid the ratio of the two steps tends to 1, so gamma
+    would have to be 3/2; it is 2 by default).
+    """
+    sig, extra_args, s_in = _setup(x, sigmas, extra_args)
+    old_d = None
+    for i in trange(len(sig) - 1, disable=disable):
+        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        d = to_d(x, sigmas[i], denoised)
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i],
+                      "denoised": denoised})
+        dt = sigmas[i + 1] - sigmas[i]
+        if sig[i + 1] == 0:
+            x = denoised
+        else:
+            x = x + d * dt
+            if old_d is not None:
+                x = x + (ge_gamma - 1) * (d - old_d) * dt
+        old_d = d
     return x
 
 
@@ -225,4 +350,21 @@ SOLVERS = {
                                   paper="Lu et al. 2022, DPM-Solver-2 (arXiv:2206.00927), "
                                   "ancestral (k-diffusion)",
                                   deterministic_kwargs={"eta": 0.0}),
+    # ComfyUI's flow-model (CONST) variants: flow times s, model_kind="flow"
+    "euler_ancestral_RF": SolverInfo(sample_euler_ancestral, order=1, nfe_per_step=1,
+                                     stochastic=True, paper="ancestral Euler with flow renoising "
+                                     "(ComfyUI's _RF); " + _KARRAS, param="flow",
+                                     kwargs={"model_kind": "flow"},
+                                     deterministic_kwargs={"eta": 0.0}),
+    "dpm_2_ancestral_RF": SolverInfo(sample_dpm_2_ancestral, order=2, nfe_per_step=2,
+                                     stochastic=True, paper="Lu et al. 2022, DPM-Solver-2 "
+                                     "(arXiv:2206.00927), ancestral with flow renoising "
+                                     "(ComfyUI's _RF)", param="flow",
+                                     kwargs={"model_kind": "flow"},
+                                     deterministic_kwargs={"eta": 0.0}),
+    "heunpp2": SolverInfo(sample_heunpp2, order=1, nfe_per_step=3, stochastic=False,
+                          paper="Heun++ (Carzit, sd-webui-samplers-scheduler; ComfyUI)"),
+    "gradient_estimation": SolverInfo(sample_gradient_estimation, order=1, nfe_per_step=1,
+                                      stochastic=False, paper="Permenter & Yuan 2024, gradient "
+                                      "estimation (arXiv:2306.04848, Alg. 2)"),
 }

@@ -70,10 +70,13 @@ def linear_multistep_coeff(order, t, i, j):
 
 
 @torch.no_grad()
-def sample_lms(model, x, sigmas, extra_args=None, callback=None, disable=None, order=4):
+def sample_lms(model, x, sigmas, extra_args=None, callback=None, disable=None, order=4,
+               denoise_final=False):
     """Linear multistep method of the given order (1-4) on the Karras ODE dx/dsigma =
     (x - D) / sigma (Karras et al. 2022, arXiv:2206.00364, eq. 3; k-diffusion's `sample_lms`).
-    order=1 is `sample_euler`. Lower orders are used while history builds up."""
+    order=1 is `sample_euler`. Lower orders are used while history builds up.
+    denoise_final: the step into sigma = 0 is x = D (ComfyUI's `sample_lms`), not the
+    polynomial integrated to 0 (k-diffusion's)."""
     validate_x(x)
     sig = validate_sigmas(sigmas)
     if not isinstance(order, int) or not 1 <= order <= 4:
@@ -92,7 +95,10 @@ def sample_lms(model, x, sigmas, extra_args=None, callback=None, disable=None, o
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i],
                       "denoised": denoised})
-        x = x + sum(c * d for c, d in zip(coeffs[i], reversed(ds), strict=True))
+        if denoise_final and sig[i + 1] == 0:
+            x = denoised
+        else:
+            x = x + sum(c * d for c, d in zip(coeffs[i], reversed(ds), strict=True))
     return x
 
 
