@@ -13,11 +13,14 @@
 Every name is importable from here; `fastdiff.betas` and `fastdiff.spacings` re-export theirs.
 """
 
-from fastdiff.schedules import betas, diffusers, model, spacings
+from fastdiff.schedules import betas, diffusers, model, model_sampling, published, spacings
 from fastdiff.schedules.betas import *  # noqa: F401,F403
 from fastdiff.schedules.diffusers import *  # noqa: F401,F403
 from fastdiff.schedules.model import *  # noqa: F401,F403
 from fastdiff.schedules.model import _check_count, _f64  # noqa: F401
+from fastdiff.schedules.model_sampling import *  # noqa: F401,F403
+from fastdiff.schedules.published import *  # noqa: F401,F403
 from fastdiff.schedules.spacings import *  # noqa: F401,F403
 
-__all__ = sorted({*model.__all__, *betas.__all__, *spacings.__all__, *diffusers.__all__})
+__all__ = sorted({*model.__all__, *betas.__all__, *spacings.__all__, *diffusers.__all__,
+                  *model_sampling.__all__, *published.__all__})

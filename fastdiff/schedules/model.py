@@ -327,18 +327,25 @@ class FlowSchedule(NoiseSchedule):
     """Rectified flow ``x = (1 - s) x0 + s eps`` (Liu et al. 2022, arXiv:2209.03003; Esser et al.
     2024, arXiv:2403.03206). The model's timestep is ``t = N s`` (diffusers); ``sigma = s/(1-s)``.
 
-    ``s_min`` (default 1/N, diffusers' smallest training s) fixes ``sigma_min``; ``sigma_max`` is
-    +inf (s = 1 is pure noise): sample in ``s`` with `spacings.get_sigmas_flow`. Shifting is a
-    choice of spacing (which s to visit, `spacings.time_shift`), not a change of this t <-> sigma
-    map.
+    ``s_min`` (default 1/N, diffusers' smallest training s, shifted by ``shift``) fixes
+    ``sigma_min``; ``sigma_max`` is +inf (s = 1 is pure noise): sample in ``s`` with
+    `spacings.get_sigmas_flow`. Shifting is a choice of spacing (which s to visit,
+    `spacings.time_shift`), not a change of this t <-> sigma map. ``shift`` is the model's own
+    training shift (SD3: 3.0; ComfyUI's ModelSamplingDiscreteFlow): its table of training s is
+    ``shift * u / (1 + (shift - 1) u)`` at u = i/N, i = 1..N, which is what the table-reading
+    schedulers (`fastdiff.schedules.model_sampling`) read.
     """
 
     kind = "flow"
 
-    def __init__(self, num_train_timesteps: int = 1000, s_min: float | None = None):
+    def __init__(self, num_train_timesteps: int = 1000, s_min: float | None = None,
+                 shift: float = 1.0):
         _check_count("num_train_timesteps", num_train_timesteps)
-        self.num_train_timesteps = num_train_timesteps
-        s_min = 1.0 / num_train_timesteps if s_min is None else float(s_min)
+        if not (isinstance(shift, int | float) and 0 < shift < math.inf):
+            raise ValueError(f"shift must be a positive finite number, got {shift!r}")
+        self.num_train_timesteps, self.shift = num_train_timesteps, float(shift)
+        u = 1.0 / num_train_timesteps
+        s_min = shift * u / (1 + (shift - 1) * u) if s_min is None else float(s_min)
         if not 0 < s_min < 1:
             raise ValueError(f"s_min must be in (0, 1), got {s_min}")
         self.t_min, self.t_max = s_min * num_train_timesteps, float(num_train_timesteps)

@@ -35,6 +35,7 @@ from fastdiff.schedules.model import NoiseSchedule
 
 __all__ = [
     "get_sigmas_karras", "get_sigmas_exponential", "get_sigmas_polyexponential", "get_sigmas_vp",
+    "get_sigmas_laplace",
     "beta_ppf", "get_sigmas_beta", "get_sigmas_time_uniform", "get_sigmas_time_quadratic",
     "get_sigmas_logsnr", "time_shift", "calculate_shift", "get_sigmas_flow", "sigmas_from_user",
     "sigmas_from_timesteps", "FINAL_SIGMAS",
@@ -121,6 +122,22 @@ def get_sigmas_vp(n, beta_d=19.9, beta_min=0.1, eps_s=1e-3, device="cpu", *, dty
     return _finish(sigmas, final_sigma, device, _kd_dtype(dtype))
 
 
+def get_sigmas_laplace(n, sigma_min, sigma_max, mu=0.0, beta=0.5, device="cpu", *,
+                       dtype=torch.float64, final_sigma="zero") -> Tensor:
+    """Laplace-distributed log sigma (Hang et al. 2024, "Improved Noise Schedule for Diffusion
+    Training", arXiv:2407.03297; ComfyUI's LaplaceScheduler): with x uniform in [0, 1],
+    ``log sigma = mu - beta sign(1/2 - x) log(1 - 2 |1/2 - x| + 1e-5)`` (the quantile function
+    of Laplace(mu, beta) at 1 - x; 1e-5 keeps log(0) away), clamped to [sigma_min, sigma_max].
+    ComfyUI appends nothing (its runs end at sigma_min): pass ``final_sigma="none"`` for that."""
+    _check_count("n", n)
+    _check_range(sigma_min, sigma_max)
+    if not (math.isfinite(mu) and 0 <= beta < math.inf):
+        raise ValueError(f"need a finite mu and beta >= 0, got mu={mu}, beta={beta}")
+    x = torch.linspace(0, 1, n, dtype=torch.float64)
+    lam = mu - beta * torch.sign(0.5 - x) * torch.log(1 - 2 * torch.abs(0.5 - x) + 1e-5)
+    return _finish(lam.exp().clamp(sigma_min, sigma_max), final_sigma, device, dtype)
+
+
 # ----------------------------------------------------------------------------------------------
 # Beta-distribution spacing (Lee et al. 2024, "Beta Sampling is All You Need", arXiv:2407.12173)
 # ----------------------------------------------------------------------------------------------
@@ -160,21 +177,25 @@ def _betainc(a: float, b: float, x: float) -> float:
 
 def beta_ppf(q: float, a: float, b: float) -> float:
     """Quantile of Beta(a, b) (scipy.stats.beta.ppf) by bisection on the monotone CDF until the
-    bracket cannot shrink in float64; without scipy. Uses ``ppf(q; a, b) = 1 - ppf(1 - q; b, a)``
-    for q > 1/2."""
+    bracket cannot shrink in float64, returning its upper end, the smallest float with
+    ``CDF >= q`` (the quantile's definition); without scipy. Uses ``ppf(q; a, b) = 1 - ppf(1 - q;
+    b, a)`` for q > 1/2, and the median 1/2 of a symmetric one exactly (ComfyUI's beta schedule
+    rounds ``ppf * 999``, and 499.5 is a tie)."""
     if not 0 <= q <= 1:
         raise ValueError(f"q must be in [0, 1], got {q}")
     if a <= 0 or b <= 0:
         raise ValueError(f"a and b must be > 0, got a={a}, b={b}")
     if q == 0 or q == 1:
         return float(q)
+    if q == 0.5 and a == b:
+        return 0.5
     if q > 0.5:  # solve in the upper tail, where 1 - x is small: keeps its relative accuracy
         return 1 - beta_ppf(1 - q, b, a)
     lo, hi = 0.0, 1.0
     while True:
         mid = 0.5 * (lo + hi)
         if mid <= lo or mid >= hi:
-            return mid
+            return hi
         if _betainc(a, b, mid) < q:
             lo = mid
         else:
