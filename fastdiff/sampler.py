@@ -31,7 +31,7 @@ from fastdiff.solvers import no_gc, plans_for
 from fastdiff.solvers.lowering import Launch, Scalings, lower
 
 # Solvers whose reference draws Brownian-bridge noise over overlapping intervals.
-_BROWNIAN = {"dpmpp_sde"}
+_BROWNIAN = {"dpmpp_sde", "dpmpp_sde_flow"}
 
 
 def _number(name: str, value) -> float:

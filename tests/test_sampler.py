@@ -313,7 +313,9 @@ def test_triton_steps_equal_the_reference(name):
 
 # ---- in-kernel (Philox) noise ------------------------------------------------------------------
 
-STOCHASTIC = [n for n in FIXED_STEP if SOLVERS[n].stochastic and n != "dpmpp_sde"]
+# dpmpp_sde(_flow) draw Brownian-bridge noise (tested below), not one Philox draw per call
+STOCHASTIC = [n for n in FIXED_STEP if SOLVERS[n].stochastic
+              and n not in ("dpmpp_sde", "dpmpp_sde_flow")]
 
 
 def philox_noise_sampler(x, seeds):

@@ -35,9 +35,13 @@ from tqdm.auto import trange
 from ._utils import (
     BrownianTreeNoiseSampler,
     SolverInfo,
+    check_model_kind,
     default_noise_sampler,
     denoise_with_uncond,
     get_ancestral_step,
+    half_log_snr,
+    half_log_snr_to_sigma,
+    offset_first_sigma,
     to_d,
     validate_sigmas,
     validate_x,
@@ -104,7 +108,8 @@ def _denoise(model, x, sigma, extra_args, cfg_pp):
 
 @torch.no_grad()
 def sample_dpmpp_2s_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None,
-                              eta=1.0, s_noise=1.0, noise_sampler=None, cfg_pp=False):
+                              eta=1.0, s_noise=1.0, noise_sampler=None, cfg_pp=False,
+                              model_kind="ve"):
     """Ancestral sampling with DPM-Solver++(2S) steps (Lu et al. 2022, arXiv:2211.01095,
     Algorithm 1 with r = 1/2): a 2S step down to sigma_down, then fresh noise of std sigma_up
     (`get_ancestral_step`). Euler (x -> D) where sigma_down = 0. eta = 0 is `sample_dpmpp_2s`.
@@ -112,8 +117,17 @@ def sample_dpmpp_2s_ancestral(model, x, sigmas, extra_args=None, callback=None, 
     cfg_pp: CFG++ (Chung et al. 2024, arXiv:2406.08070; ComfyUI's `dpmpp_2s_ancestral_cfg_pp`):
     the data-prediction step runs from x + (D - D_u) instead of x, i.e. the state's noise part is
     the unconditional estimate x - D_u (D_u = D gives the base sampler).
+
+    model_kind="flow" is ComfyUI's `sample_dpmpp_2s_ancestral_RF`: the step goes down to the flow
+    s_down of `euler._rf_step` with the midpoint in lambda = log((1 - s)/s) (0.9999 from s = 1),
+    each sub-step x <- (s'/s) x + (1 - s'/s) D exact for frozen D, then the flow renoising.
     """
     _check_eta(eta)
+    if check_model_kind(model_kind) == "flow":
+        if cfg_pp:
+            raise ValueError("cfg_pp: not available with model_kind='flow'")
+        return _dpmpp_2s_ancestral_rf(model, x, sigmas, extra_args, callback, disable, eta,
+                                      s_noise, noise_sampler)
     sig, extra_args, s_in = _setup(x, sigmas, extra_args)
     noise_sampler = default_noise_sampler(x) if noise_sampler is None else noise_sampler
     for i in trange(len(sig) - 1, disable=disable):
@@ -138,9 +152,37 @@ def sample_dpmpp_2s_ancestral(model, x, sigmas, extra_args=None, callback=None, 
     return x
 
 
+def _dpmpp_2s_ancestral_rf(model, x, sigmas, extra_args, callback, disable, eta, s_noise,
+                           noise_sampler):
+    from .euler import _rf_step
+
+    sig, extra_args, s_in = _setup(x, sigmas, extra_args)
+    noise_sampler = default_noise_sampler(x) if noise_sampler is None else noise_sampler
+    for i in trange(len(sig) - 1, disable=disable):
+        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        sigma_down, scale, renoise = _rf_step(sigmas, i, eta)
+        _callback(callback, x, i, sigmas[i], denoised)
+        if sig[i + 1] == 0:
+            x = x + to_d(x, sigmas[i], denoised) * (sigma_down - sigmas[i])
+            continue
+        if sig[i] == 1.0:
+            sigma_s = 0.9999  # ComfyUI's: lambda(1) = -inf
+        else:
+            t_i, t_down = half_log_snr(sigmas[i], "flow"), half_log_snr(sigma_down, "flow")
+            sigma_s = half_log_snr_to_sigma(t_i + (t_down - t_i) / 2, "flow")
+        ratio = sigma_s / sigmas[i]
+        denoised_2 = model(ratio * x + (1 - ratio) * denoised, sigma_s * s_in, **extra_args)
+        ratio = sigma_down / sigmas[i]
+        x = ratio * x + (1 - ratio) * denoised_2
+        if eta > 0:
+            x = scale * x + noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise * renoise
+    return x
+
+
 @torch.no_grad()
 def sample_dpmpp_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0,
-                     s_noise=1.0, noise_sampler=None, r=1 / 2):
+                     s_noise=1.0, noise_sampler=None, r=1 / 2, model_kind="ve",
+                     first_sigma=1 - 1e-4):
     """DPM-Solver++ (stochastic), k-diffusion's singlestep SDE sampler: DPM-Solver++(2S)
     (Lu et al. 2022, arXiv:2211.01095, Algorithm 1, intermediate point at lambda + r h) where each
     of the two sub-steps is ancestral (down to sigma_down, then noise of std sigma_up).
@@ -148,12 +190,18 @@ def sample_dpmpp_sde(model, x, sigmas, extra_args=None, callback=None, disable=N
     The noise is Brownian-bridge consistent: by default a `BrownianTreeNoiseSampler` over the
     schedule, queried on the intervals [sigma_t, sigma_s] and [sigma_t, sigma_next]. eta = 0 is
     the deterministic DPM-Solver++(2S) with this r (`sample_dpmpp_2s`). Euler where sigma_next = 0.
+    model_kind="flow" (ComfyUI's CONST branch): lambda = log((1 - s)/s), the data terms and noise
+    scaled by alpha = 1 - s, a first s >= 1 moved to `first_sigma` (`_utils.offset_first_sigma`);
+    into s = 0, x = D.
     """
     _check_eta(eta)
     if not 0 < r <= 1:
         raise ValueError(f"r: expected 0 < r <= 1, got {r}")
     sig, extra_args, s_in = _setup(x, sigmas, extra_args)
     noise_sampler = _brownian_sampler(x, sigmas, eta, noise_sampler)
+    if check_model_kind(model_kind) == "flow":
+        return _dpmpp_sde_flow(model, x, sigmas, sig, extra_args, s_in, callback, disable, eta,
+                               s_noise, noise_sampler, r, first_sigma)
     fac = 1 / (2 * r)  # Algorithm 1: D = (1 - 1/(2r)) D(x, t) + 1/(2r) D(u, s)
     for i in trange(len(sig) - 1, disable=disable):
         denoised = model(x, sigmas[i] * s_in, **extra_args)
@@ -183,6 +231,39 @@ def sample_dpmpp_sde(model, x, sigmas, extra_args=None, callback=None, disable=N
         x = (_sigma_fn(t_next_) / sigma_t) * x - (t - t_next_).expm1() * denoised_d
         if eta:
             x = x + noise_sampler(sigma_t, _sigma_fn(t_next)) * s_noise * su
+    return x
+
+
+def _dpmpp_sde_flow(model, x, sigmas, sig, extra_args, s_in, callback, disable, eta, s_noise,
+                    noise_sampler, r, first_sigma):
+    """`sample_dpmpp_sde` on a flow model, in ComfyUI's general alpha/sigma form (VE sigmas of
+    the ancestral split are exp(-lambda))."""
+    sigmas, sig = offset_first_sigma(sigmas, sig, "flow", first_sigma)
+    fac = 1 / (2 * r)
+    for i in trange(len(sig) - 1, disable=disable):
+        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        _callback(callback, x, i, sigmas[i], denoised)
+        if sig[i + 1] == 0:
+            x = denoised
+            continue
+        lam_s, lam_t = half_log_snr(sigmas[i], "flow"), half_log_snr(sigmas[i + 1], "flow")
+        h = lam_t - lam_s
+        lam_1 = lam_s + r * h
+        sigma_1 = half_log_snr_to_sigma(lam_1, "flow")
+        alpha_s, alpha_1 = sigmas[i] * lam_s.exp(), sigma_1 * lam_1.exp()
+        alpha_t = sigmas[i + 1] * lam_t.exp()
+        sd, su = get_ancestral_step(lam_s.neg().exp(), lam_1.neg().exp(), eta)
+        h_ = sd.log().neg() - lam_s
+        x_2 = (alpha_1 / alpha_s) * (-h_).exp() * x - alpha_1 * (-h_).expm1() * denoised
+        if eta > 0 and s_noise > 0:
+            x_2 = x_2 + alpha_1 * noise_sampler(sigmas[i], sigma_1) * s_noise * su
+        denoised_2 = model(x_2, sigma_1 * s_in, **extra_args)
+        sd, su = get_ancestral_step(lam_s.neg().exp(), lam_t.neg().exp(), eta)
+        h_ = sd.log().neg() - lam_s
+        denoised_d = (1 - fac) * denoised + fac * denoised_2
+        x = (alpha_t / alpha_s) * (-h_).exp() * x - alpha_t * (-h_).expm1() * denoised_d
+        if eta > 0 and s_noise > 0:
+            x = x + alpha_t * noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise * su
     return x
 
 
@@ -225,7 +306,8 @@ def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=No
 
 @torch.no_grad()
 def sample_dpmpp_2m_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0,
-                        s_noise=1.0, noise_sampler=None, solver_type="midpoint"):
+                        s_noise=1.0, noise_sampler=None, solver_type="midpoint", model_kind="ve",
+                        first_sigma=1 - 1e-4):
     """DPM-Solver++(2M) SDE (Lu et al. 2022, arXiv:2211.01095, SDE-DPM-Solver++(2M);
     k-diffusion's form): the exact solution of the reverse SDE with the data-prediction model
     frozen / linear in lambda, over an interval where the noise is eta-weighted:
@@ -236,12 +318,15 @@ def sample_dpmpp_2m_sde(model, x, sigmas, extra_args=None, callback=None, disabl
     The second-order correction uses the backward difference (D_s - D_prev) / r: solver_type
     'midpoint' weights it with (1 - e^(-(1+eta) h)) / 2, 'heun' with the exact integral weight
     of the linear term. eta = 0 is the ODE solver ('midpoint' = `sample_dpmpp_2m`).
+    model_kind="flow" (ComfyUI's CONST branch): lambda = log((1 - s)/s), the data terms scaled
+    by alpha_t = 1 - s_t, a first s >= 1 moved to `first_sigma` (`_utils.offset_first_sigma`).
     """
     if solver_type not in {"heun", "midpoint"}:
         raise ValueError(f"solver_type: expected 'heun' or 'midpoint', got {solver_type!r}")
     _check_eta(eta)
     sig, extra_args, s_in = _setup(x, sigmas, extra_args)
     noise_sampler = _brownian_sampler(x, sigmas, eta, noise_sampler)
+    sigmas, sig = offset_first_sigma(sigmas, sig, check_model_kind(model_kind), first_sigma)
     old_denoised = None
     h_last = None
     for i in trange(len(sig) - 1, disable=disable):
@@ -250,18 +335,19 @@ def sample_dpmpp_2m_sde(model, x, sigmas, extra_args=None, callback=None, disabl
         if sig[i + 1] == 0:
             x = denoised  # denoising step
         else:
-            t, s = -sigmas[i].log(), -sigmas[i + 1].log()
+            t, s = half_log_snr(sigmas[i], model_kind), half_log_snr(sigmas[i + 1], model_kind)
             h = s - t
             eta_h = eta * h
+            alpha_t = 1.0 if model_kind == "ve" else sigmas[i + 1] * s.exp()  # 1 - s (flow)
             x = sigmas[i + 1] / sigmas[i] * (-eta_h).exp() * x \
-                + (-h - eta_h).expm1().neg() * denoised
+                + alpha_t * (-h - eta_h).expm1().neg() * denoised
             if old_denoised is not None:
                 r = h_last / h
                 if solver_type == "heun":
                     w = (-h - eta_h).expm1().neg() / (-h - eta_h) + 1
                 else:
                     w = 0.5 * (-h - eta_h).expm1().neg()
-                x = x + w * (1 / r) * (denoised - old_denoised)
+                x = x + alpha_t * w * (1 / r) * (denoised - old_denoised)
             if eta:
                 x = x + noise_sampler(sigmas[i], sigmas[i + 1]) * sigmas[i + 1] \
                     * (-2 * eta_h).expm1().neg().sqrt() * s_noise
@@ -272,20 +358,22 @@ def sample_dpmpp_2m_sde(model, x, sigmas, extra_args=None, callback=None, disabl
 
 @torch.no_grad()
 def sample_dpmpp_3m_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1.0,
-                        s_noise=1.0, noise_sampler=None):
+                        s_noise=1.0, noise_sampler=None, model_kind="ve", first_sigma=1 - 1e-4):
     """DPM-Solver++(3M) SDE (k-diffusion; the third-order multistep data-prediction update of
     DPM-Solver++, Lu et al. 2022, arXiv:2211.01095, with the SDE variant's eta-weighted decay).
 
     With H = (1 + eta) h: x_t = e^(-H) x_s + (1 - e^(-H)) D_s + phi_2 D1 - phi_3 D2 + noise, where
     D1, D2 are divided differences of the last three denoisings (D1 ~ h D', D2 ~ h^2 D''/2) and
     phi_2 = expm1(-H)/H + 1, phi_3 = phi_2/H - 1/2. First and second order for the first two
-    steps. k-diffusion's numbers are kept, but the D2 term carries half the weight of the exact
+    steps. model_kind="flow": ComfyUI's CONST branch (as in `sample_dpmpp_2m_sde`).
+    k-diffusion's numbers are kept, but the D2 term carries half the weight of the exact
     integral (-h^2 phi_3 D''), so with eta = 0 this is a *second*-order method; see
     `sample_dpmpp_3m` for the third-order one.
     """
     _check_eta(eta)
     sig, extra_args, s_in = _setup(x, sigmas, extra_args)
     noise_sampler = _brownian_sampler(x, sigmas, eta, noise_sampler)
+    sigmas, sig = offset_first_sigma(sigmas, sig, check_model_kind(model_kind), first_sigma)
     denoised_1, denoised_2 = None, None
     h_1, h_2 = None, None
     for i in trange(len(sig) - 1, disable=disable):
@@ -294,10 +382,15 @@ def sample_dpmpp_3m_sde(model, x, sigmas, extra_args=None, callback=None, disabl
         if sig[i + 1] == 0:
             x = denoised  # denoising step
         else:
-            t, s = -sigmas[i].log(), -sigmas[i + 1].log()
+            t, s = half_log_snr(sigmas[i], model_kind), half_log_snr(sigmas[i + 1], model_kind)
             h = s - t
             h_eta = h * (eta + 1)
-            x = torch.exp(-h_eta) * x + (-h_eta).expm1().neg() * denoised
+            if model_kind == "ve":
+                alpha_t, decay = 1.0, torch.exp(-h_eta)
+            else:  # flow (ComfyUI's CONST): alpha = 1 - s, and s_t / s_s replaces e^-h
+                alpha_t = sigmas[i + 1] * s.exp()
+                decay = sigmas[i + 1] / sigmas[i] * (-h * eta).exp()
+            x = decay * x + alpha_t * (-h_eta).expm1().neg() * denoised
             if h_2 is not None:
                 r0, r1 = h_1 / h, h_2 / h
                 d1_0 = (denoised - denoised_1) / r0
@@ -306,12 +399,12 @@ def sample_dpmpp_3m_sde(model, x, sigmas, extra_args=None, callback=None, disabl
                 d2 = (d1_0 - d1_1) / (r0 + r1)
                 phi_2 = h_eta.neg().expm1() / h_eta + 1
                 phi_3 = phi_2 / h_eta - 0.5
-                x = x + phi_2 * d1 - phi_3 * d2
+                x = x + (alpha_t * phi_2) * d1 - (alpha_t * phi_3) * d2
             elif h_1 is not None:
                 r = h_1 / h
                 d = (denoised - denoised_1) / r
                 phi_2 = h_eta.neg().expm1() / h_eta + 1
-                x = x + phi_2 * d
+                x = x + (alpha_t * phi_2) * d
             if eta:
                 x = x + noise_sampler(sigmas[i], sigmas[i + 1]) * sigmas[i + 1] \
                     * (-2 * h * eta).expm1().neg().sqrt() * s_noise
@@ -465,6 +558,7 @@ def sample_dpmpp_3m(model, x, sigmas, extra_args=None, callback=None, disable=No
 
 _ETA0 = {"eta": 0.0}
 _CFG_PP = "Chung et al. 2024, CFG++ (arXiv:2406.08070) on "
+_FLOW = {"model_kind": "flow"}
 SOLVERS = {
     "dpmpp_2m_cfg_pp": SolverInfo(sample_dpmpp_2m, order=2, nfe_per_step=1, stochastic=False,
                                   paper=_CFG_PP + _PAPER + ", Alg. 2",
@@ -499,4 +593,26 @@ SOLVERS = {
     "dpmpp_3m_sde": SolverInfo(sample_dpmpp_3m_sde, order=2, nfe_per_step=1, stochastic=True,
                                paper=_PAPER + ", 3M SDE (k-diffusion)",
                                deterministic_kwargs=_ETA0),
+    # ComfyUI's flow-model (CONST) branches
+    "dpmpp_2s_ancestral_RF": SolverInfo(sample_dpmpp_2s_ancestral, order=2, nfe_per_step=2,
+                                        stochastic=True, param="flow", kwargs=_FLOW,
+                                        paper=_PAPER + ", Alg. 1, ancestral, flow renoising "
+                                        "(ComfyUI's _RF)", deterministic_kwargs=_ETA0),
+    "dpmpp_sde_flow": SolverInfo(sample_dpmpp_sde, order=2, nfe_per_step=2, stochastic=True,
+                                 param="flow", kwargs=_FLOW, deterministic_kwargs=_ETA0,
+                                 paper=_PAPER + ", Alg. 1, Brownian noise, flow lambda"),
+    "dpmpp_2m_sde_flow": SolverInfo(sample_dpmpp_2m_sde, order=2, nfe_per_step=1,
+                                    stochastic=True, param="flow", deterministic_kwargs=_ETA0,
+                                    kwargs={**_FLOW, "solver_type": "midpoint"},
+                                    paper=_PAPER + ", SDE-DPM-Solver++(2M), flow lambda"),
+    "dpmpp_2m_sde_heun_flow": SolverInfo(sample_dpmpp_2m_sde, order=2, nfe_per_step=1,
+                                         stochastic=True, param="flow",
+                                         deterministic_kwargs=_ETA0,
+                                         kwargs={**_FLOW, "solver_type": "heun"},
+                                         paper=_PAPER + ", SDE-DPM-Solver++(2M) heun, flow "
+                                         "lambda"),
+    "dpmpp_3m_sde_flow": SolverInfo(sample_dpmpp_3m_sde, order=2, nfe_per_step=1,
+                                    stochastic=True, param="flow", kwargs=_FLOW,
+                                    deterministic_kwargs=_ETA0,
+                                    paper=_PAPER + ", 3M SDE (k-diffusion), flow lambda"),
 }
