@@ -100,10 +100,13 @@ def sample_unipc(model, x, sigmas, extra_args=None, callback=None, disable=None,
 
     Step i: evaluate D(x_i); if i > 0 and use_corrector, correct x_i with UniC (order of the
     previous predictor) using D(x_i); then predict x_{i+1} with UniP of order
-    min(order, i + 1) (warm-up), and, with lower_order_final, min(that, n - i) as diffusers
-    (the last step first order). Into sigma = 0 the step is always x_{i+1} = D(x_i), the
-    h -> inf limit of UniP-1 (higher-order differences divide by h and degenerate).
-    Order of accuracy: order + 1 with the corrector, order without (lower_order_final=False).
+    min(order, i + 1) (warm-up), and, with lower_order_final and fewer than 15 steps,
+    min(that, n - i) (the last step first order), which stabilises few-step sampling. The 15 is
+    diffusers' documented rule for UniPC and the one its DPM-Solver and DEIS code applies;
+    diffusers' UniPC code (0.42) lowers at every step count, which caps the global order at 2
+    (a first-order last step into sigma_min > 0). Into sigma = 0 the step is always
+    x_{i+1} = D(x_i), the h -> inf limit of UniP-1 (higher-order differences divide by h and
+    degenerate). Order of accuracy: order + 1 with the corrector, order without.
     """
     validate_x(x)
     sig = validate_sigmas(sigmas)
@@ -135,7 +138,7 @@ def sample_unipc(model, x, sigmas, extra_args=None, callback=None, disable=None,
             x = denoised
             continue
         p = min(order, i + 1)
-        if lower_order_final:
+        if lower_order_final and n < 15:
             p = min(p, n - i)
         h = lam[i + 1] - lam[i]
         past = [lam[i - k] - lam[i] for k in range(1, p)]
@@ -148,8 +151,8 @@ def _entries():
     entries = {}
     for variant in ("bh1", "bh2"):
         for p in (1, 2, 3):
-            # lower_order_final=False: the diffusers-style first-order last step would cap the
-            # global order at 2; the step into sigma = 0 is first order regardless.
+            # lower_order_final (default) only acts below 15 steps; off here so that few-step
+            # plans are the main formula too. The step into sigma = 0 is first order regardless.
             kw = {"order": p, "variant": variant, "lower_order_final": False}
             entries[f"unipc_{variant}_{p}"] = SolverInfo(
                 sample_unipc, order=p + 1, nfe_per_step=1, stochastic=False,
