@@ -52,7 +52,7 @@ def problem(kind, steps=6):
 
 def test_names_are_comfyuis_in_comfyuis_order():
     assert comfyui.SAMPLER_NAMES == [n for n in COMFY_NAMES if n in comfyui.SAMPLER_NAMES]
-    assert len(comfyui.SAMPLER_NAMES) >= 35
+    assert len(comfyui.SAMPLER_NAMES) >= 38
     for name in comfyui.SAMPLER_NAMES:
         assert callable(getattr(comfyui, f"sample_{name}"))
     with pytest.raises(AttributeError):
@@ -65,7 +65,8 @@ def test_every_sampler_runs_on_both_kinds(name, kind):
     model, x, sigmas = problem(kind)
     fn = getattr(comfyui, f"sample_{name}")
     kw = {"noise_sampler": default_noise_sampler(x, torch.Generator().manual_seed(1))} \
-        if "ancestral" in name or "sde" in name or name in ("ddpm", "lcm") else {}
+        if "ancestral" in name or "sde" in name or name in ("ddpm", "lcm", "seeds_2", "seeds_3")\
+        else {}
     if kind == "flow" and name in ("euler_cfg_pp", "euler_ancestral_cfg_pp"):
         with pytest.raises(ValueError, match="model_kind"):
             fn(model, x, sigmas, disable=True, model_kind=kind, **kw)

@@ -71,6 +71,9 @@ _SPECS = {
     "res_multistep": ("exponential", "sample_res_multistep", {"eta": 0.0}, False),
     "res_multistep_ancestral": ("exponential", "sample_res_multistep", {}, False),
     "gradient_estimation": ("euler", "sample_gradient_estimation", {}, False),
+    "er_sde": ("sde", "sample_er_sde", {}, True),
+    "seeds_2": ("exponential", "sample_seeds_2", {}, True),
+    "seeds_3": ("sde", "sample_seeds_3", {}, True),
     "ddim": ("euler", "sample_euler", {}, False),  # ComfyUI: ksampler("euler")
     "uni_pc": ("unipc", "sample_unipc", {"variant": "bh1"}, False),
     "uni_pc_bh2": ("unipc", "sample_unipc", {"variant": "bh2"}, False),
@@ -185,7 +188,7 @@ def _make(name: str):
             # ComfyUI: order min(3, steps - 1), lowered at the last steps at every step count,
             # and a final sigma 0 replaced by 0.001 (it returns the sample there, not D)
             kwargs.setdefault("order", min(3, len(sigmas) - 2))
-            kwargs.setdefault("lower_order_final", True)
+            kwargs.setdefault("lower_order_final", "always")
             if float(sigmas[-1]) == 0:
                 sigmas = torch.cat([sigmas[:-1], sigmas.new_full((1,), 0.001)])
         out = fn(checked, x, sigmas, extra_args=extra_args, callback=callback, disable=disable,

@@ -100,7 +100,8 @@ def sample_unipc(model, x, sigmas, extra_args=None, callback=None, disable=None,
 
     Step i: evaluate D(x_i); if i > 0 and use_corrector, correct x_i with UniC (order of the
     previous predictor) using D(x_i); then predict x_{i+1} with UniP of order
-    min(order, i + 1) (warm-up), and, with lower_order_final and fewer than 15 steps,
+    min(order, i + 1) (warm-up), and, with lower_order_final and fewer than 15 steps
+    (lower_order_final="always": at every step count, as UniPC's code and ComfyUI's uni_pc),
     min(that, n - i) (the last step first order), which stabilises few-step sampling. The 15 is
     diffusers' documented rule for UniPC and the one its DPM-Solver and DEIS code applies;
     diffusers' UniPC code (0.42) lowers at every step count, which caps the global order at 2
@@ -138,7 +139,7 @@ def sample_unipc(model, x, sigmas, extra_args=None, callback=None, disable=None,
             x = denoised
             continue
         p = min(order, i + 1)
-        if lower_order_final and n < 15:
+        if lower_order_final == "always" or (lower_order_final and n < 15):
             p = min(p, n - i)
         h = lam[i + 1] - lam[i]
         past = [lam[i - k] - lam[i] for k in range(1, p)]
