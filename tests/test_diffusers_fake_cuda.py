@@ -60,9 +60,33 @@ def uploads(sched, device) -> int:
     return sum((device, torch.float32) in w.copies for w in windows.values())
 
 
+BROWNIAN = {"DPMSolverSDEScheduler", "CosineDPMSolverMultistepScheduler"}
+
+
+def seedless_tree_draws(monkeypatch) -> None:
+    """torchsde seeds a torch.Generator on the sample's device for every draw of its Brownian
+    tree, which a CPU-only build cannot create for "cuda" (test below): for the two Brownian
+    classes the draw is replaced by an unseeded one of the same shape, dtype and device; the
+    tree walk, the sampler's construction and the fused step run as they do on a GPU."""
+    from torchsde._brownian import brownian_interval
+
+    monkeypatch.setattr(brownian_interval, "_randn",
+                        lambda size, dtype, device, seed: torch.randn(size, dtype=dtype,
+                                                                      device=device))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the reason only holds without CUDA")
+def test_why_the_brownian_draws_are_replaced():
+    with pytest.raises(RuntimeError, match="CUDA"):
+        torch.Generator("cuda")
+
+
 @pytest.mark.parametrize("name,config", CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
-def test_loop_on_fake_cuda_is_sync_and_copy_free(name, config):
+def test_loop_on_fake_cuda_is_sync_and_copy_free(name, config, monkeypatch):
     import fastdiff.diffusers._shared as shared
+
+    if name in BROWNIAN:
+        seedless_tree_draws(monkeypatch)
 
     shared._SHARED.clear()  # a cold start: the first loop traces
     sched = getattr(F, name)(**config)

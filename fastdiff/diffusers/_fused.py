@@ -32,7 +32,7 @@ import warnings
 
 import torch
 
-from fastdiff.diffusers import _learned, _noise
+from fastdiff.diffusers import _brownian, _learned, _noise
 from fastdiff.diffusers._shared import FALLBACK, Shared, freeze, host_only, shared_for
 from fastdiff.diffusers._trace import Clip, StepPlan, get_slot, set_slot, trace_step
 from fastdiff.ops import dynamic_threshold
@@ -61,6 +61,7 @@ class _State:
         self.noise_tables: dict = {}
         self.made: dict = {}  # the schedule tensors set_timesteps made, by name
         self.trace_error = "this step"  # why the last trace failed
+        self.host_values: dict = {}  # id(a 0-dim timestep step() stored) -> (it, CPU copy)
 
 
 def _capturing() -> bool:
@@ -74,6 +75,7 @@ class FusedStepMixin:
     _fd_learned = None  # how a learned variance is handled: "slice" or "ddpm" (_learned.py)
     _fd_noise_f32 = False  # diffusers draws float32 noise even for half inputs
     _fd_noise_formula: str | None = None  # _noise.SIGMA / ALPHA_SIGMA / FLOW
+    _fd_seed_from_generator = False  # a Brownian tree seeded by the step's generator
     # Which implementation runs `step`: "auto" (the fastest fused kernel for the device), a
     # fastdiff.ops backend ("cuda", "triton", "cpu") for the fused launch, or "reference":
     # diffusers' own step, the specification the fused step is traced from (bitwise diffusers'
@@ -158,13 +160,15 @@ class FusedStepMixin:
         value, _ = self._fd_host_timestep(timestep)
         schedule = self._fd_schedule()
         matches = [i for i, v in enumerate(schedule) if v == value]
+        if not matches and not hasattr(self._fd_base, "index_for_timestep"):
+            return len(schedule) - 1  # DPMSolverMultistepInverse's own _init_step_index rule
         if not matches:  # diffusers' own answer (an error, or the last index for DPM-Solver)
             return self._fd_base.index_for_timestep(
                 self, torch.tensor(value), torch.tensor(schedule))
         return matches[1] if len(matches) > 1 else matches[0]
 
     def _fd_init_step_index(self, timestep) -> None:
-        if self._begin_index is None:
+        if self.__dict__.get("_begin_index") is None:  # (the inverse DPM-Solver has none)
             self._step_index = self._fd_lookup(timestep)
         else:
             self._step_index = self._begin_index
@@ -246,7 +250,7 @@ class FusedStepMixin:
             kwargs["generator"] = None
         plans, next_key = [], None
         with host_only():
-            shared.overlay(self.__dict__)
+            shared.overlay(self.__dict__, state.host_values)
             make = functools.partial(_twin_timestep, kind)
             t, k = make(value), key
             for _ in range(size):
@@ -337,7 +341,16 @@ class FusedStepMixin:
         values = {("sample",): sample if sample.dtype == dtype else sample.to(dtype),
                   ("model_output",): model_output if model_output.dtype == dtype
                   else model_output.to(dtype), ("timestep",): timestep}
+        sampler = None
+        if plan.sampler_init is not None:  # the step builds its Brownian tree (_brownian.py)
+            sampler = _brownian.build(self, plan.sampler_init[1], values[("sample",)], generator)
+            set_slot(self, plan.sampler_init[0], sampler)
         for k, f32 in enumerate(plan.noise_f32):
+            if k in plan.brownian:
+                sampler = sampler if sampler is not None else self.noise_sampler
+                noise = _brownian.increment(sampler, *plan.brownian[k])
+                values[("noise", k)] = noise.to(device=device, dtype=dtype)
+                continue
             if variance_noise is not None and len(plan.noise_f32) == 1:
                 noise = variance_noise
             else:
@@ -362,6 +375,12 @@ class FusedStepMixin:
                                _launch(inputs, coef, self.fastdiff_backend, clip)))
         for target, source in plan.moves:
             results[target] = read(source)
+            if (source == ("timestep",) and isinstance(timestep, torch.Tensor)
+                    and timestep.dim() == 0 and isinstance(plan.timestep, torch.Tensor)):
+                known = self._fd_state().host_values  # its value, for later traces
+                known[id(timestep)] = (timestep, plan.timestep)
+                while len(known) > 64:  # (older entries have left the state)
+                    del known[next(iter(known))]
         for target, value in plan.consts:
             results[target] = value
         attrs = self.__dict__
@@ -446,8 +465,8 @@ def _same(a, b) -> bool:
 
 
 def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
-    if a._base is b:
-        return True
+    if (a._base if a._base is not None else a) is (b._base if b._base is not None else b):
+        return True  # (a view of a view: IPNDM's timesteps are a slice of a larger tensor)
     try:
         return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
     except RuntimeError:  # a fake tensor has no data

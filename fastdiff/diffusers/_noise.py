@@ -86,6 +86,8 @@ def missing_index(sched) -> int | None:
     from fastdiff.diffusers._shared import host_only
 
     cls = type(sched)
+    if not hasattr(sched._fd_base, "index_for_timestep"):  # the inverse DPM-Solver: inline,
+        cls._fd_missing_last = True  # the last index (its add_noise and _init_step_index)
     if "_fd_missing_last" not in cls.__dict__:
         with host_only():
             try:
@@ -101,8 +103,9 @@ def step_indices(sched, timesteps, device: torch.device) -> torch.Tensor:
     """diffusers' per-sample step indices as an int64 device tensor, without a sync; -1 for a
     timestep diffusers would reject."""
     timesteps = torch.as_tensor(timesteps).reshape(-1)
-    if sched.begin_index is not None:  # diffusers: [step_index or begin_index] * batch
-        index = sched.step_index if sched.step_index is not None else sched.begin_index
+    begin = sched.__dict__.get("_begin_index")  # (the inverse DPM-Solver has none)
+    if begin is not None:  # diffusers: [step_index or begin_index] * batch
+        index = sched.step_index if sched.step_index is not None else begin
         return torch.full((timesteps.shape[0],), index, dtype=torch.int64, device=device)
     schedule = sched.timesteps
     if not isinstance(schedule, torch.Tensor):

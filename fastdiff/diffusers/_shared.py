@@ -135,7 +135,7 @@ class Shared:
                     twin.set_timesteps(**arguments)
         return twin
 
-    def overlay(self, ours: dict) -> None:
+    def overlay(self, ours: dict, host: dict | None = None) -> None:
         """Puts the twin in the state of `ours` (a scheduler's __dict__): the schedule stays
         the twin's, every state attribute is ours' (history tensors as placeholders)."""
         d = self.twin.__dict__
@@ -144,7 +144,7 @@ class Shared:
         static = self.static
         for name, value in ours.items():
             if name not in static:
-                d[name] = twin_value(value)
+                d[name] = twin_value(value, host=host)
         for name in self.dynamic_fresh:
             if name not in ours:
                 del d[name]

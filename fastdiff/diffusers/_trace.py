@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch.overrides import TorchFunctionMode
 
+from fastdiff.diffusers import _brownian
 from fastdiff.ops.lincomb import MAX_OUTPUTS
 
 DIM = 37  # symbol count per step; odd so no schedule tensor is mistaken for a [1, DIM] symbol
@@ -83,6 +84,8 @@ class StepPlan:
     list_lengths: dict = field(default_factory=dict)  # lists rebuilt by the step: new length
     deleted: list[str] = field(default_factory=list)
     noise_f32: list[bool] = field(default_factory=list)  # per draw: dtype=float32 literal
+    brownian: dict = field(default_factory=dict)  # draw -> (t0, t1) of a Brownian tree
+    sampler_init: tuple | None = None  # (target, args): the step builds the tree (_brownian)
     out_cls: type | None = None
     out_fields: list[str] = field(default_factory=list)
     learned: tuple | None = None  # DDPM's learned std of the noise (_learned.py)
@@ -139,13 +142,18 @@ def recording_class(base: type) -> type:
 _RECORDING: dict = {}
 
 
-def twin_value(v, top: bool = True):
+def twin_value(v, top: bool = True, host: dict | None = None):
     """Ours' state value as the twin holds it: history tensors become placeholders (symbols in
-    the trace), lists are copied, everything else is shared."""
+    the trace), lists are copied, a 0-dim timestep a fused step stored (SASolver's
+    `timestep_list`, whose values its step reads) is the twin's CPU copy of it from `host`
+    (id -> (tensor, copy)), so a device timestep is never read; everything else is shared."""
     if isinstance(v, torch.Tensor):
-        return PLACEHOLDER if v.dim() >= 1 else v
+        if v.dim() >= 1:
+            return PLACEHOLDER
+        known = host.get(id(v)) if host else None
+        return known[1] if known is not None and known[0] is v else v
     if isinstance(v, list):
-        return [twin_value(e, False) for e in v]
+        return [twin_value(e, False, host) for e in v]
     return v
 
 
@@ -207,6 +215,7 @@ def trace_step(tracer, timestep, kwargs: dict) -> StepPlan:
     module = sys.modules[type(tracer).step.__module__]
     cols, plan = _Columns(), StepPlan()
     attrs = tracer.__dict__
+    brownian = _brownian.install(module, attrs, plan, cols.fresh)
     sample, model_output = cols.fresh(("sample",)), cols.fresh(("model_output",))
     objects = {id(timestep): ("timestep",)}  # pre-step objects by identity (not symbols)
     before = {}
@@ -249,7 +258,9 @@ def trace_step(tracer, timestep, kwargs: dict) -> StepPlan:
     if saved is not None:
         module.randn_tensor = fake_randn
     attrs["_threshold_sample"] = fake_threshold  # an instance attribute shadows the method
-    clipping = tracer.config.get("clip_sample", False)
+    # (clip_denoised: the consistency models' clamp of x0 to [-1, 1])
+    clipping = tracer.config.get("clip_sample", False) or tracer.config.get("clip_denoised",
+                                                                           False)
     reads: set = set()
     try:
         _record = [reads, set()]
@@ -260,6 +271,7 @@ def trace_step(tracer, timestep, kwargs: dict) -> StepPlan:
             out = tracer.step(model_output, timestep, sample, return_dict=True, **kwargs)
     finally:
         _record = None
+        _brownian.uninstall(brownian)
         if saved is not None:
             module.randn_tensor = saved
         attrs.pop("_threshold_sample", None)
@@ -303,6 +315,7 @@ def trace_step(tracer, timestep, kwargs: dict) -> StepPlan:
         elif value is not old:
             settle(("slot", name, None), value)
     plan.deleted = [name for name in before if name not in attrs]
+    _brownian.finish(plan)
     _lower(plan, cols, symbols, clips)
     return plan
 

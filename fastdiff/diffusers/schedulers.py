@@ -78,6 +78,32 @@ EDMEulerScheduler = fused_class(_d.EDMEulerScheduler, **_SIGMA)
 EDMDPMSolverMultistepScheduler = fused_class(_d.EDMDPMSolverMultistepScheduler, **_SIGMA,
                                              **_ORDER_1_TO_3)
 PNDMScheduler = fused_class(_d.PNDMScheduler)
+# Issue 15 item 5: every other class whose update is linear in the model outputs, in the order
+# of pipe.scheduler.compatibles popularity (README: "Every scheduler class").
+DPMSolverSDEScheduler = fused_class(
+    _d.DPMSolverSDEScheduler, **_SIGMA,
+    doc="Brownian-tree noise: diffusers' own tree, seed and intervals (fastdiff/diffusers/"
+        "_brownian.py).")
+TCDScheduler = fused_class(_d.TCDScheduler, doc="Step kwarg eta is traced per value.")
+SASolverScheduler = fused_class(_d.SASolverScheduler)
+IPNDMScheduler = fused_class(_d.IPNDMScheduler)
+FlowMatchHeunDiscreteScheduler = fused_class(
+    _d.FlowMatchHeunDiscreteScheduler,
+    doc="Step kwargs s_churn / s_tmin / s_tmax / s_noise are traced per value.")
+FlowMatchLCMScheduler = fused_class(_d.FlowMatchLCMScheduler, **_FLOW)
+DDIMInverseScheduler = fused_class(_d.DDIMInverseScheduler)
+DPMSolverMultistepInverseScheduler = fused_class(_d.DPMSolverMultistepInverseScheduler,
+                                                 **_ALPHA_SIGMA, **_ORDER_1_TO_3)
+CMStochasticIterativeScheduler = fused_class(
+    _d.CMStochasticIterativeScheduler, **_SIGMA,
+    doc="clip_denoised is the step kernel's fused clamp of x0.")
+CosineDPMSolverMultistepScheduler = fused_class(
+    _d.CosineDPMSolverMultistepScheduler, **_SIGMA, _fd_orders=(1, 2),
+    _fd_seed_from_generator=True,
+    doc="Brownian-tree noise seeded by the generator, as diffusers seeds it.")
+CogVideoXDDIMScheduler = fused_class(_d.CogVideoXDDIMScheduler)
+DDIMParallelScheduler = fused_class(_d.DDIMParallelScheduler)
+DDPMParallelScheduler = fused_class(_d.DDPMParallelScheduler, _fd_learned="ddpm")
 
 __all__ = [
     "DDIMScheduler", "EulerDiscreteScheduler", "DPMSolverMultistepScheduler",
@@ -85,5 +111,9 @@ __all__ = [
     "FlowMatchEulerDiscreteScheduler", "HeunDiscreteScheduler", "LMSDiscreteScheduler",
     "DEISMultistepScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler",
     "DPMSolverSinglestepScheduler", "EDMEulerScheduler", "EDMDPMSolverMultistepScheduler",
-    "PNDMScheduler",
+    "PNDMScheduler", "DPMSolverSDEScheduler", "TCDScheduler", "SASolverScheduler",
+    "IPNDMScheduler", "FlowMatchHeunDiscreteScheduler", "FlowMatchLCMScheduler",
+    "DDIMInverseScheduler", "DPMSolverMultistepInverseScheduler",
+    "CMStochasticIterativeScheduler", "CosineDPMSolverMultistepScheduler",
+    "CogVideoXDDIMScheduler", "DDIMParallelScheduler", "DDPMParallelScheduler",
 ]

@@ -1,0 +1,159 @@
+"""The drop-ins added for issue 15 item 5 (every other diffusers class whose update is linear in
+the model outputs) against diffusers' own classes: full loops with the same initial noise, the
+same generator and a deterministic non-linear fake model, fp32, relative error <= 1e-5 on the
+final sample and every step's extra outputs (the README tolerance); the step sync-free (no
+value read-back inside scale_model_input + step) with one fused launch per step; the step
+options each class has (eta, s_churn, ...) traced per value; clip_sample / clip_denoised fused.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+
+D = pytest.importorskip("diffusers")
+F = pytest.importorskip("fastdiff.diffusers")
+from test_diffusers_schedulers import _ScalarReads, fake_model, rel_err, traced_plans  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # many small ops on a shared runner
+SHAPE = (2, 3, 8, 8)
+RTOL = 1e-5
+V = dict(prediction_type="v_prediction")
+KARRAS = dict(use_karras_sigmas=True)
+
+# (class, config, step kwargs, steps, clips x0)
+CASES = [
+    ("DPMSolverSDEScheduler", dict(noise_sampler_seed=3), {}, 8, False),
+    ("DPMSolverSDEScheduler", dict(use_karras_sigmas=True, **V), dict(s_noise=0.9), 8, False),
+    ("DPMSolverSDEScheduler", dict(timestep_spacing="trailing"), {}, 12, False),  # global seed
+    ("TCDScheduler", {}, {}, 8, False),
+    ("TCDScheduler", dict(**V, timestep_spacing="trailing"), dict(eta=0.0), 6, False),
+    ("TCDScheduler", dict(clip_sample=True), dict(eta=1.0), 8, False),  # (TCD never clips)
+    ("SASolverScheduler", {}, {}, 12, False),
+    ("SASolverScheduler", dict(predictor_order=3, corrector_order=3, **KARRAS), {}, 12, False),
+    ("SASolverScheduler", dict(algorithm_type="noise_prediction", predictor_order=1,
+                               corrector_order=4), {}, 12, False),
+    ("SASolverScheduler", dict(tau_func=lambda t: 0.5, **V), {}, 10, False),
+    ("IPNDMScheduler", {}, {}, 12, False),
+    ("IPNDMScheduler", {}, {}, 25, False),
+    ("FlowMatchHeunDiscreteScheduler", {}, {}, 8, False),
+    ("FlowMatchHeunDiscreteScheduler", dict(shift=3.0), dict(s_churn=0.5, s_tmin=0.1), 8, False),
+    ("FlowMatchLCMScheduler", {}, {}, 6, False),
+    ("FlowMatchLCMScheduler", dict(shift=3.0), {}, 4, False),
+    ("DDIMInverseScheduler", {}, {}, 12, True),
+    ("DDIMInverseScheduler", dict(clip_sample=False, set_alpha_to_one=False, **V), {}, 12,
+     False),
+    ("DPMSolverMultistepInverseScheduler", {}, {}, 12, False),
+    ("DPMSolverMultistepInverseScheduler", dict(solver_order=3, **KARRAS), {}, 12, False),
+    ("DPMSolverMultistepInverseScheduler", dict(solver_type="heun", **V), {}, 12, False),
+    ("CMStochasticIterativeScheduler", {}, {}, 6, True),
+    ("CMStochasticIterativeScheduler", dict(clip_denoised=False, s_noise=0.8), {}, 6, False),
+    ("CMStochasticIterativeScheduler", {}, {}, 1, True),
+    ("CosineDPMSolverMultistepScheduler", {}, {}, 10, False),
+    ("CosineDPMSolverMultistepScheduler", dict(solver_order=1, sigma_schedule="karras"), {},
+     10, False),
+    ("CogVideoXDDIMScheduler", dict(clip_sample=False), {}, 10, False),
+    ("CogVideoXDDIMScheduler", dict(clip_sample=False, **V, timestep_spacing="trailing",
+                                    rescale_betas_zero_snr=True), dict(eta=0.5), 10, False),
+    ("DDIMParallelScheduler", {}, {}, 12, True),
+    ("DDIMParallelScheduler", dict(clip_sample=False, **V), dict(eta=0.7), 12, False),
+    ("DDPMParallelScheduler", {}, {}, 12, True),
+    ("DDPMParallelScheduler", dict(clip_sample=False, variance_type="fixed_large"), {}, 12,
+     False),
+    ("EDMEulerScheduler", {}, dict(s_churn=1.0), 12, False),
+    ("EDMEulerScheduler", dict(prediction_type="v_prediction"),
+     dict(s_churn=2.0, s_tmin=0.05, s_tmax=50.0, s_noise=1.003), 12, False),
+]
+
+
+def run(sched, steps, step_kwargs, dtype=torch.float32):
+    """A full loop; returns the final sample and every step's extra outputs. (The global seed:
+    DPMSolverSDE without a noise_sampler_seed seeds its Brownian tree from torch's generator.)"""
+    torch.manual_seed(123)
+    sched.set_timesteps(steps, device="cpu")
+    takes_gen = "generator" in inspect.signature(sched.step).parameters
+    kwargs = dict(step_kwargs, generator=torch.Generator().manual_seed(0)) if takes_gen \
+        else dict(step_kwargs)
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1)).to(dtype)
+    x = x * getattr(sched, "init_noise_sigma", 1.0)
+    extras = []
+    for t in sched.timesteps:
+        inp = sched.scale_model_input(x, t) if hasattr(sched, "scale_model_input") else x
+        out = sched.step(fake_model(inp, t), t, x, **kwargs)
+        extras.append([v for k, v in out.items() if k != "prev_sample" and v is not None])
+        x = out.prev_sample
+    return x, extras
+
+
+@pytest.mark.parametrize("name,config,step_kwargs,steps,clips", CASES,
+                         ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
+def test_parity(name, config, step_kwargs, steps, clips):
+    ref, ours = getattr(D, name)(**config), getattr(F, name)(**config)
+    x_ref, extras_ref = run(ref, steps, step_kwargs)
+    x, extras = run(ours, steps, step_kwargs)
+    plans = traced_plans(ours)
+    assert plans, "nothing was fused"
+    assert ({c.clip for p in plans for c in p.chunks} != {None}) == clips
+    assert torch.isfinite(x_ref).all() and torch.isfinite(x).all()
+    assert rel_err(x, x_ref) <= RTOL
+    for e, e_ref in zip(extras, extras_ref, strict=True):
+        assert len(e) == len(e_ref)
+        for a, b in zip(e, e_ref):
+            assert rel_err(a, b) <= RTOL
+    if hasattr(ref, "_step_index"):
+        assert ours.step_index == ref.step_index
+
+
+def test_step_options_change_the_numbers():
+    """Positive controls: the traced options are really applied (s_churn > 0 re-noises EDM
+    Euler; TCD's eta and CM's s_noise move the result), each still diffusers' number."""
+    for name, config, a, b in [("EDMEulerScheduler", {}, {}, dict(s_churn=1.0)),
+                               ("TCDScheduler", {}, dict(eta=0.0), dict(eta=0.9)),
+                               ("CMStochasticIterativeScheduler", dict(s_noise=0.5), {}, {})]:
+        xa, _ = run(getattr(F, name)(), 8, a)
+        xb, _ = run(getattr(F, name)(**config), 8, b)
+        assert rel_err(xa, xb) > 1e-3, name
+
+
+NAMES = sorted({c[0] for c in CASES})
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_step_is_sync_free(name, monkeypatch):
+    """No value read-back in scale_model_input + step, one fused launch per step."""
+    import fastdiff.diffusers._fused as fused
+
+    launches = []
+    for op in ("lincomb", "launch_unchecked"):
+        real = getattr(fused, op)
+        monkeypatch.setattr(fused, op,
+                            lambda *a, _real=real, **k: launches.append(1) or _real(*a, **k))
+    sched = getattr(F, name)()
+    sched.set_timesteps(10, device="cpu")
+    kwargs = ({"generator": torch.Generator().manual_seed(0)}
+              if "generator" in inspect.signature(sched.step).parameters else {})
+    x, model_output = torch.randn(2, *SHAPE)
+    for t in sched.timesteps:
+        with _ScalarReads() as mode:
+            if hasattr(sched, "scale_model_input"):
+                x = sched.scale_model_input(x, t)
+            x = sched.step(model_output, t, x, **kwargs).prev_sample
+        assert mode.bad == [], mode.bad
+    assert 0 < len(launches) <= len(sched.timesteps)
+
+
+def test_sasolver_stored_timesteps_are_not_read_on_the_device():
+    """SASolver's step reads the value of the last timestep it stored (tau_func): a later trace
+    takes it from the CPU copy the fused step kept, so a device timestep is never read."""
+    sched = F.SASolverScheduler()
+    sched.set_timesteps(6)
+    x = torch.randn(SHAPE)
+    for t in sched.timesteps:
+        x = sched.step(fake_model(x, t), t, x).prev_sample
+    kept = sched._fd_state().host_values
+    stored = [v for v in sched.timestep_list if isinstance(v, torch.Tensor)]
+    assert stored and all(kept[id(v)][0] is v for v in stored)
+    assert all(kept[id(v)][1].device.type == "cpu" and float(kept[id(v)][1]) == float(v)
+               for v in stored)
