@@ -160,10 +160,11 @@ def _lifetimes(launches: list[Launch], history_kind: str) -> list[list[tuple]]:
         if launch.call >= 0:
             last[("F", launch.call)] = i
         for ref in launch.inputs:
-            if ref.kind in ("F", "D", "E", "U"):
+            if ref.kind in ("F", "D", "E", "U", "V"):
                 last[(ref.kind, ref.index)] = i
         for name in launch.outputs:  # written, possibly never read (e.g. a history entry)
-            key = (("F", launch.call + 1) if name == "F" else ("U", launch.call) if name == "HU"
+            key = (("F", launch.call + 1) if name == "F" else
+                   ("U" if history_kind == "D" else "V", launch.call) if name == "HU"
                    else (history_kind, launch.call))
             if name != "out":
                 last.setdefault(key, i)
@@ -445,7 +446,7 @@ class Sampler:
             elif name == "H":
                 regs[(self.plan.history_kind, launch.call)] = t
             elif name == "HU":  # CFG++: the unconditional output, for a later stage
-                regs[("U", launch.call)] = t
+                regs[("U" if self.plan.history_kind == "D" else "V", launch.call)] = t
         return outs[0]
 
     def __call__(self, noise: torch.Tensor, generator: torch.Generator | None = None,

@@ -27,7 +27,10 @@ from fastdiff.reference.solvers import SOLVERS
 from fastdiff.sampler import Sampler
 
 BASES = {"euler_cfg_pp": "euler", "euler_ancestral_cfg_pp": "euler_ancestral",
-         "dpmpp_2m_cfg_pp": "dpmpp_2m", "dpmpp_2s_ancestral_cfg_pp": "dpmpp_2s_ancestral"}
+         "dpmpp_2m_cfg_pp": "dpmpp_2m", "dpmpp_2s_ancestral_cfg_pp": "dpmpp_2s_ancestral",
+         "res_multistep_cfg_pp": "res_multistep",
+         "res_multistep_ancestral_cfg_pp": "res_multistep_ancestral",
+         "gradient_estimation_cfg_pp": "gradient_estimation"}
 CFG_PP = [n for n in SOLVERS if SOLVERS[n].kwargs.get("cfg_pp")]
 
 
@@ -72,8 +75,14 @@ def test_equal_halves_give_the_base_sampler(name, backend):
 #   euler_cfg_pp (x' = D + sigma'/sigma (x - D_u)): x1 = 3 + 4/2 = 5, x2 = 3 + 5/2 = 5.5.
 #   dpmpp_2m_cfg_pp (x' = D + sigma'/sigma (x - D_u) - expm1(-h)/(2r) (D - D_u,prev)), h = ln 2:
 #     x1 = 5 (first order), then r = 1: x2 = 3 + 5/2 - (-1/2)/2 * (3 - 0) = 6.25.
+#   gradient_estimation_cfg_pp (d = (x - D_u)/sigma, x' = D + sigma' d + (gamma - 1)(d - d_prev)
+#     (sigma' - sigma), gamma = 2): x1 = 3 + 2 = 5, then d = 5: x2 = 3 + 2.5 + 3 * (-0.5) = 4.
+#   res_multistep_cfg_pp: x1 = 5 (Euler as above), then x2 = e^-h (x1 + D - D_u)
+#     + h (b1 D_u + b2 D_u,prev) = 8 / 2 + 0 = 4 (with D in place of D_u the nodes would add
+#     h b1 D = 2.34).
 #   The base samplers pull x towards D = 3 instead (euler: 3.5, then 3.25).
-GOLDEN = {"euler_cfg_pp": 5.5, "dpmpp_2m_cfg_pp": 6.25, "euler": 3.25}
+GOLDEN = {"euler_cfg_pp": 5.5, "dpmpp_2m_cfg_pp": 6.25, "euler": 3.25,
+          "gradient_estimation_cfg_pp": 4.0, "res_multistep_cfg_pp": 4.0}
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -84,6 +84,10 @@ def _expand(plan: Plan, terms, call: int, sc: Scalings, scale: float) -> dict[Re
             if sc.c_skip[call] != 0:  # (without guidance, part 0 is the output: U = D)
                 _accumulate(acc, Ref("F", call), c * sc.c_skip[call] / sc.c_in[call])
             _accumulate(acc, Ref("part", 0), c * sc.c_out[call])
+        elif ref.kind == "V" and ref.index == call:  # V_k = F_k - U_k of this call
+            for r, v in _expand(plan, [(Ref("F", call), 1.0), (Ref("U", call), -1.0)], call,
+                                sc, c).items():
+                _accumulate(acc, r, v)
         elif ref.kind == "E" and ref.index == call:  # E_k = F_k - D_k of this call
             for r, v in _expand(plan, [(Ref("F", call), 1.0), (Ref("D", call), -1.0)], call,
                                 sc, c).items():
@@ -133,8 +137,10 @@ def lower(plan: Plan, sc: Scalings, in_kernel_noise: bool = False
         if k in plan.history and not (sc.plain and plan.history_kind == "D"):
             combos.append(_expand(plan, [(Ref(plan.history_kind, k), 1.0)], k, sc, 1.0))
             outputs += ("H",)
-        if k in plan.uncond_history and not sc.plain:  # CFG++: U_k kept for a later stage
-            combos.append(_expand(plan, [(Ref("U", k), 1.0)], k, sc, 1.0))
+        if k in plan.uncond_history and not (sc.plain and plan.history_kind == "D"):
+            # CFG++: U_k (or V_k = F_k - U_k with E history) kept for a later stage
+            ukind = "U" if plan.history_kind == "D" else "V"
+            combos.append(_expand(plan, [(Ref(ukind, k), 1.0)], k, sc, 1.0))
             outputs += ("HU",)
         add(outputs, combos, k)
     tables = {key: torch.tensor(r, dtype=torch.float64) for key, r in rows.items()}

@@ -139,7 +139,7 @@ class _Compiler:
             if kind == "F":
                 if not k - F_WINDOW < m <= k:
                     return False
-            elif kind == hist or kind == "U":
+            elif kind == hist or kind == "U" or kind == "V":
                 if not k - H_WINDOW <= m <= k:
                     return False
             elif kind == "x":
@@ -158,12 +158,18 @@ class _Compiler:
             form[trace.f_ids[k]] = form.get(trace.f_ids[k], 0.0) + c
             form[trace.outputs[k]] = -c
             form = _drop(form)
+        if k >= 0 and trace.v_ids and trace.v_ids[k] is not None and trace.v_ids[k] in form:
+            form = dict(form)  # this call's V_k = F_k - U_k, as E_k above
+            c = form.pop(trace.v_ids[k])
+            form[trace.f_ids[k]] = form.get(trace.f_ids[k], 0.0) + c
+            form[trace.u_ids[k]] = form.get(trace.u_ids[k], 0.0) - c
+            form = _drop(form)
         terms = [(Ref(*self.regs[i]), c) for i, c in form.items()]
         return sorted(terms, key=lambda t: (_ORDER[t[0].kind], -t[0].index if t[0].kind == "F"
                                             else t[0].index))
 
 
-_ORDER = {"x": 0, "F": 1, "E": 2, "D": 3, "U": 4, "z": 5}
+_ORDER = {"x": 0, "F": 1, "E": 2, "D": 3, "V": 4, "U": 5, "z": 6}
 
 
 def compile_plan(trace: Trace, options: dict | None = None, history_kind: str = "D") -> Plan:
@@ -193,7 +199,7 @@ def compile_plan(trace: Trace, options: dict | None = None, history_kind: str = 
     history_calls = {r.index for s in stages for r, _ in s.terms
                      if r.kind == history_kind and r.index != s.call}
     uncond_calls = {r.index for s in stages for r, _ in s.terms
-                    if r.kind == "U" and r.index != s.call}
+                    if r.kind in ("U", "V") and r.index != s.call}
     stats = {"trace_nonzeros": trace.nonzeros, "compile_terms": comp.examined}
     return Plan(trace.solver, dict(options or {}), prologue, stages, trace.noise,
                 trace.noise_mode, history_kind, history_calls, stats, uncond_calls)

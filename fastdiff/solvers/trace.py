@@ -20,7 +20,8 @@ called on *is* the stage that produces it: the plan compiler reads it off, no fi
 
 A CFG++ solver also reads U_k, the unconditional denoised output of call k
 (`_utils.denoise_with_uncond`): one more free register per call, read in-kernel from the first
-guidance half at its own stage and from a history tensor of its own ("U") later.
+guidance half at its own stage and from a history tensor of its own later (U, or in the "E"
+representation V = F - U, as D and E).
 
 Each form is kept in two representations at once, one per history kind of the plan (plan.py):
 "D", where a model output is the symbol D_k, and "E", where it is F_k - E_k with E_k the
@@ -87,6 +88,7 @@ class Trace:
     e_ids: list[int] = field(default_factory=list)  # register of E_k per call
     # register of U_k, the unconditional denoised output CFG++ reads, per call (None: not read)
     u_ids: list[int | None] = field(default_factory=list)
+    v_ids: list[int | None] = field(default_factory=list)  # register of V_k = F_k - U_k
     noise: list[NoiseDraw] = field(default_factory=list)
     final: tuple[dict, dict] | None = None
     noise_mode: str = "calls"
@@ -109,7 +111,7 @@ def readable(kind: str, m: int, k: int, history: str) -> bool:
         return k < F_WINDOW
     if kind == "F":
         return k - F_WINDOW < m <= k
-    if kind == "U":  # CFG++'s U_k: this call's is converted in-kernel, older ones are history
+    if kind in ("U", "V"):  # CFG++'s U_k (or V_k = F_k - U_k): history of their own
         return k - H_WINDOW <= m <= k
     return kind == history and k - H_WINDOW <= m <= k
 
@@ -420,7 +422,7 @@ class _Tracer:
                 width += 1
                 if kind == "F":
                     ok = k - F_WINDOW < m <= k
-                elif kind == hist or kind == "U":
+                elif kind == hist or kind == "U" or kind == "V":
                     ok = k - H_WINDOW <= m <= k
                 else:
                     ok = kind == "x" and k < F_WINDOW
@@ -469,6 +471,7 @@ class _Tracer:
         trace.outputs.append(d)
         trace.e_ids.append(e)
         trace.u_ids.append(None)
+        trace.v_ids.append(None)
         self.settle(t, k - 1)
         for r in range(2):
             v = t[r]
@@ -497,12 +500,15 @@ class _Tracer:
 
 
     def uncond(self) -> Form:
-        """U_k of the call just made (CFG++): one more free register, the same in both
-        representations (its history entry, where a later stage reads it, is a U tensor)."""
+        """U_k of the call just made (CFG++): the register U_k in representation "D", and
+        F_k - V_k in "E" (V_k = F_k - U_k, the unconditional noise prediction times sigma), as
+        D_k is; a later stage reads a U (or V) history tensor of its own."""
         k = len(self.trace.f_ids) - 1
         u = self.register("U", k)
+        v = self.register("V", k)
         self.trace.u_ids[k] = u
-        return _form(self, self.pair({u: 1.0}, {u: 1.0}), self.epoch)
+        self.trace.v_ids[k] = v
+        return _form(self, self.pair({u: 1.0}, {self.trace.f_ids[k]: 1.0, v: -1.0}), self.epoch)
 
 
 class _BrownianPath:

@@ -296,7 +296,7 @@ def sample_heunpp2(model, x, sigmas, extra_args=None, callback=None, disable=Non
 
 @torch.no_grad()
 def sample_gradient_estimation(model, x, sigmas, extra_args=None, callback=None, disable=None,
-                               ge_gamma=2.0):
+                               ge_gamma=2.0, cfg_pp=False):
     """Gradient estimation (Permenter & Yuan 2024, "Interpreting and Improving Diffusion Models
     from an Optimization Perspective", ICML, arXiv:2306.04848, Algorithm 2; ComfyUI's
     `sample_gradient_estimation`): Euler with the slope d_i + (gamma - 1)(d_i - d_{i-1}) after
@@ -306,12 +306,16 @@ def sample_gradient_estimation(model, x, sigmas, extra_args=None, callback=None,
     (gamma - 1)(sigma_{i-1} - sigma_i) = (sigma_i - sigma_{i+1}) / 2, which a fixed gamma meets
     on no usual grid (on a lambda-uniform grid the ratio of the two steps tends to 1, so gamma
     would have to be 3/2; it is 2 by default).
+
+    cfg_pp: CFG++ (Chung et al. 2024, arXiv:2406.08070; ComfyUI's `gradient_estimation_cfg_pp`):
+    the slopes d are the unconditional ones (x - D_u) / sigma and the Euler step lands at
+    D + sigma' d (as `sample_euler`'s cfg_pp); D_u = D gives the base sampler.
     """
     sig, extra_args, s_in = _setup(x, sigmas, extra_args)
     old_d = None
     for i in trange(len(sig) - 1, disable=disable):
-        denoised = model(x, sigmas[i] * s_in, **extra_args)
-        d = to_d(x, sigmas[i], denoised)
+        denoised, renoise = _denoise(model, x, sigmas[i] * s_in, extra_args, cfg_pp)
+        d = to_d(x, sigmas[i], renoise)
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i],
                       "denoised": denoised})
@@ -319,7 +323,7 @@ def sample_gradient_estimation(model, x, sigmas, extra_args=None, callback=None,
         if sig[i + 1] == 0:
             x = denoised
         else:
-            x = x + d * dt
+            x = denoised + d * sigmas[i + 1] if cfg_pp else x + d * dt
             if old_d is not None:
                 x = x + (ge_gamma - 1) * (d - old_d) * dt
         old_d = d
@@ -364,6 +368,11 @@ SOLVERS = {
                                      deterministic_kwargs={"eta": 0.0}),
     "heunpp2": SolverInfo(sample_heunpp2, order=1, nfe_per_step=3, stochastic=False,
                           paper="Heun++ (Carzit, sd-webui-samplers-scheduler; ComfyUI)"),
+    "gradient_estimation_cfg_pp": SolverInfo(sample_gradient_estimation, order=1,
+                                             nfe_per_step=1, stochastic=False,
+                                             paper=_CFG_PP + " on Permenter & Yuan 2024 "
+                                             "(arXiv:2306.04848, Alg. 2)",
+                                             kwargs={"cfg_pp": True}),
     "gradient_estimation": SolverInfo(sample_gradient_estimation, order=1, nfe_per_step=1,
                                       stochastic=False, paper="Permenter & Yuan 2024, gradient "
                                       "estimation (arXiv:2306.04848, Alg. 2)"),

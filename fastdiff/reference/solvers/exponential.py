@@ -33,6 +33,7 @@ from ._utils import (
     SolverInfo,
     check_model_kind,
     default_noise_sampler,
+    denoise_with_uncond,
     get_ancestral_step,
     offset_first_sigma,
     validate_sigmas,
@@ -69,7 +70,7 @@ def _setup(x, sigmas, extra_args):
 
 @torch.no_grad()
 def sample_res_multistep(model, x, sigmas, extra_args=None, callback=None, disable=None,
-                         s_noise=1.0, noise_sampler=None, eta=0.0):
+                         s_noise=1.0, noise_sampler=None, eta=0.0, cfg_pp=False):
     """RES second-order multistep (Zhang et al. 2023, arXiv:2308.02157, their 2-stage multistep
     exponential scheme with c_2 from the previous node), ComfyUI's `res_multistep`.
 
@@ -83,6 +84,11 @@ def sample_res_multistep(model, x, sigmas, extra_args=None, callback=None, disab
     `res_multistep_ancestral` (eta = 1). With eta = 0 (default) c_2 = -h_{i-1} / h and this is
     a second-order ODE method. ComfyUI draws a zero-weighted noise sample every step at eta = 0;
     no draw is made here.
+
+    cfg_pp: CFG++ (Chung et al. 2024, arXiv:2406.08070; ComfyUI's `res_multistep_cfg_pp` and
+    `res_multistep_ancestral_cfg_pp`): the Euler step lands at D + sigma_down (x - D_u)/sigma,
+    the multistep one runs from x + (D - D_u) with the unconditional outputs as its nodes,
+    x <- e^-h (x + D_i - D_u,i) + h (b_1 D_u,i + b_2 D_u,i-1); D_u = D gives the base sampler.
     """
     sig, extra_args, s_in = _setup(x, sigmas, extra_args)
     if eta < 0:
@@ -91,12 +97,17 @@ def sample_res_multistep(model, x, sigmas, extra_args=None, callback=None, disab
         noise_sampler = default_noise_sampler(x)
     old_denoised, old_sigma_down = None, None
     for i in trange(len(sig) - 1, disable=disable):
-        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        if cfg_pp:
+            denoised, uncond = denoise_with_uncond(model, x, sigmas[i] * s_in, **extra_args)
+        else:
+            denoised = uncond = model(x, sigmas[i] * s_in, **extra_args)
         sigma_down, sigma_up = get_ancestral_step(sig[i], sig[i + 1], eta=eta)
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i],
                       "denoised": denoised})
-        if sigma_down == 0 or old_denoised is None:
+        if (sigma_down == 0 or old_denoised is None) and cfg_pp:
+            x = denoised + (x - uncond) * (sigma_down / sig[i])  # Euler, CFG++
+        elif sigma_down == 0 or old_denoised is None:
             x = x + (x - denoised) * ((sigma_down - sig[i]) / sig[i])  # Euler
         else:
             t, t_next = -math.log(sig[i]), -math.log(sigma_down)
@@ -106,10 +117,12 @@ def sample_res_multistep(model, x, sigmas, extra_args=None, callback=None, disab
             phi1 = math.expm1(-h) / -h
             phi2 = (phi1 - 1) / -h
             b1, b2 = phi1 - phi2 / c2, phi2 / c2
-            x = math.exp(-h) * x + h * (b1 * denoised + b2 * old_denoised)
+            if cfg_pp:
+                x = x + (denoised - uncond)
+            x = math.exp(-h) * x + h * (b1 * uncond + b2 * old_denoised)
         if eta and sig[i + 1] > 0:
             x = x + noise_sampler(sigmas[i], sigmas[i + 1]) * (s_noise * sigma_up)
-        old_denoised, old_sigma_down = denoised, sigma_down
+        old_denoised, old_sigma_down = uncond, sigma_down
     return x
 
 
@@ -182,10 +195,23 @@ def sample_seeds_2(model, x, sigmas, extra_args=None, callback=None, disable=Non
     return x
 
 
+_ETA0 = {"eta": 0.0}
+_CFG_PP = "Chung et al. 2024, CFG++ (arXiv:2406.08070) on "
 _EXP_HEUN = {"eta": 0.0, "s_noise": 0.0, "r": 1.0, "solver_type": "phi_2"}
 SOLVERS = {
     "res_multistep": SolverInfo(sample_res_multistep, order=2, nfe_per_step=1, stochastic=False,
                                 paper=_RES, kwargs={"eta": 0.0}),
+    "res_multistep_cfg_pp": SolverInfo(sample_res_multistep, order=2, nfe_per_step=1,
+                                       stochastic=False, paper=_CFG_PP + _RES,
+                                       kwargs={"eta": 0.0, "cfg_pp": True}),
+    "res_multistep_ancestral": SolverInfo(sample_res_multistep, order=2, nfe_per_step=1,
+                                          stochastic=True, paper=_RES + ", ancestral",
+                                          kwargs={"eta": 1.0}, deterministic_kwargs=_ETA0),
+    "res_multistep_ancestral_cfg_pp": SolverInfo(sample_res_multistep, order=2, nfe_per_step=1,
+                                                 stochastic=True,
+                                                 paper=_CFG_PP + _RES + ", ancestral",
+                                                 kwargs={"eta": 1.0, "cfg_pp": True},
+                                                 deterministic_kwargs=_ETA0),
     "exp_heun_2_x0": SolverInfo(sample_seeds_2, order=2, nfe_per_step=2, stochastic=False,
                                 paper="exponential Heun in data prediction: " + _SEEDS
                                 + " with eta = 0, r = 1", kwargs=_EXP_HEUN),
