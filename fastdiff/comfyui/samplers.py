@@ -69,8 +69,14 @@ _SPECS = {
     "ipndm_v": ("pndm", "sample_ipndm", {"weights": "diff_sampler", "denoise_final": True},
                 False),
     "res_multistep": ("exponential", "sample_res_multistep", {"eta": 0.0}, False),
+    "res_multistep_cfg_pp": ("exponential", "sample_res_multistep",
+                             {"eta": 0.0, "cfg_pp": True}, False),
     "res_multistep_ancestral": ("exponential", "sample_res_multistep", {}, False),
+    "res_multistep_ancestral_cfg_pp": ("exponential", "sample_res_multistep", {"cfg_pp": True},
+                                       False),
     "gradient_estimation": ("euler", "sample_gradient_estimation", {}, False),
+    "gradient_estimation_cfg_pp": ("euler", "sample_gradient_estimation", {"cfg_pp": True},
+                                   False),
     "er_sde": ("sde", "sample_er_sde", {}, True),
     "seeds_2": ("exponential", "sample_seeds_2", {}, True),
     "seeds_3": ("sde", "sample_seeds_3", {}, True),
@@ -128,7 +134,7 @@ def _comfy_defaults(name: str, fn, kind: str | None, model, x, sigmas, extra_arg
     params = inspect.signature(fn).parameters
     if name.startswith("dpmpp_2m_sde_heun"):
         kwargs.setdefault("solver_type", "heun")
-    if name in ("res_multistep_ancestral",):
+    if name.startswith("res_multistep_ancestral"):
         kwargs.setdefault("eta", 1.0)
     if name.startswith("exp_heun_2_x0"):
         kwargs.setdefault("solver_type", "phi_2")

@@ -215,11 +215,7 @@ SOLVERS = {
     "exp_heun_2_x0": SolverInfo(sample_seeds_2, order=2, nfe_per_step=2, stochastic=False,
                                 paper="exponential Heun in data prediction: " + _SEEDS
                                 + " with eta = 0, r = 1", kwargs=_EXP_HEUN),
-    # the stochastic option of the same reference (ComfyUI's name); seeds_2 and
-    # exp_heun_2_x0_sde are registered in sde.py
-    "res_multistep_ancestral": SolverInfo(sample_res_multistep, order=2, nfe_per_step=1,
-                                          stochastic=True, paper=_RES + ", ancestral",
-                                          kwargs={"eta": 1.0}, deterministic_kwargs={"eta": 0.0}),
+    # seeds_2 and exp_heun_2_x0_sde (stochastic options of sample_seeds_2) are in sde.py
     "exp_heun_2_x0_flow": SolverInfo(sample_seeds_2, order=2, nfe_per_step=2, stochastic=False,
                                      paper="exponential Heun in data prediction: " + _SEEDS
                                      + " with eta = 0, r = 1, flow lambda", param="flow",
