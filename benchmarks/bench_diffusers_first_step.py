@@ -25,7 +25,7 @@ CONFIG = {"DDIMScheduler": dict(clip_sample=False), "DDPMScheduler": dict(clip_s
           "LCMScheduler": dict(clip_sample=False, original_inference_steps=1000),
           "TCDScheduler": dict(original_inference_steps=1000),
           "CMStochasticIterativeScheduler": dict(num_train_timesteps=1000)}
-NO_BETAS = ("FlowMatch", "EDM", "CM", "Cosine")  # sigma-parameterised: no beta schedule
+NO_BETAS = ("FlowMatch", "EDM", "CM", "Cosine", "IPNDM")  # no beta schedule in the config
 STEPS = [10, 50, 1000]
 
 
