@@ -19,6 +19,8 @@ Triton, whose block shapes are powers of two.)
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -159,19 +161,39 @@ def attention_fwd_kernel(
                  mask=mask_m[:, None] & (offs_d1[None, :] < HEAD_DIM))
 
 
-def _prune_configs(configs, named_args, **kwargs):
-    """Drops tiles larger than the problem (a 77-key cross-attention gains nothing from
-    BLOCK_N = 128) and tiles whose registers would spill for wide heads."""
+def shared_memory_floor(config, width: int, itemsize: int) -> int:
+    """Bytes of shared memory a config needs at least: its Q tile [BLOCK_M, width], which stays
+    in shared memory for the dot (ptxas for sm_90 reports this plus a few KB for the K/V
+    staging: tests/_triton_aot.py). A config above the device's limit cannot launch."""
+    return itemsize * config.kwargs["BLOCK_M"] * width
+
+
+def keep_configs(configs, named_args, meta, smem_limit: int):
+    """The configs worth timing: none larger than the problem (a 77-key cross-attention gains
+    nothing from BLOCK_N = 128), none whose registers spill for wide heads, none above the
+    device's shared memory (the autotuner would compile each one to find it out)."""
     n_q = max(16, triton.next_power_of_2(named_args["N_CTX_Q"]))
     n_kv = max(16, triton.next_power_of_2(named_args["N_CTX_KV"]))
-    width = kwargs["D0"] + kwargs["D1"]
+    width = meta["D0"] + meta["D1"]
+    itemsize = named_args["Q"].element_size()
     # (Register limits from ptxas -v for sm_90: 128-row tiles on 4 warps spill above 128
     # columns, and so do 128-key tiles above 128 * 128 elements.)
     kept = [c for c in configs
             if c.kwargs["BLOCK_M"] <= n_q and c.kwargs["BLOCK_N"] <= n_kv
             and c.kwargs["BLOCK_N"] * width <= 128 * 128
-            and not (c.kwargs["BLOCK_M"] == 128 and c.num_warps == 4 and width > 128)]
+            and not (c.kwargs["BLOCK_M"] == 128 and c.num_warps == 4 and width > 128)
+            and shared_memory_floor(c, width, itemsize) <= smem_limit]
     return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"])]
+
+
+@functools.cache
+def _smem_limit(index: int) -> int:
+    return triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    q = named_args["Q"]
+    return keep_configs(configs, named_args, kwargs, _smem_limit(q.device.index or 0))
 
 
 def _config(block_m, block_n, num_warps, num_stages):

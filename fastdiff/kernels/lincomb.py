@@ -18,6 +18,10 @@ import triton.language as tl
 from fastdiff.kernels import device_guard
 
 BLOCK = 2048
+# With in-kernel noise a thread holds the Philox state and the float64 Box-Muller of each of its
+# elements: 8 elements a thread (2048 on 8 warps) hits 255 registers and spills (ptxas, sm_90,
+# tests/_triton_aot.py); 4 a thread stays near 170 registers, spill-free.
+NOISE_BLOCK = 1024
 
 
 @triton.jit
@@ -195,7 +199,8 @@ def lincomb(
         return
     x = list(inputs) + [inputs[0]] * (6 - len(inputs))
     y = list(outputs) + [outputs[0]] * (3 - len(outputs))
-    grid = (triton.cdiv(n, BLOCK),)
+    block = NOISE_BLOCK if counters else BLOCK
+    grid = (triton.cdiv(n, block),)
     c = list(counters) + [0] * (2 - len(counters))
     with device_guard(inputs[0]):
         # enable_fp_fusion=False: no FMA contraction, each product and sum rounded as the
@@ -206,5 +211,5 @@ def lincomb(
             n // inputs[0].shape[0] if counters or clip is not None else 1, *c,
             clip if clip is not None else coef,
             NIN=len(inputs), NOUT=len(outputs), NNOISE=len(counters), CLIP=int(clip is not None),
-            HAS_ROW_PTR=row_tensor is not None, BLOCK=BLOCK, num_warps=8, enable_fp_fusion=False,
+            HAS_ROW_PTR=row_tensor is not None, BLOCK=block, num_warps=8, enable_fp_fusion=False,
         )
