@@ -9,6 +9,13 @@ samples classified as their requested label.
 
     python benchmarks/quality.py --out benchmarks/results/quality
 
+The second table is schedule x NFE for euler and dpmpp_2m: ComfyUI's schedulers
+(`fastdiff.comfyui.SCHEDULER_NAMES`, computed from the model's own training table by
+`calculate_sigmas`) in place of Karras. (Align Your Steps / GITS are SD1.5 tables and
+OptimalSteps flow-model ones: they do not transfer to this model's noise range.)
+
+    python benchmarks/quality.py --quick     # CI: euler and dpmpp_2m, NFE 5, 3 schedules
+
 The tuned rows (`fastdiff.tune` plans vs Karras vs AYS-style schedules at NFE 3-10, evaluated on
 noise disjoint from the tuning noise) are benchmarks/quality_tuned.py.
 """
@@ -26,6 +33,8 @@ import torch
 SOLVERS = ["euler", "heun", "dpm_2", "ddim", "lms", "ipndm", "deis_3", "dpmpp_2m", "dpmpp_3m",
            "dpmpp_2s", "unipc_bh2_2", "euler_ancestral", "dpmpp_2m_sde", "dpmpp_sde"]
 NFES = [5, 10, 20, 50]
+SCHEDULE_SOLVERS = ["euler", "dpmpp_2m"]
+SCHEDULE_NFES = [5, 10, 20]
 
 
 def evaluate(solvers, nfes, samples_per_class: int, guidance: float, seed: int) -> list[dict]:
@@ -52,6 +61,37 @@ def evaluate(solvers, nfes, samples_per_class: int, guidance: float, seed: int) 
                              fd=score["fd"], accuracy=score["accuracy"], seconds=seconds))
             print(f"{solver:>16} NFE {nfe:>3}: FD-digits {score['fd']:8.2f}"
                   f"  accuracy {score['accuracy']:.3f}  ({seconds:.1f} s)", flush=True)
+    return rows
+
+
+def evaluate_schedules(solvers, schedules, nfes, samples_per_class: int, guidance: float,
+                       seed: int) -> list[dict]:
+    """Rows keyed "solver / schedule": each ComfyUI schedule for the model's own table."""
+    from fastdiff.comfyui import calculate_sigmas
+    from fastdiff.models.classifier import evaluate_digits, load_classifier
+    from fastdiff.models.digits import load_digits_model, sample_digits
+    from fastdiff.reference.solvers import SOLVERS as REGISTRY
+
+    model, classifier = load_digits_model(), load_classifier()
+    labels = torch.arange(10).repeat_interleave(samples_per_class)
+    rows = []
+    for solver in solvers:
+        per_step = REGISTRY[solver].nfe_per_step
+        for schedule in schedules:
+            for nfe in nfes:
+                # beta / ddim_uniform can return fewer levels (repeated timesteps dropped)
+                sigmas = calculate_sigmas(model.schedule, schedule, max(nfe // per_step, 1))
+                steps = len(sigmas) - 1
+                start = time.perf_counter()
+                x = sample_digits(model, labels, solver=solver, guidance=guidance, seed=seed,
+                                  backend="auto", sigmas=sigmas)
+                seconds = time.perf_counter() - start
+                score = evaluate_digits(x, labels, classifier)
+                rows.append(dict(solver=f"{solver} / {schedule}", nfe=nfe,
+                                 nfe_used=steps * per_step, steps=steps, fd=score["fd"],
+                                 accuracy=score["accuracy"], seconds=seconds))
+                print(f"{solver:>9} {schedule:>16} NFE {nfe:>3}: FD-digits {score['fd']:8.2f}"
+                      f"  accuracy {score['accuracy']:.3f}  ({seconds:.1f} s)", flush=True)
     return rows
 
 
@@ -92,13 +132,41 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--samples-per-class", type=int, default=50)
     p.add_argument("--guidance", type=float, default=1.5)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--schedules", default=None,
+                   help="ComfyUI schedulers for the schedule table (default: all)")
+    p.add_argument("--schedule-solvers", default=",".join(SCHEDULE_SOLVERS))
+    p.add_argument("--schedule-nfe", default=",".join(map(str, SCHEDULE_NFES)))
+    p.add_argument("--only", choices=("solvers", "schedules"), default=None,
+                   help="write one of the two tables")
+    p.add_argument("--quick", action="store_true",
+                   help="CI: the schedule table only, euler and dpmpp_2m at NFE 5, 3 schedules")
     args = p.parse_args(argv)
-    nfes = [int(n) for n in args.nfe.split(",")]
-    rows = evaluate(args.solvers.split(","), nfes, args.samples_per_class, args.guidance,
-                    args.seed)
+    if args.quick:
+        args.only, args.schedules, args.schedule_nfe = "schedules", "simple,beta,kl_optimal", "5"
+        args.samples_per_class = min(args.samples_per_class, 3)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     n = 10 * args.samples_per_class
+    if args.only != "solvers":
+        from fastdiff.comfyui import SCHEDULER_NAMES
+
+        names = SCHEDULER_NAMES if args.schedules is None else args.schedules.split(",")
+        s_nfes = [int(v) for v in args.schedule_nfe.split(",")]
+        rows = evaluate_schedules(args.schedule_solvers.split(","), names, s_nfes,
+                                  args.samples_per_class, args.guidance, args.seed)
+        caption = (f"FD-digits (accuracy) of {n} samples, guidance {args.guidance}, seed"
+                   f" {args.seed}, by solver / ComfyUI schedule (calculate_sigmas on the model's"
+                   " training table); NFE as in the solver table (beta and ddim_uniform may use"
+                   " fewer: see quality_schedules.json).")
+        (out / "quality_schedules.md").write_text(markdown(rows, s_nfes, caption))
+        (out / "quality_schedules.json").write_text(
+            json.dumps(dict(rows=rows, args=vars(args)), indent=1))
+        print(f"wrote {out / 'quality_schedules.md'}, quality_schedules.json")
+    if args.only == "schedules":
+        return 0
+    nfes = [int(v) for v in args.nfe.split(",")]
+    rows = evaluate(args.solvers.split(","), nfes, args.samples_per_class, args.guidance,
+                    args.seed)
     caption = (f"FD-digits (accuracy) of {n} samples, guidance {args.guidance}, Karras sigmas,"
                f" seed {args.seed}; real held-out digits score FD ~10.7 against themselves"
                " (1397 train vs 400 held-out).")
