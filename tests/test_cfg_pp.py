@@ -133,3 +133,17 @@ def test_thresholding_applies_to_the_guided_prediction_only(name):
         sampler.noise_sampler = seeded_noise(x, 1)
     torch.manual_seed(1)
     assert rel_err(sampler(x, **cond), want) < 1e-10
+
+
+def test_comfyuis_dpmpp_2s_ancestral_cfg_pp_is_not_its_base_with_equal_halves():
+    """cfg_pp="comfyui" corrects the final update with the midpoint call's D_u (ComfyUI's
+    post-CFG hook keeps the latest one): with equal halves it is not DPM++(2S) ancestral."""
+    _, x, sigmas = problem("dpmpp_2s_ancestral")
+    cfg = CFGDenoiser(conditional_gmm, 4.0)
+    same = dict(cond=torch.full((x.shape[0],), 0.3, device=DEVICE),
+                uncond=torch.full((x.shape[0],), 0.3, device=DEVICE))
+    fn = SOLVERS["dpmpp_2s_ancestral"].fn
+    base = fn(cfg, x, sigmas, disable=True, extra_args=same, eta=0.0)
+    paper = fn(cfg, x, sigmas, disable=True, extra_args=same, eta=0.0, cfg_pp=True)
+    comfy = fn(cfg, x, sigmas, disable=True, extra_args=same, eta=0.0, cfg_pp="comfyui")
+    assert rel_err(paper, base) < 1e-12 and rel_err(comfy, base) > 1e-3
