@@ -52,7 +52,7 @@ def problem(kind, steps=6):
 
 def test_names_are_comfyuis_in_comfyuis_order():
     assert comfyui.SAMPLER_NAMES == [n for n in COMFY_NAMES if n in comfyui.SAMPLER_NAMES]
-    assert len(comfyui.SAMPLER_NAMES) >= 41
+    assert len(comfyui.SAMPLER_NAMES) >= 42
     for name in comfyui.SAMPLER_NAMES:
         assert callable(getattr(comfyui, f"sample_{name}"))
     with pytest.raises(AttributeError):

@@ -69,6 +69,7 @@ _SPECS = {
     "ipndm": ("pndm", "sample_ipndm", {"denoise_final": True}, False),
     "ipndm_v": ("pndm", "sample_ipndm", {"weights": "diff_sampler", "denoise_final": True},
                 False),
+    "deis": ("deis", "sample_deis", {}, False),
     "res_multistep": ("exponential", "sample_res_multistep", {"eta": 0.0}, False),
     "res_multistep_cfg_pp": ("exponential", "sample_res_multistep",
                              {"eta": 0.0, "cfg_pp": True}, False),
@@ -135,6 +136,9 @@ def _comfy_defaults(name: str, fn, kind: str | None, model, x, sigmas, extra_arg
     params = inspect.signature(fn).parameters
     if name.startswith("dpmpp_2m_sde_heun"):
         kwargs.setdefault("solver_type", "heun")
+    if name == "deis":  # ComfyUI's option names: max_order (default 3), deis_mode ('tab')
+        kwargs["order"] = kwargs.pop("max_order", 3)
+        kwargs.setdefault("deis_mode", "tab")
     if name.startswith("res_multistep_ancestral"):
         kwargs.setdefault("eta", 1.0)
     if name.startswith("exp_heun_2_x0"):

@@ -73,16 +73,58 @@ def deis_coefficients(sigma: float, sigma_next: float, past: list[float]) -> lis
     return [sigma * c_j for c_j in c]
 
 
+def tab_coefficients(sig: list[float], max_order: int, n_quad: int = 10000,
+                     sigma_min: float = 0.002, sigma_max: float = 80.0, eps_s: float = 1e-3
+                     ) -> list[list[float]]:
+    """diff-sampler's 'tab' DEIS weights (Zhou et al., github.com/zju-pi/diff-sampler,
+    Apache-2.0; ComfyUI's `deis`): time-AB DEIS in the VP time t of a linear-beta VP SDE fitted
+    to the EDM range [sigma_min, sigma_max] (t(sigma_max) = 1, t(sigma_min) = eps_s), eps
+    extrapolated by the Lagrange polynomial in t and integrated against
+    -d log(alpha)/dt / (2 sqrt(alpha (1 - alpha))) by diff-sampler's rectangle rule on n_quad
+    points (its numbers, not an exact integral). Row i: weights of eps_i, eps_{i-1}, ...; empty
+    for a first-order (Euler in sigma) step."""
+    t = torch.tensor(sig, dtype=torch.float64)
+    lo, hi = math.log(sigma_min**2 + 1), math.log(sigma_max**2 + 1)
+    beta_d = 2 * (lo / eps_s - hi) / (eps_s - 1)
+    beta_0 = hi - 0.5 * beta_d
+    t = ((beta_0**2 + 2 * beta_d * (t**2 + 1).log()).sqrt() - beta_0) / beta_d
+    rows = []
+    for i in range(len(sig) - 1):
+        order = min(i + 1, max_order)
+        if order == 1:
+            rows.append([])
+            continue
+        taus = torch.linspace(float(t[i]), float(t[i + 1]), n_quad, dtype=torch.float64)
+        alpha = torch.exp(-0.5 * taus**2 * beta_d - taus * beta_0)
+        integrand = -0.5 * (-taus * beta_d - beta_0) / torch.sqrt(alpha * (1 - alpha))
+        prev = [float(t[i - k]) for k in range(order)]
+        row = []
+        for j in range(order):
+            poly = torch.ones_like(taus)
+            for k in range(order):
+                if k != j:
+                    poly = poly * (taus - prev[k]) / (prev[j] - prev[k])
+            row.append(float((integrand * poly).sum() * ((t[i + 1] - t[i]) / n_quad)))
+        rows.append(row)
+    return rows
+
+
 @torch.no_grad()
 def sample_deis(model, x, sigmas, extra_args=None, callback=None, disable=None, order=3,
-                lower_order_final=True):
+                lower_order_final=True, deis_mode="logrho"):
     """Multistep DEIS of order 1-3 (Zhang & Chen 2023, arXiv:2204.13902, rho-AB-DEIS with the
     log-rho polynomial of diffusers' DEISMultistepScheduler); one model call per step.
 
     x_{i+1} = x_i + sum_j c_j eps_{i-j}, eps_k = (x_k - D(x_k, sigma_k)) / sigma_k, using
     min(order, i + 1) past values (warm-up). lower_order_final (as diffusers): with fewer than
     15 steps the last two steps use orders 1 and at most 2. order=1 is DDIM (= Euler in VE).
+    deis_mode="tab": ComfyUI's `deis` (`tab_coefficients`: diff-sampler's time-AB DEIS, no
+    lower_order_final, an Euler step in sigma first and into sigma = 0).
     """
+    if deis_mode == "tab":
+        return _sample_deis_tab(model, x, sigmas, extra_args, callback, disable, order)
+    if deis_mode != "logrho":
+        raise ValueError(f"deis_mode: expected 'logrho' or 'tab', got {deis_mode!r}")
     validate_x(x)
     sig = validate_sigmas(sigmas)
     if any(sig[k + 1] >= sig[k] for k in range(len(sig) - 1)):
@@ -108,8 +150,35 @@ def sample_deis(model, x, sigmas, extra_args=None, callback=None, disable=None, 
     return x
 
 
+def _sample_deis_tab(model, x, sigmas, extra_args, callback, disable, max_order):
+    validate_x(x)
+    sig = validate_sigmas(sigmas)
+    if max_order not in (1, 2, 3, 4):
+        raise ValueError(f"order: expected 1..4 with deis_mode='tab', got {max_order!r}")
+    coeffs = tab_coefficients(sig, max_order)
+    extra_args = {} if extra_args is None else extra_args
+    s_in = x.new_ones([x.shape[0]])
+    history = []  # eps, newest first
+    for i in trange(len(sig) - 1, disable=disable):
+        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i],
+                      "denoised": denoised})
+        history = [(x - denoised) / sig[i]] + history[: max_order - 1]
+        if sig[i + 1] <= 0 or not coeffs[i]:
+            x = x + (sig[i + 1] - sig[i]) * history[0]
+        else:
+            for c_j, eps_j in zip(coeffs[i], history, strict=False):
+                x = x + c_j * eps_j
+    return x
+
+
 SOLVERS = {
     f"deis_{p}": SolverInfo(sample_deis, order=p, nfe_per_step=1, stochastic=False,
                             paper=_PAPER, kwargs={"order": p, "lower_order_final": False})
     for p in (1, 2, 3)
 }
+SOLVERS["deis_tab"] = SolverInfo(sample_deis, order=3, nfe_per_step=1, stochastic=False,
+                                 paper="Zhang & Chen 2023, DEIS (arXiv:2204.13902), t-AB-DEIS "
+                                 "('tab', diff-sampler; ComfyUI)",
+                                 kwargs={"order": 3, "deis_mode": "tab"})
