@@ -8,6 +8,14 @@ compiler, pybind11 and ninja, and one build serves every torch version. Environm
     FASTDIFF_NO_CUDA=1               build the CPU-only module even where nvcc exists
     FASTDIFF_NVCC=/path/to/nvcc      nvcc to use (default: $CUDA_HOME/bin/nvcc, then PATH)
     MAX_JOBS=N                       parallel compile jobs (ninja's default otherwise)
+    FASTDIFF_EXTRA_CXXFLAGS="..."    appended to the C++ flags (e.g. "-ffp-contract=fast
+                                     -march=native" shows what tests/test_lincomb_fma.py catches)
+
+Floating point: the step's element math is never contracted into FMAs (DESIGN.md, Numerics):
+-ffp-contract=off on the host, explicit _rn intrinsics on the device (common.h: fd_mul/fd_add).
+With nvcc, ptxas reports every kernel's registers, stack, spills and shared memory (-Xptxas=-v);
+the build keeps each object's log and writes the table fastdiff/_C.ptxas.txt beside the module
+(fastdiff/_ptxas.py; scripts/ptxas_report.py records it under benchmarks/results/).
 """
 
 from __future__ import annotations
@@ -114,36 +122,44 @@ class NinjaBuildExt(build_ext):
         cxx = os.environ.get("CXX", "c++")
         nvcc = find_nvcc()
         omp = openmp_flag(cxx)
-        defines = [f'-DFASTDIFF_SOURCE_HASH="{source_hash()}"']
+        # The hash goes to bindings.cpp alone: on every object's command line it made ninja
+        # rebuild all of csrc/ (minutes of nvcc) for a one-line change anywhere.
+        hash_define = f'-DFASTDIFF_SOURCE_HASH="{source_hash()}"'
+        defines: list[str] = []
         includes = [f"-I{CSRC / 'include'}"]
         cu_sources = sorted(CSRC.glob("*.cu")) if nvcc else []
         archs = cuda_archs() if nvcc else []
         if nvcc:
             defines += ["-DFASTDIFF_WITH_CUDA", f'-DFASTDIFF_CUDA_ARCHS="{";".join(archs)}"']
 
-        cflags = ["-O3", "-std=c++17", "-fPIC", "-fvisibility=hidden", *omp, *includes, *defines,
-                  f"-I{pybind11.get_include()}", f"-I{sysconfig.get_paths()['include']}"]
+        extra = shlex.split(os.environ.get("FASTDIFF_EXTRA_CXXFLAGS", ""))
+        cflags = ["-O3", "-std=c++17", "-fPIC", "-fvisibility=hidden", "-ffp-contract=off", *omp,
+                  *includes, *defines, f"-I{pybind11.get_include()}",
+                  f"-I{sysconfig.get_paths()['include']}", *extra]
         ldflags = [*omp]
         lines = [
             "ninja_required_version = 1.3",
             f"cxx = {cxx}",
             f"cflags = {q(cflags)}",
             "rule cxx",
-            "  command = $cxx -MMD -MF $out.d $cflags -c $in -o $out",
+            "  command = $cxx -MMD -MF $out.d $cflags $extra -c $in -o $out",
             "  depfile = $out.d",
             "  deps = gcc",
             "  description = CXX $in",
         ]
         if nvcc:
             cuflags = ["-O3", "-std=c++17", "-Xcompiler", "-fPIC", "-Xcompiler",
-                       "-fvisibility=hidden", "--expt-relaxed-constexpr", "-lineinfo",
+                       "-fvisibility=hidden", "-Xcompiler", "-ffp-contract=off",
+                       "--expt-relaxed-constexpr", "-lineinfo", "-Xptxas=-v",
                        f"-ccbin={cxx}", *includes, *defines, *gencode_flags(archs)]
             ldflags += [f"-L{cuda_lib_dir(nvcc)}", "-lcudart_static", "-ldl", "-lrt", "-lpthread"]
             lines += [
                 f"nvcc = {nvcc}",
                 f"cuflags = {q(cuflags)}",
                 "rule cu",
-                "  command = $nvcc -MD -MF $out.d $cuflags -c $in -o $out",
+                # ptxas -v's report kept per object ($out.ptxas); shown only on failure
+                "  command = $nvcc -MD -MF $out.d $cuflags -c $in -o $out > $out.ptxas 2>&1"
+                " || { cat $out.ptxas; exit 1; }",
                 "  depfile = $out.d",
                 "  deps = gcc",
                 "  description = NVCC $in",
@@ -159,6 +175,8 @@ class NinjaBuildExt(build_ext):
             obj = build_dir / (src.name + ".o")
             objects.append(obj)
             lines.append(f"build {obj}: {'cu' if src.suffix == '.cu' else 'cxx'} {src}")
+            if src.name == "bindings.cpp":
+                lines.append(f"  extra = {q([hash_define])}")
         lines.append(f"build {target}: link {' '.join(map(str, objects))}")
         (build_dir / "build.ninja").write_text("\n".join(lines) + "\n")
 
@@ -172,6 +190,31 @@ class NinjaBuildExt(build_ext):
             cmd += ["-j", os.environ["MAX_JOBS"]]
         print(f"fastdiff: building _C ({'CUDA ' + ';'.join(archs) if nvcc else 'CPU only'})")
         subprocess.run(cmd, check=True)
+        if nvcc:
+            write_ptxas_table(build_dir, cu_sources, target.parent, archs)
+
+    def copy_extensions_to_source(self) -> None:
+        """--inplace / editable: the ptxas table travels with the module."""
+        super().copy_extensions_to_source()
+        table = Path(self.build_lib).resolve() / "fastdiff" / "_C.ptxas.txt"
+        if table.is_file():
+            shutil.copyfile(table, ROOT / "fastdiff" / "_C.ptxas.txt")
+
+
+def write_ptxas_table(build_dir: Path, sources: list[Path], folder: Path,
+                      archs: list[str]) -> None:
+    """fastdiff/_C.ptxas.txt: every CUDA kernel's resources, from the objects' ptxas logs."""
+    ptxas = runpy.run_path(str(ROOT / "fastdiff" / "_ptxas.py"))
+    rows = []
+    for src in sources:
+        log = build_dir / (src.name + ".o.ptxas")
+        if log.is_file():
+            rows += [dict(r, source=src.name) for r in ptxas["parse"](log.read_text())]
+    header = (f"ptxas -v resource usage of fastdiff._C ({';'.join(archs)}), csrc {source_hash()}\n"
+              "registers per thread; stack, spill stores/loads in bytes per thread; smem in"
+              " bytes per block (static)")
+    (folder / "_C.ptxas.txt").write_text(ptxas["table"](rows, header))
+    print(f"fastdiff: ptxas report of {len(rows)} kernels -> {folder / '_C.ptxas.txt'}")
 
 
 setup(

@@ -45,6 +45,24 @@ int cuda_use_device(int device) {
   return static_cast<int>(cudaSetDevice(device));
 }
 
+int cuda_current_device() {
+  int current = -1;
+  if (cudaGetDevice(&current) != cudaSuccess) {
+    cudaGetLastError();
+    return -1;
+  }
+  return current;
+}
+
+CudaDeviceGuard::CudaDeviceGuard(int device) : previous_(cuda_current_device()) {
+  if (previous_ != device) error_ = static_cast<int>(cudaSetDevice(device));
+}
+
+CudaDeviceGuard::~CudaDeviceGuard() {
+  int current = cuda_current_device();
+  if (previous_ >= 0 && current != previous_) cudaSetDevice(previous_);
+}
+
 int cuda_sm_count(int device) {
   static int cached[64] = {0};
   if (device < 0 || device >= 64) return 132;

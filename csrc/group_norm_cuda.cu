@@ -195,7 +195,8 @@ int group_norm_cuda(DType dtype, const void* x, void* y, const void* weight, con
                     int64_t workspace_bytes_given, int mode, int device, void* stream_handle) {
   if (N < 0 || C < 1 || HW < 0 || G < 1 || C % G != 0 || mode < 0 || mode > 2) return kErrArgs;
   if (N == 0 || HW == 0) return 0;
-  if (const int err = cuda_use_device(device)) return err;
+  const CudaDeviceGuard guard(device);  // the caller's device is restored on return
+  if (guard.error()) return guard.error();
   Plan p;
   const int vec = choose_vec(dtype, x, y, C, HW, channels_last);
   if (!make_plan(vec, N, C, HW, G, channels_last, cuda_sm_count(device), &p)) return kErrLayout;

@@ -426,10 +426,11 @@ struct GroupNormKernel {
 
 // Minimum resident blocks of 256 threads per SM asked of the register allocator (a tuning
 // knob: 4 would cap NCHW at 64 registers, at the price of spilling the held tile around the
-// statistics wait).
+// statistics wait). fp64 NCHW gets 2 (128 registers): at 3 (80 registers) ptxas spilled 44 B
+// per thread in the VEC = 2 kernel (benchmarks/results/ptxas-sm90.txt, tests/test_ptxas.py).
 template <typename T, bool CL>
 constexpr int min_blocks() {
-  return CL ? 2 : 3;
+  return CL ? 2 : (sizeof(T) == 8 ? 2 : 3);
 }
 
 template <typename T, int VEC, bool CL>

@@ -42,7 +42,8 @@ void check_arity(size_t num_in, size_t num_out) {
 void lincomb(int dtype, int device, const std::vector<uintptr_t>& inputs,
              const std::vector<uintptr_t>& outputs, uintptr_t coef, uintptr_t row_ptr,
              int64_t row, int64_t rows, int64_t n, uintptr_t stream, uintptr_t seeds,
-             int64_t sample_numel, const std::vector<uint32_t>& counters, uintptr_t clip) {
+             int64_t sample_numel, const std::vector<uint32_t>& counters, uintptr_t clip,
+             uintptr_t flag, int32_t stage) {
   check_arity(inputs.size(), outputs.size());
   if (counters.size() > static_cast<size_t>(kLincombMaxNoise))
     throw py::value_error("lincomb: at most 2 noise terms, got " + std::to_string(counters.size()));
@@ -56,6 +57,8 @@ void lincomb(int dtype, int device, const std::vector<uintptr_t>& inputs,
   per_sample.sample_numel = sample_numel;
   for (size_t m = 0; m < counters.size(); ++m) per_sample.counters[m] = counters[m];
   per_sample.clip = reinterpret_cast<const void*>(clip);
+  per_sample.flag = reinterpret_cast<int32_t*>(flag);
+  per_sample.stage = stage;
   const DType dt = to_dtype(dtype);
   const auto in = as_pointers<const void*>(inputs);
   const auto out = as_pointers<void*>(outputs);
@@ -87,9 +90,10 @@ void bind_lincomb(py::module_& m) {
         py::arg("outputs"), py::arg("coef"), py::arg("row_ptr"), py::arg("row"),
         py::arg("rows"), py::arg("n"), py::arg("stream"), py::arg("seeds") = 0,
         py::arg("sample_numel") = 1, py::arg("counters") = std::vector<uint32_t>{},
-        py::arg("clip") = 0,
+        py::arg("clip") = 0, py::arg("flag") = 0, py::arg("stage") = 0,
         "out_j = sum_k coef[row, j, k] * in_k (+ Philox noise terms) (+ a clipped term:"
-        " clip = [batch, 2] per-sample (bound, divisor)) over n elements of one dense layout");
+        " clip = [batch, 2] per-sample (bound, divisor)) over n elements of one dense layout;"
+        " flag: an int32 [1] lowered (atomic min) to stage if an output is inf or NaN");
   m.def("philox_normal", &philox_normal, py::arg("seed"), py::arg("counter"), py::arg("element"),
         "the standard normal the kernels generate for (seed, counter, element)");
 }

@@ -25,6 +25,21 @@ struct ClipCoef {
   A y[NOUT];
 };
 
+// The non-finite guard over a stored tile: lowers *a.flag to a.stage (atomic min: tiles run on
+// several threads) if any output element is inf or NaN.
+template <typename T>
+void report_nonfinite(const LincombArgs<T>& a, int64_t begin, int64_t len) {
+  bool bad = false;
+  for (int j = 0; j < a.num_out; ++j)
+    for (int64_t t = 0; t < len; ++t) bad |= nonfinite(a.out[j][begin + t]);
+  if (!bad) return;
+  int32_t seen = __atomic_load_n(a.flag, __ATOMIC_RELAXED);
+  while (a.stage < seen &&
+         !__atomic_compare_exchange_n(a.flag, &seen, a.stage, true, __ATOMIC_RELAXED,
+                                      __ATOMIC_RELAXED)) {
+  }
+}
+
 template <typename T, int NIN, int NOUT, bool NOISE, bool CLIP>
 void lincomb_tile(const LincombArgs<T>& a, const typename Acc<T>::type (&c)[NOUT][kLincombSlots],
                   const ClipCoef<typename Acc<T>::type, NOUT>& cc, int64_t begin, int64_t end) {
@@ -65,11 +80,12 @@ void lincomb_tile(const LincombArgs<T>& a, const typename Acc<T>::type (&c)[NOUT
       for (int m = 0; m < kLincombMaxNoise; ++m) e[kLincombMaxIn + m] = z[m][t];
     lincomb_element(c, e, NIN, NOUT, NOISE ? a.num_noise : 0, out);
     if (CLIP)
-      for (int j = 0; j < NOUT; ++j) out[j] += cc.y[j] * clipped[t];
+      for (int j = 0; j < NOUT; ++j) out[j] = lincomb_add_clipped(out[j], cc.y[j], clipped[t]);
     for (int j = 0; j < NOUT; ++j) y[j][t] = out[j];
   }
   for (int j = 0; j < NOUT; ++j)
     for (int64_t t = 0; t < len; ++t) a.out[j][begin + t] = store_as<T>(y[j][t]);
+  if (a.flag) report_nonfinite(a, begin, len);
 }
 
 template <typename T, int NIN, int NOUT>

@@ -31,7 +31,14 @@ __device__ __forceinline__ void add_clipped(const LincombArgs<T>& a, const typen
   const A clipped = lincomb_clip_value(lincomb_preclip(cw, x, a.num_in), a.clip[2 * sample],
                                        a.clip[2 * sample + 1]);
 #pragma unroll
-  for (int j = 0; j < NO; ++j) y[j] += cy[j] * clipped;
+  for (int j = 0; j < NO; ++j) y[j] = lincomb_add_clipped(y[j], cy[j], clipped);
+}
+
+// Lowers the non-finite flag to this launch's stage if any thread of the warp stored one: one
+// atomic per warp, and only when something went wrong (all threads of a warp reach it).
+__device__ __forceinline__ void report_nonfinite(int32_t* flag, int32_t stage, bool bad) {
+  const unsigned any = __ballot_sync(0xffffffffu, bad);
+  if (any != 0u && (threadIdx.x & 31u) == 0u) atomicMin(flag, stage);
 }
 
 // NO: output capacity. Launches of 1 or 2 outputs use NO = 2, the same SASS as the kernel had
@@ -48,6 +55,7 @@ __global__ void __launch_bounds__(kThreads) lincomb_kernel(const LincombArgs<T> 
   const int64_t nvec = a.n / VEC;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   const int64_t tid = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  bool bad = false;  // a non-finite output stored by this thread (checked when a.flag is set)
   for (int64_t v = tid; v < nvec; v += stride) {
     Vec<T, VEC> xin[kLincombMaxIn];
 #pragma unroll
@@ -73,7 +81,10 @@ __global__ void __launch_bounds__(kThreads) lincomb_kernel(const LincombArgs<T> 
         add_clipped(a, cw, cy, sample, x, y);
       }
 #pragma unroll
-      for (int j = 0; j < NO; ++j) yout[j].v[e] = store_as<T>(y[j]);
+      for (int j = 0; j < NO; ++j) {
+        yout[j].v[e] = store_as<T>(y[j]);
+        bad |= j < a.num_out && nonfinite(yout[j].v[e]);
+      }
     }
 #pragma unroll
     for (int j = 0; j < NO; ++j)
@@ -91,8 +102,13 @@ __global__ void __launch_bounds__(kThreads) lincomb_kernel(const LincombArgs<T> 
     if (CLIP) add_clipped(a, cw, cy, i / a.sample_numel, x, y);
 #pragma unroll
     for (int j = 0; j < NO; ++j)
-      if (j < a.num_out) a.out[j][i] = store_as<T>(y[j]);
+      if (j < a.num_out) {
+        const T stored = store_as<T>(y[j]);
+        a.out[j][i] = stored;
+        bad |= nonfinite(stored);
+      }
   }
+  if (a.flag) report_nonfinite(a.flag, a.stage, bad);
 }
 
 template <typename T, int NO>
@@ -135,7 +151,8 @@ int lincomb_cuda(DType dtype, const void* const* in, void* const* out, const voi
   if (per_sample.num_noise < 0 || per_sample.num_noise > kLincombMaxNoise) return -1;
   if (per_sample.clip && per_sample.sample_numel < 1) return -1;
   if (n == 0) return 0;
-  if (const int err = cuda_use_device(device)) return err;
+  const CudaDeviceGuard guard(device);  // the caller's device is restored on return
+  if (guard.error()) return guard.error();
   auto stream = static_cast<cudaStream_t>(stream_handle);
   switch (dtype) {
     case DType::kFloat16:

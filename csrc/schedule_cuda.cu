@@ -66,7 +66,8 @@ __global__ void __launch_bounds__(kThreads) schedule_kernel(const ScheduleSpec s
 
 int schedule_tables_cuda(const ScheduleSpec& spec, double* out, int device, void* stream) {
   if (spec.T < 2 || spec.n < 1 || spec.n > spec.T) return -1;
-  if (const int err = cuda_use_device(device)) return err;
+  const CudaDeviceGuard guard(device);  // the caller's device is restored on return
+  if (guard.error()) return guard.error();
   schedule_kernel<<<1, kThreads, 0, static_cast<cudaStream_t>(stream)>>>(spec, out);
   return static_cast<int>(cudaGetLastError());
 }

@@ -193,7 +193,8 @@ int dynamic_threshold_cuda(DType dtype, const void* const* in, int num_in, const
       sample_numel >= (int64_t(1) << 31) || batch >= (int64_t(1) << 31))
     return -1;
   if (batch == 0) return 0;
-  if (const int err = cuda_use_device(device)) return err;
+  const CudaDeviceGuard guard(device);  // the caller's device is restored on return
+  if (guard.error()) return guard.error();
   auto stream = static_cast<cudaStream_t>(stream_handle);
   switch (dtype) {
     case DType::kFloat16:

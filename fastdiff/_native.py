@@ -12,7 +12,7 @@ from types import ModuleType
 
 import torch
 
-ABI_VERSION = 4  # must equal kAbiVersion in csrc/include/fastdiff/common.h
+ABI_VERSION = 5  # must equal kAbiVersion in csrc/include/fastdiff/common.h
 DTYPE_CODES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
 _CSRC = Path(__file__).resolve().parent.parent / "csrc"
 

@@ -7,6 +7,12 @@ The plan (fastdiff.solvers) is built once per (solver, sigmas, options) and lowe
 (model scalings, dtype, device) into small device coefficient tables; each stage is then a model
 call followed by a single fused linear-combination launch, with no host sync and no Python
 branch on tensor values, so the whole loop can be captured in one CUDA graph (graph=True).
+
+Non-finite guard (check_finite=True, the default): every stage's launch lowers a device flag to
+its index when its output holds an inf or NaN (fastdiff.ops.lincomb's `flag`); nothing is read
+inside the loop. An eager run reads the flag once after the loop and raises NonFiniteError
+naming the first stage (model call) and its sigma. A graph replay does not read it (that would
+sync): after your own sync, call `sampler.check_finite()`.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import torch
 from fastdiff.denoisers import CFGDenoiser, Denoiser, ThresholdedDenoiser, check_denoised
 from fastdiff.ops import BACKENDS, dynamic_threshold, lincomb, resolve
 from fastdiff.ops._backends import traced
-from fastdiff.ops.lincomb import launch_unchecked, same_dense_layout
+from fastdiff.ops.lincomb import NO_NONFINITE, launch_unchecked, nonfinite_flag, same_dense_layout
 from fastdiff.ops.threshold import static_bounds
 from fastdiff.reference.solvers import SOLVERS
 from fastdiff.reference.solvers._utils import default_noise_sampler
@@ -32,6 +38,15 @@ from fastdiff.solvers.lowering import Launch, Scalings, lower
 
 # Solvers whose reference draws Brownian-bridge noise over overlapping intervals.
 _BROWNIAN = {"dpmpp_sde", "dpmpp_sde_flow"}
+
+
+class NonFiniteError(FloatingPointError):
+    """A sampling run produced an inf or NaN: `stage` is the model call after which the sample
+    first went non-finite (-1: before the first call), `sigma` that call's noise level."""
+
+    def __init__(self, message: str, stage: int, sigma: float | None):
+        super().__init__(message)
+        self.stage, self.sigma = stage, sigma
 
 
 def _number(name: str, value) -> float:
@@ -238,6 +253,10 @@ class Sampler:
             torch's global generator), for exact agreement with k-diffusion.
         noise_sampler: a k-diffusion noise sampler `noise_sampler(sigma, sigma_next) -> tensor`
             (implies noise="generator"; the same one gives the same samples as k-diffusion).
+        check_finite: the non-finite guard (default on): an eager run raises NonFiniteError
+            with the first stage and sigma whose output held an inf or NaN (one read of a
+            device flag after the loop, none inside it); with graph=True call
+            `check_finite()` after your own sync. False: no flag, no read.
         **options: the solver's keyword options (eta, s_noise, order, ...).
 
     Call as `sampler(noise, seed=None, seeds=None, generator=None, **cond)`: Philox seeds are
@@ -247,7 +266,7 @@ class Sampler:
     def __init__(self, model: Callable, solver: str = "dpmpp_2m", sigmas=None, *,
                  guidance: float | None = None, backend: str = "auto", graph: bool = False,
                  noise: str | None = None, noise_sampler: Callable | None = None,
-                 cond_key: str = "cond", **options):
+                 cond_key: str = "cond", check_finite: bool = True, **options):
         if solver not in SOLVERS:
             raise ValueError(f"solver must be one of {sorted(SOLVERS)}, got {solver!r}")
         if sigmas is None:
@@ -261,7 +280,11 @@ class Sampler:
             raise ValueError(f"noise must be 'philox' or 'generator', got {noise!r}")
         if noise == "philox" and noise_sampler is not None:
             raise ValueError("noise_sampler draws noise tensors: use noise='generator' with it")
+        if not isinstance(check_finite, bool):
+            raise TypeError(f"check_finite must be a bool, got {type(check_finite).__name__}")
         self.solver, self.backend, self.graph, self.noise = solver, backend, graph, noise
+        self.guard = check_finite
+        self._flag = None  # the last run's non-finite flag (and its noise), for check_finite()
         self.options = {**info.kwargs, **options}
         self.noise_sampler = noise_sampler
         if backend != "auto" and backend not in BACKENDS:
@@ -400,6 +423,7 @@ class Sampler:
                   default_noise_sampler(noise, generator=generator))  # the reference's randn_like
                  if self._draws else None)
         regs: dict = {("x", 0): noise}
+        flag = nonfinite_flag(noise.device) if self.guard else None  # a device fill
         buffers = _Buffers(noise, self._spare)
         drawn: list[torch.Tensor] = []
         result = None
@@ -414,13 +438,42 @@ class Sampler:
                 if self.scalings.plain:  # D (and, without guidance, U) is the output itself
                     regs[("D", k)] = regs[("U", k)] = parts[0]
             result = self._launch(launch, regs, tables, backend, buffers, drawn, draws,
-                                  philox_seeds)
+                                  philox_seeds, flag, i)
             for key in self._dead_after[i]:
                 buffers.release(regs.pop(key, None), regs)
         buffers.close()
+        if flag is not None:
+            self._flag = (flag, noise)
+            # the one read, after the loop: not when tracing (no data) or capturing a graph
+            if not (traced(noise) or self._graphing or noise.is_cuda
+                    and torch.cuda.is_current_stream_capturing()):
+                self.check_finite()
+                self._flag = (flag, None)  # checked: keep no reference to the caller's noise
         return result
 
-    def _launch(self, launch: Launch, regs, tables, backend, buffers, drawn, draws, seeds):
+    def check_finite(self) -> None:
+        """Raises NonFiniteError if the last run's output went non-finite (inf or NaN), naming
+        the first stage (model call) and its sigma; ValueError if that was the initial noise.
+        Reads the device flag once (a sync): after a graph replay, call it after your own."""
+        if self._flag is None:
+            return
+        flag, noise = self._flag
+        first = int(flag.item())
+        if first == NO_NONFINITE:
+            return
+        call = self.launches[first].call
+        if call <= 0 and noise is not None and not bool(torch.isfinite(noise).all()):
+            # (read only on the failure path)
+            raise ValueError("noise holds inf or NaN: the initial sample must be finite")
+        sigma = self.plan.stages[call].sigma if call >= 0 else None
+        where = (f"stage {call} (model call {call}, sigma {sigma:.6g})" if call >= 0
+                 else "the prologue, before the first model call")
+        raise NonFiniteError(f"fastdiff: the sample went non-finite (inf or NaN) at {where};"
+                             " check the model's output there (or pass check_finite=False)",
+                             call, sigma)
+
+    def _launch(self, launch: Launch, regs, tables, backend, buffers, drawn, draws, seeds,
+                flag=None, index=0):
         for ref in launch.inputs:
             if ref.kind == "z":  # drawn in the reference's order, with its arguments
                 draw, plain_draw = draws
@@ -436,10 +489,11 @@ class Sampler:
         if same_dense_layout([*inputs, *outs], batch_outermost=launch.clip):  # the common case:
             # skip per-call validation
             launch_unchecked(inputs, table, launch.row, outs, backend, seeds, list(launch.noise),
-                             clip=clip)
+                             clip=clip, flag=flag, stage=index)
         else:  # e.g. a model answering channels-last for contiguous input: the checked op copies
             noise = (seeds, list(launch.noise)) if launch.noise else None
-            lincomb(inputs, table, launch.row, out=outs, noise=noise, clip=clip, backend=backend)
+            lincomb(inputs, table, launch.row, out=outs, noise=noise, clip=clip, flag=flag,
+                    stage=index, backend=backend)
         for name, t in zip(launch.outputs, outs):
             if name == "F":
                 regs[("F", launch.call + 1)] = t
@@ -448,6 +502,17 @@ class Sampler:
             elif name == "HU":  # CFG++: the unconditional output, for a later stage
                 regs[("U" if self.plan.history_kind == "D" else "V", launch.call)] = t
         return outs[0]
+
+    _graphing = False
+
+    def _run_graphed(self, noise, **kwargs):
+        """run() as a graph captures it: the result and the flag, not read (no sync)."""
+        self._graphing = True
+        try:
+            out = self.run(noise, **kwargs)
+        finally:
+            self._graphing = False
+        return out, (self._flag[0] if self.guard else None)
 
     def __call__(self, noise: torch.Tensor, generator: torch.Generator | None = None,
                  seed: int | None = None, seeds: torch.Tensor | None = None,
@@ -463,9 +528,12 @@ class Sampler:
                 from fastdiff.graph import GraphedCallable
 
                 if self._graphs is None:
-                    self._graphs = GraphedCallable(self.run)
-                return self._graphs(noise, seeds=self.seeds_for(noise, seed, seeds, generator),
-                                    **cond)
+                    self._graphs = GraphedCallable(self._run_graphed)
+                out, flag = self._graphs(noise, seeds=self.seeds_for(noise, seed, seeds,
+                                                                     generator), **cond)
+                # the replay's flag (a device copy): read by check_finite() after the caller syncs
+                self._flag = (flag, noise) if flag is not None else None
+                return out
         return self.run(noise, generator=generator, seed=seed, seeds=seeds, **cond)
 
 

@@ -308,3 +308,21 @@ def test_gpu_cuda_graph_replay(tol):
             graph.replay()
             torch.cuda.synchronize()
             torch.testing.assert_close(out, reference(x, 32, silu=True, **p), **tol(x.dtype))
+
+
+def test_no_layout_plan_is_an_error_not_garbage(monkeypatch):
+    """Issue 13, item 12: when the kernels accept no layout (the CUDA plans refuse groups of
+    >= 2**31 elements), the op returned torch.empty_like(x), never written. An explicit backend
+    now raises naming x; "auto" falls back to the reference with a warning."""
+    import importlib
+
+    ops = importlib.import_module("fastdiff.ops.group_norm")  # (the package exports the function)
+    x = torch.randn(2, 8, 5, 5)
+    monkeypatch.setitem(ops._LAUNCHERS, "cpu", lambda *args: False)  # no plan for any layout
+    if not unavailable_reason("cpu", x.device):
+        with pytest.raises(ValueError, match=r"cannot run x of shape \(2, 8, 5, 5\)"):
+            ops._run(x, 4, None, None, 1e-5, None, None, False, "cpu")
+    monkeypatch.setattr(ops, "resolve", lambda backend, device: "cpu")  # auto -> the kernels
+    with pytest.warns(UserWarning, match="using the reference"):
+        got = ops._run(x, 4, None, None, 1e-5, None, None, False, "auto")
+    assert torch.equal(got, reference(x, 4))

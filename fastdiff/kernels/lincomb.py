@@ -97,9 +97,18 @@ def _madd_noise(acc0, acc1, acc2, C, k, valid, seed, counter, element, NOUT: tl.
     return acc0, acc1, acc2
 
 
+@triton.jit
+def _report_nonfinite(FLAG, stage, y, mask):
+    """flag = min(flag, stage) if the stored block y holds an inf or NaN (one atomic per block,
+    only when it does)."""
+    bad = ((y != y) | (tl.abs(y) == float("inf"))) & mask
+    tl.atomic_min(FLAG, stage, mask=tl.max(bad.to(tl.int32), axis=0) > 0)
+
+
 # Ints equal to 1 are not specialised into constants: counters are noise indices 0, 1, 2, ...
-# (a constant 1 has no .to()), and each row would otherwise compile its own kernel.
-@triton.jit(do_not_specialize=["row", "rows", "counter0", "counter1"])
+# (a constant 1 has no .to()), and each row would otherwise compile its own kernel; the stage
+# is an atomic's operand.
+@triton.jit(do_not_specialize=["row", "rows", "counter0", "counter1", "stage"])
 def lincomb_kernel(
     X0, X1, X2, X3, X4, X5,  # input pointers, each [N]; slots >= NIN are unused
     Y0, Y1, Y2,  # output pointers, each [N]; slots >= NOUT are unused
@@ -113,11 +122,14 @@ def lincomb_kernel(
     counter0,  # Philox counter of noise term 0
     counter1,  # Philox counter of noise term 1
     CLIP_PTR,  # per-sample (bound, divisor) [batch, 2], coefficient dtype (read when CLIP)
+    FLAG,  # int32 [1] non-finite guard: lowered to `stage` on an inf/NaN output (HAS_FLAG)
+    stage,  # this launch's stage index
     NIN: tl.constexpr,
     NOUT: tl.constexpr,
     NNOISE: tl.constexpr,
     CLIP: tl.constexpr,  # 1: fused x0 clipping (pre-clip row NOUT, clipped-term column last)
     HAS_ROW_PTR: tl.constexpr,
+    HAS_FLAG: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
@@ -176,11 +188,20 @@ def lincomb_kernel(
             acc1 += _coef(C, valid, 1, WIDTH - 1, WIDTH, acc0.dtype) * y
         if NOUT > 2:
             acc2 += _coef(C, valid, 2, WIDTH - 1, WIDTH, acc0.dtype) * y
-    tl.store(Y0 + offs, acc0.to(Y0.dtype.element_ty), mask=mask)
+    y0 = acc0.to(Y0.dtype.element_ty)
+    tl.store(Y0 + offs, y0, mask=mask)
+    if HAS_FLAG:
+        _report_nonfinite(FLAG, stage, y0, mask)
     if NOUT > 1:
-        tl.store(Y1 + offs, acc1.to(Y1.dtype.element_ty), mask=mask)
+        y1 = acc1.to(Y1.dtype.element_ty)
+        tl.store(Y1 + offs, y1, mask=mask)
+        if HAS_FLAG:
+            _report_nonfinite(FLAG, stage, y1, mask)
     if NOUT > 2:
-        tl.store(Y2 + offs, acc2.to(Y2.dtype.element_ty), mask=mask)
+        y2 = acc2.to(Y2.dtype.element_ty)
+        tl.store(Y2 + offs, y2, mask=mask)
+        if HAS_FLAG:
+            _report_nonfinite(FLAG, stage, y2, mask)
 
 
 def lincomb(
@@ -192,6 +213,8 @@ def lincomb(
     seeds: torch.Tensor | None = None,
     counters: Sequence[int] = (),
     clip: torch.Tensor | None = None,
+    flag: torch.Tensor | None = None,
+    stage: int = 0,
 ) -> None:
     """Launches the kernel; fastdiff.ops has validated shapes, dtypes, devices and layout."""
     n = inputs[0].numel()
@@ -209,7 +232,8 @@ def lincomb(
             *x, *y, coef, row_tensor if row_tensor is not None else coef, row, coef.shape[0], n,
             seeds if seeds is not None else coef,
             n // inputs[0].shape[0] if counters or clip is not None else 1, *c,
-            clip if clip is not None else coef,
+            clip if clip is not None else coef, flag if flag is not None else coef, stage,
             NIN=len(inputs), NOUT=len(outputs), NNOISE=len(counters), CLIP=int(clip is not None),
-            HAS_ROW_PTR=row_tensor is not None, BLOCK=block, num_warps=8, enable_fp_fusion=False,
+            HAS_ROW_PTR=row_tensor is not None, HAS_FLAG=flag is not None, BLOCK=block,
+            num_warps=8, enable_fp_fusion=False,
         )

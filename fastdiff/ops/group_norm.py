@@ -12,6 +12,7 @@ other layouts are copied into NCHW first. The result has x's layout.
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
@@ -139,6 +140,7 @@ _LAUNCHERS = {"cpu": _launch_native, "cuda": _launch_native, "triton": _launch_t
 def _run(x, num_groups, weight, bias, eps, scale, shift, silu, backend, cuda_mode=0):
     """Validated arguments in, y out (with torch.empty_like(x)'s layout). cuda_mode (tests):
     0 auto, 1 two-pass, 2 fused."""
+    requested = backend
     if backend == "auto" and x.device.type == "cpu":
         # torch's own CPU group_norm (AVX2/AVX-512 dispatch) beats the portable native build:
         # 2.1 vs 5.7 ms at 2x320x64x64 fp32 + SiLU on one core, and the native fp16 path pays
@@ -156,6 +158,15 @@ def _run(x, num_groups, weight, bias, eps, scale, shift, silu, backend, cuda_mod
         if _LAUNCHERS[backend](_in_kind(x, attempt), out, attempt, num_groups, weight, bias, eps,
                                scale, shift, silu, cuda_mode):
             break
+    else:  # no layout plan accepts a group (e.g. one of >= 2**31 elements): y was never written
+        shape = (f"x of shape {tuple(x.shape)} with num_groups={num_groups}"
+                 f" ({x.numel() // max(x.shape[0] * num_groups, 1)} elements per group)")
+        if requested != "auto":
+            raise ValueError(f"group_norm: the {backend} kernels cannot run {shape}; use"
+                             " backend='reference' (or 'auto')")
+        warnings.warn(f"fastdiff: group_norm's {backend} kernels cannot run {shape}; using the"
+                      " reference", stacklevel=3)
+        return group_norm_reference(x, num_groups, weight, bias, eps, scale, shift, silu)
     if out is not y:
         y.copy_(out)
     return y

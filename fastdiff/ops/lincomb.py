@@ -9,6 +9,10 @@ clipping (`clip`: per-sample bound and divisor; fastdiff/reference/lincomb.py ha
 
 `coef` is a device table [rows, num_out, num_in]; `row` is an int or an int64 device scalar, so
 the same call works for every step of a solver and inside a captured CUDA graph.
+
+Non-finite guard (`flag`, `stage`): a launch whose output holds an inf or NaN lowers the int32
+device scalar `flag` to `stage` (an atomic min, on every backend), so after a run of many
+launches the flag holds the first bad stage, or NO_NONFINITE; nothing is read on the host.
 """
 
 from __future__ import annotations
@@ -25,6 +29,32 @@ MAX_INPUTS = 6
 MAX_OUTPUTS = 3  # a UniPC step's three new tensors in one launch (csrc kLincombMaxOut)
 MAX_NOISE = 2
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+NO_NONFINITE = 2**31 - 1  # the flag's value while no output was non-finite (csrc kNoNonfinite)
+
+
+def nonfinite_flag(device: torch.device | str) -> torch.Tensor:
+    """A fresh non-finite flag on `device` (a device fill: no host-to-device copy)."""
+    return torch.full((1,), NO_NONFINITE, dtype=torch.int32, device=device)
+
+
+def _validate_flag(flag, stage, x0) -> None:
+    if flag is None:
+        return
+    if not isinstance(flag, torch.Tensor) or flag.dtype != torch.int32 or flag.numel() != 1 \
+            or not flag.is_contiguous():
+        raise TypeError("flag must be a one-element int32 tensor (fastdiff.ops.lincomb."
+                        "nonfinite_flag)")
+    if flag.device != x0.device:
+        raise ValueError(f"flag is on {flag.device}, expected {x0.device} like the inputs")
+    if isinstance(stage, bool) or not isinstance(stage, int) or not 0 <= stage < NO_NONFINITE:
+        raise ValueError(f"stage must be an int in [0, 2**31 - 1), got {stage!r}")
+
+
+def mark_nonfinite(outputs: Sequence[torch.Tensor], flag: torch.Tensor, stage: int) -> None:
+    """The reference of the guard: flag = min(flag, stage) if any output is inf or NaN, by
+    device ops only (no host read)."""
+    bad = torch.stack([~torch.isfinite(o).all() for o in outputs]).any()
+    flag.copy_(torch.where(bad, flag.clamp(max=stage), flag))
 
 
 def _layout(t: torch.Tensor) -> tuple:
@@ -241,7 +271,8 @@ def _check_out_aliasing(inputs, out) -> None:
                 raise ValueError(f"out[{j}] overlaps out[{i}]")
 
 
-def _launch_native(inputs, coef, row, row_tensor, outs, seeds, counters, clip) -> None:
+def _launch_native(inputs, coef, row, row_tensor, outs, seeds, counters, clip, flag=None,
+                   stage=0) -> None:
     index, stream = native_target(inputs[0].device)
     _native.module().lincomb(
         _native.DTYPE_CODES[inputs[0].dtype], index, [t.data_ptr() for t in inputs],
@@ -250,20 +281,22 @@ def _launch_native(inputs, coef, row, row_tensor, outs, seeds, counters, clip) -
         inputs[0].numel(), stream, seeds.data_ptr() if seeds is not None else 0,
         inputs[0].numel() // inputs[0].shape[0] if counters or clip is not None else 1, counters,
         clip.data_ptr() if clip is not None else 0,
+        flag.data_ptr() if flag is not None else 0, stage,
     )
 
 
-def _launch_triton(inputs, coef, row, row_tensor, outs, seeds, counters, clip) -> None:
+def _launch_triton(inputs, coef, row, row_tensor, outs, seeds, counters, clip, flag=None,
+                   stage=0) -> None:
     from fastdiff.kernels.lincomb import lincomb as lincomb_triton
 
-    lincomb_triton(inputs, coef, row, row_tensor, outs, seeds, counters, clip)
+    lincomb_triton(inputs, coef, row, row_tensor, outs, seeds, counters, clip, flag, stage)
 
 
 _LAUNCHERS = {"cpu": _launch_native, "cuda": _launch_native, "triton": _launch_triton}
 
 
-def _run(inputs, coef, row, row_tensor, out, backend: str, seeds=None, counters=(), clip=None
-         ) -> list[torch.Tensor]:
+def _run(inputs, coef, row, row_tensor, out, backend: str, seeds=None, counters=(), clip=None,
+         flag=None, stage=0) -> list[torch.Tensor]:
     """Validated arguments in, results out (written into `out` when given)."""
     x0 = inputs[0]
     backend = resolve(backend, x0.device)
@@ -277,6 +310,8 @@ def _run(inputs, coef, row, row_tensor, out, backend: str, seeds=None, counters=
         results = lincomb_reference([ref.copy_(x0) if ref is not x0 else x0, *inputs[1:]],
                                     coef, row_tensor if row_tensor is not None else row, noise,
                                     clip)
+        if flag is not None:
+            mark_nonfinite(results, flag, stage)
         if out is None:
             return results
         for o, r in zip(out, results):
@@ -288,7 +323,8 @@ def _run(inputs, coef, row, row_tensor, out, backend: str, seeds=None, counters=
     flat_out = [o if _layout(o) == layout and _is_dense(o) else torch.empty_like(ref)
                 for o in outs]
     if x0.numel() > 0:
-        _LAUNCHERS[backend](flat_in, coef, row, row_tensor, flat_out, seeds, counters, clip)
+        _LAUNCHERS[backend](flat_in, coef, row, row_tensor, flat_out, seeds, counters, clip, flag,
+                            stage)
     for o, f in zip(outs, flat_out):
         if o is not f:
             o.copy_(f)
@@ -296,21 +332,22 @@ def _run(inputs, coef, row, row_tensor, out, backend: str, seeds=None, counters=
 
 
 def launch_unchecked(inputs, coef, row: int, outs, backend: str, seeds=None, counters=(),
-                     clip=None) -> None:
+                     clip=None, flag=None, stage: int = 0) -> None:
     """The kernel launch without validation, for callers that guarantee what lincomb() checks
     (the sampling engine, per stage): same shape, dtype and device; one dense layout shared by
     every input and output (batch-outermost with `clip`); `coef` [rows, len(outs) (+ 1),
     len(inputs) + len(counters) (+ 1)] contiguous in the accumulation dtype; `clip` None or
     [batch, 2] contiguous in that dtype; `backend` already resolved; outputs fresh or exactly
-    an input."""
+    an input; `flag` None or an int32 [1] on the inputs' device (nonfinite_flag)."""
     if traced(inputs[0]):  # torch.compile, fake tensors: the registered op, its contract checked
         check_unchecked_launch(inputs, coef, outs, seeds, clip)
+        check_one_device([inputs[0], flag])
         torch.ops.fastdiff.lincomb_out(list(inputs), coef, None, row, backend, list(outs), seeds,
-                                       list(counters), clip)
+                                       list(counters), clip, flag, stage)
     elif backend == "reference":
-        _run(list(inputs), coef, row, None, outs, backend, seeds, counters, clip)
+        _run(list(inputs), coef, row, None, outs, backend, seeds, counters, clip, flag, stage)
     else:
-        _LAUNCHERS[backend](inputs, coef, row, None, outs, seeds, counters, clip)
+        _LAUNCHERS[backend](inputs, coef, row, None, outs, seeds, counters, clip, flag, stage)
 
 
 def check_unchecked_launch(inputs, coef, outs, seeds=None, clip=None) -> None:
@@ -361,6 +398,8 @@ def lincomb(
     out: Sequence[torch.Tensor] | None = None,
     noise: tuple[torch.Tensor, Sequence[int]] | None = None,
     clip: torch.Tensor | None = None,
+    flag: torch.Tensor | None = None,
+    stage: int = 0,
     backend: str = "auto",
 ) -> list[torch.Tensor]:
     """Fused linear combination ``out_j = sum_k coef[row, j, k] * inputs[k]`` (+ noise terms).
@@ -383,6 +422,10 @@ def lincomb(
             column weighs y = clamp(w, -b_n, b_n) / d_n, which is never rounded to the data
             dtype. clip_sample(r) is clip = (r, 1); dynamic thresholding is
             clip = fastdiff.ops.dynamic_threshold(...).
+        flag: optional non-finite guard, a one-element int32 tensor on the inputs' device
+            (`nonfinite_flag(device)`): lowered to `stage` (atomic min) if an output holds an
+            inf or NaN; never read here (no sync).
+        stage: the value the flag is lowered to (an int in [0, 2**31 - 1)).
         backend: "auto", "reference", "cpu", "cuda" or "triton" (see `fastdiff info`).
 
     Returns:
@@ -391,7 +434,15 @@ def lincomb(
     """
     inputs, coef, row, row_tensor, out, seeds, counters, clip = _validate(inputs, coef, row, out,
                                                                           noise, clip)
+    _validate_flag(flag, stage, inputs[0])
     if traced(inputs[0]):
+        if flag is not None:  # the functional op mutates nothing: write fresh outputs
+            ref = kernel_layout(inputs[0], clip is not None)
+            out = out if out is not None else [torch.empty_like(ref) for _ in
+                                               range(coef.shape[1] - (clip is not None))]
+            torch.ops.fastdiff.lincomb_out(inputs, coef, row_tensor, row, backend, list(out),
+                                           seeds, counters, clip, flag, stage)
+            return list(out)
         if out is None:
             return torch.ops.fastdiff.lincomb(inputs, coef, row_tensor, row, backend, seeds,
                                               counters, clip)
@@ -400,7 +451,7 @@ def lincomb(
         return list(out)
     if out is not None:
         _check_out_aliasing(inputs, out)
-    return _run(inputs, coef, row, row_tensor, out, backend, seeds, counters, clip)
+    return _run(inputs, coef, row, row_tensor, out, backend, seeds, counters, clip, flag, stage)
 
 
 # torch.library registration: torch.compile traces these instead of the Python above.
@@ -420,16 +471,18 @@ def _(inputs, coef, row_tensor, row, backend, seeds=None, counters=None, clip=No
     return [torch.empty_like(ref) for _ in range(coef.shape[1] - (clip is not None))]
 
 
-@torch.library.custom_op("fastdiff::lincomb_out", mutates_args=("out",))
+@torch.library.custom_op("fastdiff::lincomb_out", mutates_args=("out", "flag"))
 def _lincomb_out_op(
     inputs: list[torch.Tensor], coef: torch.Tensor, row_tensor: torch.Tensor | None, row: int,
     backend: str, out: list[torch.Tensor], seeds: torch.Tensor | None = None,
     counters: list[int] | None = None, clip: torch.Tensor | None = None,
+    flag: torch.Tensor | None = None, stage: int = 0,
 ) -> None:
-    _run(inputs, coef, row, row_tensor, out, backend, seeds, counters or [], clip)
+    _run(inputs, coef, row, row_tensor, out, backend, seeds, counters or [], clip, flag, stage)
 
 
 @_lincomb_out_op.register_fake
-def _(inputs, coef, row_tensor, row, backend, out, seeds=None, counters=None, clip=None):
-    check_one_device([*inputs, *out, coef, row_tensor, seeds, clip])
+def _(inputs, coef, row_tensor, row, backend, out, seeds=None, counters=None, clip=None,
+      flag=None, stage=0):
+    check_one_device([*inputs, *out, coef, row_tensor, seeds, clip, flag])
     return None

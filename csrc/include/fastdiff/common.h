@@ -19,7 +19,7 @@
 namespace fastdiff {
 
 // Bumped whenever a binding's signature or meaning changes; Python refuses a mismatching _C.
-constexpr int kAbiVersion = 4;
+constexpr int kAbiVersion = 5;
 
 // CPU launchers go multi-threaded (OpenMP) only from this many elements. Below it one thread
 // runs near memory bandwidth and a parallel region's fork/join costs more than it saves. In a
@@ -115,6 +115,73 @@ FD_HD bf16 from_float_bf16(float f) {
 
 FD_HD float to_float(float v) { return v; }
 FD_HD double to_float(double v) { return v; }
+
+// The step's element math, rounded op by op. nvcc contracts a * b + c into one FMA by default
+// (--fmad=true) and GCC/Clang do with -ffp-contract=fast and an FMA-capable -march; either
+// changes the bits against the reference, which rounds every product and sum (DESIGN.md,
+// Numerics: no backend contracts). On the device the _rn intrinsics are never fused; on the
+// host the build passes -ffp-contract=off (setup.py).
+FD_HD float fd_mul(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+FD_HD float fd_add(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+FD_HD double fd_mul(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+FD_HD double fd_add(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+FD_HD float fd_sub(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fsub_rn(a, b);
+#else
+  return a - b;
+#endif
+}
+FD_HD double fd_sub(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dsub_rn(a, b);
+#else
+  return a - b;
+#endif
+}
+
+// Non-finite (inf or NaN) test on the stored bits: all exponent bits set. Works on the storage
+// type, so an fp16 overflow to inf counts, and no fast-math mode can fold it away.
+FD_HD bool nonfinite(float v) { return (float_to_bits(v) & 0x7f800000u) == 0x7f800000u; }
+FD_HD bool nonfinite(double v) {
+#if defined(__CUDA_ARCH__)
+  const uint64_t u = static_cast<uint64_t>(__double_as_longlong(v));
+#else
+  uint64_t u;
+  std::memcpy(&u, &v, 8);
+#endif
+  return (u & 0x7ff0000000000000ull) == 0x7ff0000000000000ull;
+}
+FD_HD bool nonfinite(f16 h) { return (h.bits & 0x7c00u) == 0x7c00u; }
+FD_HD bool nonfinite(bf16 h) { return (h.bits & 0x7f80u) == 0x7f80u; }
+
+// "No non-finite value seen" in the flag buffer the step kernels lower (atomic min) to the
+// index of the first stage whose output held one (fastdiff/ops/lincomb.py: NO_NONFINITE).
+constexpr int32_t kNoNonfinite = 0x7fffffff;
 
 // Storage <-> accumulator traits: fp16/bf16/fp32 accumulate in fp32, fp64 in fp64.
 template <typename T> struct Acc { using type = float; };

@@ -14,8 +14,26 @@ int cuda_device_capability(int device);
 // launchers size their grids with it.
 int cuda_sm_count(int device);
 // Makes `device` current for the calling host thread (launchers run on torch's stream of that
-// device, which need not be the current one). 0 on success, else the CUDA error code.
+// device, which need not be the current one). 0 on success, else the CUDA error code. Launchers
+// use CudaDeviceGuard, which puts the previous device back.
 int cuda_use_device(int device);
+int cuda_current_device();  // -1 on error
+
+// `device` current while the guard lives; the caller's device restored when it goes. The static
+// cudart of _C and torch's share the driver's current context, so a launch on tensors of
+// cuda:1 must not leave cuda:1 current for torch (torch.cuda.current_device() would change).
+class CudaDeviceGuard {
+ public:
+  explicit CudaDeviceGuard(int device);
+  ~CudaDeviceGuard();
+  CudaDeviceGuard(const CudaDeviceGuard&) = delete;
+  CudaDeviceGuard& operator=(const CudaDeviceGuard&) = delete;
+  int error() const { return error_; }  // 0, or the CUDA error of making `device` current
+
+ private:
+  int previous_ = -1;
+  int error_ = 0;
+};
 // Shared memory one block of `device` may opt in to, in bytes (cached; 48 KiB, what every GPU
 // grants without opting in, if the query fails).
 int cuda_smem_optin(int device);

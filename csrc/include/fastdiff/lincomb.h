@@ -16,6 +16,10 @@
 //     y     = clamp(w, -b_n, b_n) / d_n                          (n: the element's sample)
 //     out_j = (the sum above) + coef[row, j, num_in + num_noise] * y
 // all in the accumulator precision: y is never rounded to the storage dtype.
+//
+// Non-finite guard (optional `flag`, DESIGN.md Numerics): a launch whose stored output holds an
+// inf or NaN lowers flag[0] to its `stage` (an atomic min), so after a run the flag names the
+// first bad stage; nothing is read back inside the loop.
 #pragma once
 
 #include <cmath>
@@ -53,6 +57,9 @@ struct LincombArgs {
   int64_t sample_numel;        // elements per sample: the batch dim is outermost in memory
   uint32_t counters[kLincombMaxNoise];  // Philox counter of each noise term
   const typename Acc<T>::type* clip;    // [batch, 2] per-sample (bound, divisor), or null
+  int32_t* flag;               // optional [1] device int: atomic min of `stage` over launches
+                               // whose output held a non-finite value (null: not checked)
+  int32_t stage;               // the value this launch lowers the flag to
 };
 
 // Coefficients per output row: inputs, noise terms, and the clipped term when clipping.
@@ -81,14 +88,15 @@ FD_HD void lincomb_element(const A (&c)[NO][kLincombSlots], const A (&x)[kLincom
 #pragma unroll
   for (int j = 0; j < NO; ++j) {
     // Starting from the first term (not from +0) keeps the sign of a zero result, as the
-    // plain expression c0 * x0 + c1 * x1 + ... does.
-    A acc = c[j][0] * x[0];
+    // plain expression c0 * x0 + c1 * x1 + ... does. Every product and sum rounded on its
+    // own (fd_mul/fd_add: never an FMA), as the reference computes it.
+    A acc = fd_mul(c[j][0], x[0]);
 #pragma unroll
     for (int k = 1; k < kLincombMaxIn; ++k)
-      if (k < num_in) acc += c[j][k] * x[k];
+      if (k < num_in) acc = fd_add(acc, fd_mul(c[j][k], x[k]));
 #pragma unroll
     for (int m = 0; m < kLincombMaxNoise; ++m)
-      if (m < num_noise) acc += c[j][kLincombMaxIn + m] * x[kLincombMaxIn + m];
+      if (m < num_noise) acc = fd_add(acc, fd_mul(c[j][kLincombMaxIn + m], x[kLincombMaxIn + m]));
     y[j] = j < num_out ? acc : A(0);
   }
 }
@@ -133,10 +141,10 @@ FD_HD void lincomb_load_clip_coef(const LincombArgs<T>& a, typename Acc<T>::type
 // The pre-clip value w = sum_k cw[k] * x[k], from the first term as lincomb_element.
 template <typename A>
 FD_HD A lincomb_preclip(const A (&cw)[kLincombMaxIn], const A (&x)[kLincombSlots], int num_in) {
-  A w = cw[0] * x[0];
+  A w = fd_mul(cw[0], x[0]);
 #pragma unroll
   for (int k = 1; k < kLincombMaxIn; ++k)
-    if (k < num_in) w += cw[k] * x[k];
+    if (k < num_in) w = fd_add(w, fd_mul(cw[k], x[k]));
   return w;
 }
 
@@ -149,6 +157,10 @@ FD_HD A lincomb_clip_value(A w, A bound, A divisor) {
   y = bound != bound ? bound : y;
   return y / divisor;
 }
+
+// The clipped term's contribution: y_j + cy_j * clipped, rounded as the reference's sum.
+template <typename A>
+FD_HD A lincomb_add_clipped(A y, A cy, A clipped) { return fd_add(y, fd_mul(cy, clipped)); }
 
 // The noise values of element i (flat index in the shared dense layout) into their slots.
 template <typename T>
@@ -174,6 +186,8 @@ struct LincombPerSample {
   int64_t sample_numel = 1;
   uint32_t counters[kLincombMaxNoise] = {0, 0};
   const void* clip = nullptr;  // [batch, 2] (bound, divisor) in the accumulator dtype, or null
+  int32_t* flag = nullptr;     // non-finite guard (LincombArgs::flag), or null
+  int32_t stage = 0;
 };
 
 int lincomb_cpu(DType dtype, const void* const* in, void* const* out, const void* coef,
@@ -203,6 +217,8 @@ LincombArgs<T> make_lincomb_args(const void* const* in, void* const* out, const 
   a.sample_numel = per_sample.sample_numel;
   for (int m = 0; m < kLincombMaxNoise; ++m) a.counters[m] = per_sample.counters[m];
   a.clip = static_cast<const typename Acc<T>::type*>(per_sample.clip);
+  a.flag = per_sample.flag;
+  a.stage = per_sample.stage;
   return a;
 }
 
