@@ -51,22 +51,9 @@ constexpr double kZeroSnrAlphaBar = 5.9604644775390625e-08;  // 2^-24, diffusers
 constexpr double kTinyDouble = 2.2250738585072014e-308;       // finfo(float64).tiny
 constexpr int kScheduleRows = 5;
 
-// Products and sums rounded separately (no FMA contraction on the device), as numpy and torch
-// compute the ramps and spacings: their rounding decides integer timesteps.
-FD_HD double mul_rn(double a, double b) {
-#if defined(__CUDA_ARCH__)
-  return __dmul_rn(a, b);
-#else
-  return a * b;
-#endif
-}
-FD_HD double add_rn(double a, double b) {
-#if defined(__CUDA_ARCH__)
-  return __dadd_rn(a, b);
-#else
-  return a + b;
-#endif
-}
+// Products and sums rounded separately (fd_mul/fd_add, common.h: no FMA contraction on the
+// device), as numpy and torch compute the ramps and spacings: their rounding decides integer
+// timesteps.
 
 // ---------------------------------------------------------------------------------------------
 // Betas (fastdiff.schedules.make_betas)
@@ -75,8 +62,8 @@ FD_HD double add_rn(double a, double b) {
 FD_HD double torch_linspace(double start, double end, int64_t n, int64_t i) {
   if (n == 1) return start;
   const double step = (end - start) / static_cast<double>(n - 1);
-  return i < n / 2 ? add_rn(start, mul_rn(step, static_cast<double>(i)))
-                   : add_rn(end, -mul_rn(step, static_cast<double>(n - 1 - i)));
+  return i < n / 2 ? fd_add(start, fd_mul(step, static_cast<double>(i)))
+                   : fd_add(end, -fd_mul(step, static_cast<double>(n - 1 - i)));
 }
 
 // alpha_bar(t) of the Laplace and exp transforms (the cosine one, Nichol & Dhariwal 2021,
@@ -157,14 +144,14 @@ FD_HD double train_sigma(double abar) {
 FD_HD double np_linspace0(double stop, int64_t num, int64_t k) {
   if (num == 1) return 0.0;
   if (k == num - 1) return stop;
-  return mul_rn(static_cast<double>(k), stop / static_cast<double>(num - 1));
+  return fd_mul(static_cast<double>(k), stop / static_cast<double>(num - 1));
 }
 
 // np.arange(start, 0, -start / n)[j]: numpy fills start + j * ((start + step) - start).
 FD_HD double np_arange_down(double start, int64_t n, int64_t j) {
   const double step = -(start / static_cast<double>(n));
-  const double delta = add_rn(start, step) - start;
-  return add_rn(start, mul_rn(static_cast<double>(j), delta));
+  const double delta = fd_add(start, step) - start;
+  return fd_add(start, fd_mul(static_cast<double>(j), delta));
 }
 
 // Timestep of step j (0 <= j < n), descending. 'trailing' keeps exactly n values: numpy's
@@ -197,7 +184,7 @@ FD_HD double interp_table(const double* table, int64_t T, double x) {
   const double xj = static_cast<double>(j);
   if (xj == x) return table[j];
   const double slope = (table[j + 1] - table[j]) / 1.0;
-  return add_rn(mul_rn(slope, x - xj), table[j]);
+  return fd_add(fd_mul(slope, x - xj), table[j]);
 }
 
 // k-diffusion's DiscreteSchedule.sigma_to_t (fastdiff.schedules.discrete_sigma_to_t): linear in
