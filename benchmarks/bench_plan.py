@@ -15,6 +15,7 @@ CI's quick mode (--benchmark-disable, `fastdiff bench --quick`) only 10 and 50 s
 
 from __future__ import annotations
 
+import inspect
 import os
 
 import pytest
@@ -78,18 +79,20 @@ def bench_plan_dropin(benchmark, name, steps):
     import fastdiff.diffusers._shared as shared
 
     _skip_long(benchmark, steps)
-    sd = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
-    config = {**({} if name.startswith(("FlowMatch", "EDM")) else sd),
-              **({"clip_sample": False} if name in ("DDIMScheduler", "DDPMScheduler",
-                                                    "LCMScheduler") else {}),
-              **({"original_inference_steps": 1000} if name == "LCMScheduler" else {})}
+    cls = getattr(fd, name)
+    # SD 1.5's betas (no clipping, LCM's 1000 original steps) wherever the class has them
+    wanted = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                  clip_sample=False, original_inference_steps=1000,
+                  num_train_timesteps=1000)  # (consistency models default to 40)
+    known = inspect.signature(cls.__init__).parameters
+    config = {k: v for k, v in wanted.items() if k in known}
     sample = torch.randn(1, 1, 4, 4)
     benchmark.group = f"plan {name}"
     benchmark.extra_info.update(steps=steps, kind="drop-in")
 
     def fresh():
         shared._SHARED.clear()  # nothing traced: as in a new process
-        return (getattr(fd, name)(**config),), {}
+        return (cls(**config),), {}
 
     def trace_schedule(sched):
         sched.set_timesteps(steps)
