@@ -27,7 +27,8 @@ SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
           skip_prk_steps=True, steps_offset=1)
 WORDS = ["<pad>", "<unk>", "<s>", "</s>", "a", "photo", "of", "cat", "dog", "red", "blue"]
 # every class SD's img2img/inpaint pipelines can run in diffusers: add_noise users, not the
-# inverse (noise-to-latent) classes, which diffusers uses only to invert an image
+# inverse (noise-to-latent) classes, which diffusers uses only to invert an image (the flow and
+# inverse classes: tests/test_diffusers_pipelines_more.py, in Flux/SD3 img2img and DiffEdit)
 SD_CLASSES = sorted(n for n in F.__all__
                     if hasattr(getattr(D, n), "add_noise") and "Inverse" not in n)
 # diffusers draws DPMSolverSDE's Brownian tree from a random seed unless the config fixes one
