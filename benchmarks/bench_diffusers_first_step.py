@@ -16,6 +16,7 @@ import torch
 
 diffusers = pytest.importorskip("diffusers")
 fd = pytest.importorskip("fastdiff.diffusers")
+from fastdiff.diffusers._loops import Stepper, loop_timesteps  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
@@ -25,7 +26,8 @@ CONFIG = {"DDIMScheduler": dict(clip_sample=False), "DDPMScheduler": dict(clip_s
           "LCMScheduler": dict(clip_sample=False, original_inference_steps=1000),
           "TCDScheduler": dict(original_inference_steps=1000),
           "CMStochasticIterativeScheduler": dict(num_train_timesteps=1000)}
-NO_BETAS = ("FlowMatch", "EDM", "CM", "Cosine", "IPNDM")  # no beta schedule in the config
+# no beta schedule in the config
+NO_BETAS = ("FlowMatch", "EDM", "CM", "Cosine", "IPNDM", "DDPMWuerstchen")
 STEPS = [10, 50, 1000]
 
 
@@ -55,11 +57,12 @@ def bench_first_step(benchmark, impl, name, steps):
 
     def first_call(sched):
         sched.set_timesteps(steps, device=DEVICE)
-        timesteps = sched.timesteps if impl == "diffusers-loop" else sched.timesteps[:1]
-        x = sample
+        timesteps = loop_timesteps(sched)  # (as its pipelines call it: _loops.py)
+        timesteps = timesteps if impl == "diffusers-loop" else timesteps[:1]
+        x, step = sample, Stepper(sched)
         for t in timesteps:
             inp = sched.scale_model_input(x, t) if hasattr(sched, "scale_model_input") else x
-            x = sched.step(model_output, t, inp).prev_sample
+            x = step(model_output, t, inp).prev_sample
         _sync()
         return x
 

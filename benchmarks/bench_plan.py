@@ -31,6 +31,7 @@ SOLVER_NAMES = [n for n in SOLVERS if n not in ("dpm_fast", "dpm_adaptive")]
 QUICK = os.environ.get("FASTDIFF_BENCH_QUICK", "") == "1"  # set by `fastdiff bench --quick`
 try:
     import fastdiff.diffusers as fd
+    from fastdiff.diffusers._loops import Stepper, loop_timesteps
 
     DROPINS = list(fd.__all__)
 except ImportError:  # diffusers is an optional extra
@@ -96,9 +97,9 @@ def bench_plan_dropin(benchmark, name, steps):
 
     def trace_schedule(sched):
         sched.set_timesteps(steps)
-        x = sample
-        for t in sched.timesteps:
-            x = sched.step(sample, t, x).prev_sample
+        x, step = sample, Stepper(sched)  # (as its pipelines call it: _loops.py)
+        for t in loop_timesteps(sched):
+            x = step(sample, t, x).prev_sample
         return x
 
     benchmark.pedantic(trace_schedule, setup=fresh, rounds=_rounds(steps),

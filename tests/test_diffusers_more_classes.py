@@ -17,11 +17,17 @@ D = pytest.importorskip("diffusers")
 F = pytest.importorskip("fastdiff.diffusers")
 from test_diffusers_schedulers import _ScalarReads, fake_model, rel_err, traced_plans  # noqa: E402
 
+from fastdiff.diffusers._loops import Stepper, loop_timesteps  # noqa: E402
+
 pytestmark = pytest.mark.usefixtures("one_thread")  # many small ops on a shared runner
 SHAPE = (2, 3, 8, 8)
 RTOL = 1e-5
 V = dict(prediction_type="v_prediction")
 KARRAS = dict(use_karras_sigmas=True)
+# CogVideoX-5b's scheduler config (its model card's scheduler_config.json)
+COGVIDEOX = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                 clip_sample=False, prediction_type="v_prediction", rescale_betas_zero_snr=True,
+                 set_alpha_to_one=True, snr_shift_scale=1.0, timestep_spacing="trailing")
 
 # (class, config, step kwargs, steps, clips x0)
 CASES = [
@@ -62,6 +68,13 @@ CASES = [
     ("DDPMParallelScheduler", {}, {}, 12, True),
     ("DDPMParallelScheduler", dict(clip_sample=False, variance_type="fixed_large"), {}, 12,
      False),
+    ("DDPMWuerstchenScheduler", {}, {}, 8, False),
+    ("DDPMWuerstchenScheduler", dict(scaler=1.5), {}, 8, False),
+    ("DDPMWuerstchenScheduler", dict(scaler=0.7, s=0.01), {}, 12, False),
+    ("CogVideoXDPMScheduler", {}, {}, 10, False),
+    ("CogVideoXDPMScheduler", COGVIDEOX, dict(eta=0.5), 10, False),
+    ("CogVideoXDPMScheduler", dict(COGVIDEOX, snr_shift_scale=3.0, set_alpha_to_one=False), {},
+     16, False),
     ("EDMEulerScheduler", {}, dict(s_churn=1.0), 12, False),
     ("EDMEulerScheduler", dict(prediction_type="v_prediction"),
      dict(s_churn=2.0, s_tmin=0.05, s_tmax=50.0, s_noise=1.003), 12, False),
@@ -78,10 +91,10 @@ def run(sched, steps, step_kwargs, dtype=torch.float32):
         else dict(step_kwargs)
     x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1)).to(dtype)
     x = x * getattr(sched, "init_noise_sigma", 1.0)
-    extras = []
-    for t in sched.timesteps:
+    extras, step = [], Stepper(sched)  # (as the class's pipelines call it: _loops.py)
+    for t in loop_timesteps(sched):
         inp = sched.scale_model_input(x, t) if hasattr(sched, "scale_model_input") else x
-        out = sched.step(fake_model(inp, t), t, x, **kwargs)
+        out = step(fake_model(inp, t), t, x, **kwargs)
         extras.append([v for k, v in out.items() if k != "prev_sample" and v is not None])
         x = out.prev_sample
     return x, extras
@@ -135,11 +148,12 @@ def test_step_is_sync_free(name, monkeypatch):
     kwargs = ({"generator": torch.Generator().manual_seed(0)}
               if "generator" in inspect.signature(sched.step).parameters else {})
     x, model_output = torch.randn(2, *SHAPE)
-    for t in sched.timesteps:
+    step = Stepper(sched)
+    for t in loop_timesteps(sched):
         with _ScalarReads() as mode:
             if hasattr(sched, "scale_model_input"):
                 x = sched.scale_model_input(x, t)
-            x = sched.step(model_output, t, x, **kwargs).prev_sample
+            x = step(model_output, t, x, **kwargs).prev_sample
         assert mode.bad == [], mode.bad
     assert 0 < len(launches) <= len(sched.timesteps)
 
@@ -157,3 +171,32 @@ def test_sasolver_stored_timesteps_are_not_read_on_the_device():
     assert stored and all(kept[id(v)][0] is v for v in stored)
     assert all(kept[id(v)][1].device.type == "cpu" and float(kept[id(v)][1]) == float(v)
                for v in stored)
+
+
+def test_wuerstchen_timestep_copies_and_mixed_batches():
+    """Stable Cascade in half precision passes `t.expand(b).to(dtype)`, a copy: its one value is
+    read on the host (one copy) and gets diffusers' numbers; a batch whose timesteps differ
+    runs diffusers' own step, said once."""
+    ref, ours = D.DDPMWuerstchenScheduler(), F.DDPMWuerstchenScheduler()
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(5))
+    for s in (ref, ours):
+        s.set_timesteps(6)
+    for t in (ref.timesteps[2].expand(2).to(torch.float16), torch.tensor([0.8, 0.8])):
+        want = ref.step(fake_model(x, 0), t, x, generator=torch.Generator().manual_seed(0))
+        got = ours.step(fake_model(x, 0), t, x, generator=torch.Generator().manual_seed(0))
+        assert rel_err(got.prev_sample, want.prev_sample) <= RTOL
+    assert traced_plans(ours)
+    mixed = torch.tensor([0.8, 0.9])
+    with pytest.warns(UserWarning, match="several elements"):
+        got = ours.step(fake_model(x, 0), mixed, x, generator=torch.Generator().manual_seed(0))
+    want = ref.step(fake_model(x, 0), mixed, x, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(want.prev_sample).all() and torch.equal(got.prev_sample, want.prev_sample)
+
+
+def test_cogvideox_dpm_checks_the_history_it_is_given():
+    sched = F.CogVideoXDPMScheduler()
+    sched.set_timesteps(4)
+    x = torch.randn(SHAPE)
+    t = sched.timesteps
+    with pytest.raises(ValueError, match="old_pred_original_sample"):
+        sched.step(x, x[:1], t[1], t[0], x, return_dict=False)

@@ -18,6 +18,7 @@ transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
 import fastdiff  # noqa: E402
+from fastdiff.diffusers._loops import OWN_PIPELINES  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # many small ops on a shared runner
 RTOL = 1e-5  # the README's full-loop tolerance (fp32)
@@ -29,8 +30,10 @@ WORDS = ["<pad>", "<unk>", "<s>", "</s>", "a", "photo", "of", "cat", "dog", "red
 # every class SD's img2img/inpaint pipelines can run in diffusers: add_noise users, not the
 # inverse (noise-to-latent) classes, which diffusers uses only to invert an image (the flow and
 # inverse classes: tests/test_diffusers_pipelines_more.py, in Flux/SD3 img2img and DiffEdit)
+# (and not the two classes only their own pipelines can call: fastdiff/diffusers/_loops.py)
 SD_CLASSES = sorted(n for n in F.__all__
-                    if hasattr(getattr(D, n), "add_noise") and "Inverse" not in n)
+                    if hasattr(getattr(D, n), "add_noise") and "Inverse" not in n
+                    and n not in OWN_PIPELINES)
 # diffusers draws DPMSolverSDE's Brownian tree from a random seed unless the config fixes one
 SEEDED = {"DPMSolverSDEScheduler": dict(noise_sampler_seed=0)}
 

@@ -32,16 +32,16 @@ import warnings
 
 import torch
 
-from fastdiff.diffusers import _brownian, _learned, _noise
+from fastdiff.diffusers import _arguments, _brownian, _learned, _noise
+from fastdiff.diffusers._arguments import STEP_SPECIAL as _STEP_SPECIAL
+from fastdiff.diffusers._arguments import same as _same
+from fastdiff.diffusers._limits import limit_plan
 from fastdiff.diffusers._shared import FALLBACK, Shared, freeze, host_only, shared_for
 from fastdiff.diffusers._trace import Clip, StepPlan, get_slot, set_slot, trace_step
 from fastdiff.ops import dynamic_threshold
 from fastdiff.ops._backends import resolve
 from fastdiff.ops.lincomb import MAX_INPUTS, launch_unchecked, lincomb, same_dense_layout
 from fastdiff.ops.threshold import static_bounds
-
-_STEP_SPECIAL = ("self", "model_output", "timestep", "sample", "generator", "variance_noise",
-                 "return_dict")
 
 
 @functools.cache
@@ -76,6 +76,14 @@ class FusedStepMixin:
     _fd_noise_f32 = False  # diffusers draws float32 noise even for half inputs
     _fd_noise_formula: str | None = None  # _noise.SIGMA / ALPHA_SIGMA / FLOW
     _fd_seed_from_generator = False  # a Brownian tree seeded by the step's generator
+    # Step arguments beyond diffusers' usual three (CogVideoXDPM): tensors of the sample's shape
+    # (history the pipeline passes back in) and timesteps; the step is then bound by name.
+    _fd_step_inputs: tuple = ()
+    _fd_step_timesteps: tuple = ()
+    _fd_batched_timestep = False  # the pipeline passes t.expand(batch) (DDPMWuerstchen)
+    # (kind, t_value of this step) -> (tensor arguments present, ((name, kind, value), ...))
+    # of the next step as the class's pipelines call it, so tracing can look ahead
+    _fd_next_arguments = None
     # Which implementation runs `step`: "auto" (the fastest fused kernel for the device), a
     # fastdiff.ops backend ("cuda", "triton", "cpu") for the fused launch, or "reference":
     # diffusers' own step, the specification the fused step is traced from (bitwise diffusers'
@@ -174,6 +182,9 @@ class FusedStepMixin:
             self._step_index = self._begin_index
 
     # ---- the fused step ----------------------------------------------------------------------
+    def _fd_step_named(self, *args, **kwargs):
+        return _arguments.named_step(self, args, kwargs)
+
     def _fd_step(self, model_output, timestep, sample, *args, **kwargs):
         base = self._fd_base
         if self.fastdiff_backend == "reference":
@@ -217,25 +228,35 @@ class FusedStepMixin:
             warnings.warn(f"fastdiff.diffusers.{type(self).__name__}: {message} is not fused;"
                           " diffusers' own step runs instead", stacklevel=4)
 
-    def _fd_plan(self, timestep, extra: dict):
-        """(the StepPlan of this state, its key); (None, key) when it cannot be traced."""
+    def _fd_plan(self, timestep, extra: dict, inputs: dict | None = None,
+                 times: dict | None = None):
+        """(the StepPlan of this state, its key); (None, key) when it cannot be traced.
+        `inputs` / `times`: the extra tensor and timestep arguments of _fd_step_named."""
         shared = self._fd_shared()
         tensor_options = [k for k, v in extra.items() if isinstance(v, torch.Tensor)]
-        if tensor_options or (isinstance(timestep, torch.Tensor) and timestep.numel() != 1):
+        several = isinstance(timestep, torch.Tensor) and timestep.numel() != 1
+        batched = (_arguments.uniform(self, timestep)
+                   if several and self._fd_batched_timestep else None)
+        if tensor_options or (several and batched is None):
             why = (f"step({tensor_options[0]}=<tensor>)" if tensor_options
                    else "a timestep tensor with several elements")
             self._fd_unfused(None, shared, why)
             return FALLBACK, None
         if shared.index_based and self.__dict__.get("_step_index") is None:
             self._init_step_index(timestep)  # as diffusers' step would, from the host schedule
-        value, position = self._fd_host_timestep(timestep)
-        kind = (("tensor", timestep.dtype, tuple(timestep.shape))
-                if isinstance(timestep, torch.Tensor) else type(timestep))
-        options = freeze(extra)
+        if batched is not None:  # one value for the batch: traced at shape [1]
+            value, position = batched
+            kind = ("tensor", timestep.dtype, (1,))
+        else:
+            value, position = self._fd_host_timestep(timestep)
+            kind = _arguments.kind(timestep)
+        options, trace_kwargs = freeze(extra), dict(extra)
+        if inputs is not None:
+            options, trace_kwargs = _arguments.named_options(self, extra, inputs, times)
         key = shared.key(self.__dict__, kind, value, options)
         plan = shared.find(key)
         if plan is None:
-            plan = self._fd_trace(shared, key, kind, value, position, extra, options)
+            plan = self._fd_trace(shared, key, kind, value, position, trace_kwargs, options)
         return plan, key
 
     def _fd_trace(self, shared: Shared, key, kind, value, position, extra, options):
@@ -245,18 +266,29 @@ class FusedStepMixin:
         size = 2 * state.window if state.window and key == state.expect else 1
         if _capturing():
             size = len(shared.schedule) + 1
+        tensor_args, named = None, ()
+        if isinstance(extra, tuple):  # _fd_step_named: the class predicts the next arguments
+            extra, tensor_args, named = extra
+            if self._fd_next_arguments is None:
+                size = 1
         kwargs = dict(extra)
         if "generator" in _signature(self._fd_base.step).parameters:
             kwargs["generator"] = None
         plans, next_key = [], None
         with host_only():
             shared.overlay(self.__dict__, state.host_values)
-            make = functools.partial(_twin_timestep, kind)
+            make = functools.partial(_arguments.twin_timestep, kind)
+            def set_named():  # (made here, with the caller's modes off)
+                for name, t_kind, t_value in named:
+                    kwargs[name] = (None if t_kind is None
+                                    else _arguments.twin_timestep(t_kind, t_value))
+
+            set_named()
             t, k = make(value), key
             for _ in range(size):
                 before = shared.snapshot()
                 try:
-                    plan = trace_step(shared.twin, t, kwargs)
+                    plan = trace_step(shared.twin, t, kwargs, tensor_args)
                 except Exception as error:  # diffusers' step runs instead (and raises its own)
                     if not plans:
                         state.trace_error = f"this step ({error})"
@@ -264,7 +296,7 @@ class FusedStepMixin:
                     break
                 plan.timestep = t
                 if not all(c.coef.isfinite().all() for c in plan.chunks):
-                    plan = self._fd_limit_plan(shared, before, t, kwargs, plan)
+                    plan = limit_plan(self, shared, before, t, kwargs, plan)
                 if _learned.mode(self) == "ddpm":
                     _learned.retarget_noise(self, shared.twin, plan, t)
                 shared.store(k, plan)
@@ -272,6 +304,10 @@ class FusedStepMixin:
                 upcoming = shared.next_timestep(position)
                 if upcoming is None:
                     break
+                if tensor_args is not None:  # the arguments the pipeline passes next
+                    tensor_args, named = self._fd_next_arguments(kind, t_value=value)
+                    options = (options[0], tensor_args, named)
+                    set_named()
                 value, position = upcoming
                 t = make(value)
                 next_key = k = shared.key(shared.twin.__dict__, kind, value, options)
@@ -281,48 +317,8 @@ class FusedStepMixin:
         state.window, state.expect = len(plans), next_key
         return plans[0]
 
-    def _fd_limit_plan(self, shared: Shared, before: dict, t, kwargs, plan) -> StepPlan:
-        """A step whose diffusers coefficients are NaN/inf; fastdiff uses their limit:
-        - the final step to sigma = 0 (UniPC solver_type="bh1": B(h) = h = inf): evaluated at
-          sigma_next = 1e-12 (error ~1e-12);
-        - a step of length h = 0 (final_sigmas_type="sigma_min" repeats the last sigma; the
-          third-order DPM-Solver divides by h**2 when lower_order_final is off): the limit
-          sigma_next -> sigma, Richardson-extrapolated from sigma_next = sigma * (1 - d) at
-          d = 1e-4 and 5e-5 in float64 (error O(d**2))."""
-        after = shared.snapshot()
-        index = before.get("_step_index")
-        sigmas = before.get("sigmas")
-        limits = []
-        if isinstance(sigmas, torch.Tensor) and index is not None and index + 1 < len(sigmas):
-            for d in (1e-4, 5e-5):
-                patched = sigmas.double().clone()
-                if patched[index + 1] == 0:
-                    patched[index + 1] = 1e-12
-                elif patched[index + 1] == patched[index]:
-                    patched[index + 1] = patched[index] * (1 - d)
-                shared.restore({**before, "sigmas": patched})
-                try:
-                    limits.append(trace_step(shared.twin, t, kwargs))
-                except Exception:
-                    break
-        shared.restore(after)
-        if len(limits) == 2:
-            pa, pb = limits
-            if ([(ca.sources, ca.targets) for ca in pa.chunks]
-                    == [(cb.sources, cb.targets) for cb in pb.chunks]):
-                for ca, cb in zip(pa.chunks, pb.chunks):
-                    cb.coef = 2 * cb.coef - ca.coef  # exact for a zero sigma (no d there)
-            if all(c.coef.isfinite().all() for c in pb.chunks):
-                pb.consts = plan.consts  # the state after the step is the unpatched one's
-                pb.moves, pb.list_lengths, pb.deleted = plan.moves, plan.list_lengths, \
-                    plan.deleted
-                return pb
-        warnings.warn(f"fastdiff.diffusers.{type(self).__name__}: diffusers' step is NaN/inf"
-                      f" at step index {index} for this configuration", stacklevel=5)
-        return plan
-
     def _fd_run(self, plan: StepPlan, model_output, timestep, sample, generator, variance_noise,
-                return_dict):
+                return_dict, inputs: dict | None = None):
         predicted_variance = None
         if _learned.mode(self) is not None:
             model_output, predicted_variance = _learned.split(self, model_output, sample)
@@ -341,6 +337,14 @@ class FusedStepMixin:
         values = {("sample",): sample if sample.dtype == dtype else sample.to(dtype),
                   ("model_output",): model_output if model_output.dtype == dtype
                   else model_output.to(dtype), ("timestep",): timestep}
+        for name, tensor in (inputs or {}).items():
+            if tensor is None:
+                continue
+            if tensor.shape != sample.shape or tensor.device != sample.device:
+                raise ValueError(f"{name} has shape {tuple(tensor.shape)} on {tensor.device},"
+                                 f" expected the sample's {tuple(sample.shape)} on"
+                                 f" {sample.device}")
+            values[("arg", name)] = tensor if tensor.dtype == dtype else tensor.to(dtype)
         sampler = None
         if plan.sampler_init is not None:  # the step builds its Brownian tree (_brownian.py)
             sampler = _brownian.build(self, plan.sampler_init[1], values[("sample",)], generator)
@@ -399,7 +403,7 @@ class FusedStepMixin:
         for name in plan.deleted:
             attrs.pop(name, None)
         result = [fields.get(name) for name in plan.out_fields]
-        if not return_dict:
+        if not return_dict or plan.out_cls is tuple:  # (CogVideoXDPM returns bare tuples)
             return tuple(result)
         return plan.out_cls(**dict(zip(plan.out_fields, result)))
 
@@ -455,15 +459,6 @@ class FusedStepMixin:
         return _noise.scale_noise(self, sample, timestep, noise)
 
 
-def _same(a, b) -> bool:
-    """Whether an argument equals its default (a tensor or an array never does)."""
-    if a is b:
-        return True
-    if hasattr(a, "shape") or hasattr(b, "shape"):
-        return False
-    return a == b
-
-
 def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
     if (a._base if a._base is not None else a) is (b._base if b._base is not None else b):
         return True  # (a view of a view: IPNDM's timesteps are a slice of a larger tensor)
@@ -471,14 +466,6 @@ def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
         return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
     except RuntimeError:  # a fake tensor has no data
         return False
-
-
-def _twin_timestep(kind, value):
-    """The timestep as the twin gets it: the caller's kind (a number type, or a tensor's dtype
-    and shape), on the CPU."""
-    if isinstance(kind, tuple):
-        return torch.full(kind[2], value, dtype=kind[1])
-    return kind(value)
 
 
 _BACKENDS: dict = {}

@@ -19,6 +19,7 @@ is in that state again (the scheduler-side caching is in _fused.py).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
 from dataclasses import dataclass, field
 
@@ -207,16 +208,22 @@ def set_slot(sched, key, value) -> None:
         getattr(sched, name)[idx] = value
 
 
-def trace_step(tracer, timestep, kwargs: dict) -> StepPlan:
+TUPLE_FIELDS = ("prev_sample", "pred_original_sample")  # a step returning a bare tuple
+
+
+def trace_step(tracer, timestep, kwargs: dict, tensor_args=None) -> StepPlan:
     """Runs diffusers' `step` of `tracer` (a CPU diffusers scheduler in the state to trace, its
     history tensors any [1, DIM] stand-ins) at `timestep`; returns the StepPlan and leaves the
-    tracer in the state after the step (history as result symbols)."""
+    tracer in the state after the step (history as result symbols). `tensor_args`: names of
+    step arguments holding tensors (sources ("arg", name)); the step is then called by name."""
     global _record
     module = sys.modules[type(tracer).step.__module__]
     cols, plan = _Columns(), StepPlan()
     attrs = tracer.__dict__
     brownian = _brownian.install(module, attrs, plan, cols.fresh)
     sample, model_output = cols.fresh(("sample",)), cols.fresh(("model_output",))
+    if tensor_args is not None:
+        kwargs = dict(kwargs, **{name: cols.fresh(("arg", name)) for name in tensor_args})
     objects = {id(timestep): ("timestep",)}  # pre-step objects by identity (not symbols)
     before = {}
     for name, value in list(attrs.items()):
@@ -264,11 +271,17 @@ def trace_step(tracer, timestep, kwargs: dict) -> StepPlan:
     reads: set = set()
     try:
         _record = [reads, set()]
+        if tensor_args is not None:
+            kwargs = dict(kwargs, model_output=model_output, timestep=timestep, sample=sample)
+            call = functools.partial(tracer.step, return_dict=True, **kwargs)
+        else:
+            call = functools.partial(tracer.step, model_output, timestep, sample,
+                                     return_dict=True, **kwargs)
         if clipping:
             with _Intercept(clip_symbol):
-                out = tracer.step(model_output, timestep, sample, return_dict=True, **kwargs)
+                out = call()
         else:
-            out = tracer.step(model_output, timestep, sample, return_dict=True, **kwargs)
+            out = call()
     finally:
         _record = None
         _brownian.uninstall(brownian)
@@ -278,7 +291,11 @@ def trace_step(tracer, timestep, kwargs: dict) -> StepPlan:
     plan.reads = frozenset(reads)
 
     plan.out_cls = type(out)
-    plan.out_fields = [f.name for f in dataclasses.fields(out)]
+    if isinstance(out, tuple):
+        plan.out_cls, plan.out_fields = tuple, list(TUPLE_FIELDS[:len(out)])
+        out = dict(zip(plan.out_fields, out))
+    else:
+        plan.out_fields = [f.name for f in dataclasses.fields(out)]
     symbols: list[tuple] = []  # (target, symbol, its own input column or None)
 
     def settle(target, value, own=None):
@@ -294,7 +311,7 @@ def trace_step(tracer, timestep, kwargs: dict) -> StepPlan:
             plan.consts.append((target, value))
 
     for name in plan.out_fields:
-        value = getattr(out, name)
+        value = out[name] if isinstance(out, dict) else getattr(out, name)
         if value is not None:
             settle(("field", name), value)
     for name, value in list(attrs.items()):

@@ -42,7 +42,8 @@ def fused_class(base: type, doc: str = "", **attrs) -> type:
 
     wrap("__init__", FusedStepMixin._fd_init)
     wrap("set_timesteps", FusedStepMixin._fd_set_timesteps)
-    wrap("step", FusedStepMixin._fd_step)
+    named = attrs.get("_fd_step_inputs") or attrs.get("_fd_step_timesteps")
+    wrap("step", FusedStepMixin._fd_step_named if named else FusedStepMixin._fd_step)
     if hasattr(base, "add_noise"):
         wrap("add_noise", FusedStepMixin._fd_add_noise)
     if hasattr(base, "scale_noise"):
@@ -104,6 +105,20 @@ CosineDPMSolverMultistepScheduler = fused_class(
 CogVideoXDDIMScheduler = fused_class(_d.CogVideoXDDIMScheduler)
 DDIMParallelScheduler = fused_class(_d.DDIMParallelScheduler)
 DDPMParallelScheduler = fused_class(_d.DDPMParallelScheduler, _fd_learned="ddpm")
+DDPMWuerstchenScheduler = fused_class(
+    _d.DDPMWuerstchenScheduler, _fd_batched_timestep=True,
+    doc="The pipelines' per-sample timestep `t.expand(batch)` is one schedule entry: located by"
+        " its storage, without reading it.")
+def _cogvideox_next(kind, t_value):
+    """CogVideoX's loop: the next step gets this step's x0 and this timestep back."""
+    return ("old_pred_original_sample",), (("timestep_back", kind, t_value),)
+
+
+CogVideoXDPMScheduler = fused_class(
+    _d.CogVideoXDPMScheduler, _fd_step_inputs=("old_pred_original_sample",),
+    _fd_step_timesteps=("timestep_back",), _fd_next_arguments=staticmethod(_cogvideox_next),
+    doc="The history the pipeline passes back (old_pred_original_sample, timestep_back) is an"
+        " input of the fused step.")
 
 __all__ = [
     "DDIMScheduler", "EulerDiscreteScheduler", "DPMSolverMultistepScheduler",
@@ -116,4 +131,5 @@ __all__ = [
     "DDIMInverseScheduler", "DPMSolverMultistepInverseScheduler",
     "CMStochasticIterativeScheduler", "CosineDPMSolverMultistepScheduler",
     "CogVideoXDDIMScheduler", "DDIMParallelScheduler", "DDPMParallelScheduler",
+    "DDPMWuerstchenScheduler", "CogVideoXDPMScheduler",
 ]

@@ -1,0 +1,39 @@
+"""How diffusers' pipelines call `step`, for the tests and benchmarks that loop over every class.
+
+Two classes are called their own way: DDPMWuerstchenScheduler (Stable Cascade, Wuerstchen)
+gets the per-sample timestep `t.expand(batch)` and the loop stops before the schedule's final
+0; CogVideoXDPMScheduler (CogVideoX) gets back the x0 and the timestep of the previous step
+(`old_pred_original_sample`, `timestep_back`) and returns a bare tuple. Every other class is
+called as `step(model_output, t, sample, ...)`.
+"""
+
+from __future__ import annotations
+
+from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
+
+# the classes called their own way, and the pipelines that call them
+OWN_PIPELINES = {"DDPMWuerstchenScheduler": "Stable Cascade, Wuerstchen",
+                 "CogVideoXDPMScheduler": "CogVideoX"}
+
+
+def loop_timesteps(sched, timesteps=None):
+    timesteps = sched.timesteps if timesteps is None else timesteps
+    return timesteps[:-1] if type(sched).__name__ == "DDPMWuerstchenScheduler" else timesteps
+
+
+class Stepper:
+    """`stepper(model_output, t, sample, **kwargs)` calls `sched.step` as its pipelines do."""
+
+    def __init__(self, sched):
+        self.sched, self.old, self.previous = sched, None, None
+
+    def __call__(self, model_output, t, sample, **kwargs):
+        name = type(self.sched).__name__
+        if name == "DDPMWuerstchenScheduler":
+            return self.sched.step(model_output, t.expand(sample.shape[0]), sample, **kwargs)
+        if name == "CogVideoXDPMScheduler":
+            x, self.old = self.sched.step(model_output, self.old, t, self.previous, sample,
+                                          return_dict=False, **kwargs)
+            self.previous = t
+            return DDIMSchedulerOutput(prev_sample=x, pred_original_sample=self.old)
+        return self.sched.step(model_output, t, sample, **kwargs)
