@@ -158,6 +158,11 @@ def twin_value(v, top: bool = True, host: dict | None = None):
     return v
 
 
+_CASTS = frozenset({torch.Tensor.to, torch.Tensor.float, torch.Tensor.half, torch.Tensor.type})
+_CLAMPS = frozenset({torch.Tensor.clamp, torch.clamp})
+_INTERCEPTED = _CASTS | _CLAMPS
+
+
 class _Intercept(TorchFunctionMode):
     """Only for clip_sample configurations: a symmetric clamp of a symbol becomes the clip
     symbol, and symbols stay float64 through dtype casts."""
@@ -168,10 +173,11 @@ class _Intercept(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if (func in (torch.Tensor.to, torch.Tensor.float, torch.Tensor.half, torch.Tensor.type)
-                and args and is_symbol(args[0])):
+        if func not in _INTERCEPTED:  # (most ops: the first-call cost is per op here)
+            return func(*args, **kwargs)
+        if func in _CASTS and args and is_symbol(args[0]):
             return args[0]
-        if func in (torch.Tensor.clamp, torch.clamp) and args and is_symbol(args[0]):
+        if func in _CLAMPS and args and is_symbol(args[0]):
             lo = args[1] if len(args) > 1 else kwargs.get("min")
             hi = args[2] if len(args) > 2 else kwargs.get("max")
             if lo is None or hi is None or float(lo) != -float(hi):
