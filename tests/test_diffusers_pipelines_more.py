@@ -8,7 +8,8 @@ against diffusers' own, rel err <= RTOL (the README's full-loop tolerance), ever
   FlowMatchHeun, which takes neither;
 - the inverse classes (DDIMInverse, DPMSolverMultistepInverse) in
   StableDiffusionDiffEditPipeline.invert (its `inverse_scheduler`), at inpaint_strength 0.3 and
-  0.6, every returned latent compared.
+  0.6, every returned latent compared;
+- CogVideoXDPM in CogVideoXPipeline (its own positional call, the history passed back).
 
 The inverse classes inside SD inpaint (where diffusers lets them run, through add_noise, though
 no pipeline uses them so) are checked against float64: there DPMSolverMultistepInverse's fp32
@@ -223,3 +224,35 @@ def test_dpmsolver_inverse_in_sd_inpaint_is_fp32_rounding(sd_parts, monkeypatch)
         assert rel_err(runs[F, torch.float64], exact) <= 1e-12
         theirs = rel_err(runs[D, torch.float32], exact)
         assert 0 < rel_err(runs[F, torch.float32], exact) <= 2 * theirs, (strength, theirs)
+
+
+def test_cogvideox_dpm_in_cogvideox_pipeline():
+    """CogVideoXPipeline calls CogVideoXDPM positionally with the x0 and timestep of the step
+    before (tiny components as diffusers' own tests build them): diffusers' latents, fused."""
+    from test_diffusers_more_classes import COGVIDEOX
+
+    torch.manual_seed(0)
+    transformer = D.CogVideoXTransformer3DModel(
+        num_attention_heads=4, attention_head_dim=8, in_channels=4, out_channels=4,
+        time_embed_dim=2, text_embed_dim=32, num_layers=1, sample_width=2, sample_height=2,
+        sample_frames=9, patch_size=2, temporal_compression_ratio=4, max_text_seq_length=8)
+    torch.manual_seed(0)
+    vae = D.AutoencoderKLCogVideoX(
+        in_channels=3, out_channels=3, down_block_types=("CogVideoXDownBlock3D",) * 4,
+        up_block_types=("CogVideoXUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8),
+        latent_channels=4, layers_per_block=1, norm_num_groups=2, temporal_compression_ratio=4)
+    parts = dict(transformer=transformer.eval(), vae=vae.eval(), text_encoder=t5(),
+                 tokenizer=tokenizer())
+    out = []
+    for lib in (D, F):
+        sched = lib.CogVideoXDPMScheduler(**COGVIDEOX)
+        pipe = D.CogVideoXPipeline(**parts, scheduler=sched)
+        pipe.set_progress_bar_config(disable=True)
+        with torch.no_grad():
+            out.append(pipe("a photo of a cat", height=16, width=16, num_frames=9,
+                            num_inference_steps=6, max_sequence_length=8, output_type="latent",
+                            use_dynamic_cfg=False,
+                            generator=torch.Generator().manual_seed(5)).frames)
+    assert_fused(sched)
+    assert torch.isfinite(out[0]).all()
+    assert rel_err(out[1], out[0]) <= RTOL
