@@ -26,15 +26,18 @@ SCHEDULES = ["karras", "ays", "tuned"]
 
 
 def digits_rows(solvers, nfes, per_class: int, samples_per_class: int, max_evals: dict,
-                teacher_steps: int, plans_dir: Path | None, done=None) -> list[dict]:
+                teacher_steps: int, plans_dir: Path | None, done=None, label: str = "tuned",
+                tune_start: bool = False, distance: str = "l2",
+                schedules=tuple(SCHEDULES)) -> list[dict]:
     """Cells in NFE-major order (5 and 3 first: the acceptance cells), so an interrupted run
     has recorded whole NFE columns; `max_evals` maps a solver (or "default") to its budget."""
     import fastdiff
     from fastdiff.models.classifier import evaluate_digits, load_classifier
     from fastdiff.models.digits import load_digits_model, sample_digits
-    from fastdiff.tune_cli import digits_tuning_set
+    from fastdiff.tune_cli import digits_features, digits_tuning_set
     from fastdiff.tuning import _run, fixed_sigmas
 
+    features = digits_features() if distance == "features" else None
     guided_model, noise, cond = digits_tuning_set(per_class)
     model, classifier = load_digits_model(), load_classifier()
     lo, hi = model.schedule.sigma_min, model.schedule.sigma_max
@@ -51,19 +54,20 @@ def digits_rows(solvers, nfes, per_class: int, samples_per_class: int, max_evals
     for nfe in order:
         for solver in solvers:
             budget = max_evals.get(solver, max_evals["default"])
-            for kind in SCHEDULES:
+            for kind in schedules:
                 tune_s = None
                 if kind == "tuned":
                     t0, c0 = time.perf_counter(), time.process_time()
                     plan = fastdiff.tune(guided_model, solver, nfe, noise=noise, cond=cond,
                                          targets=targets, clamp=(-1.0, 1.0),
-                                         max_evals=budget, progress=False)
+                                         max_evals=budget, progress=False,
+                                         features=features, tune_start=tune_start)
                     tune_s = (time.perf_counter() - t0, time.process_time() - c0)
                     plan.method["teacher"] = {"solver": "dpmpp_2m", "steps": teacher_steps,
                                               "spacing": "karras", "seconds": teacher_seconds,
                                               "cpu_seconds": teacher_cpu}
                     if plans_dir is not None:
-                        plan.save(plans_dir / f"{solver}_nfe{nfe}.json")
+                        plan.save(plans_dir / f"{solver}_nfe{nfe}{label[5:]}.json")
                     sigmas = plan.sigmas
                 else:
                     sigmas = fixed_sigmas(kind, nfe, lo, hi)
@@ -72,7 +76,8 @@ def digits_rows(solvers, nfes, per_class: int, samples_per_class: int, max_evals
                                   backend="auto", sigmas=sigmas)
                 run_s = time.perf_counter() - t0
                 score = evaluate_digits(x, labels, classifier)
-                rows.append(dict(solver=solver, nfe=nfe, schedule=kind, fd=score["fd"],
+                rows.append(dict(solver=solver, nfe=nfe, fd=score["fd"],
+                                 schedule=label if kind == "tuned" else kind,
                                  accuracy=score["accuracy"], sample_seconds=run_s,
                                  tune_seconds=tune_s and tune_s[0],
                                  tune_cpu_seconds=tune_s and tune_s[1], max_evals=budget,
@@ -87,7 +92,7 @@ def digits_rows(solvers, nfes, per_class: int, samples_per_class: int, max_evals
     return rows
 
 
-def mixture_rows(solvers, max_evals: int) -> list[dict]:
+def mixture_rows(solvers, max_evals: int, tune_start: bool = False) -> list[dict]:
     import fastdiff
     from fastdiff.tune_cli import MIXTURE_RANGE, mixture_problem
     from fastdiff.tuning import _run, fixed_sigmas
@@ -97,17 +102,21 @@ def mixture_rows(solvers, max_evals: int) -> list[dict]:
     _, held, held_exact = mixture_problem(256, seed=7)
 
     def err(solver, sigmas):
-        return float((_run(g, solver, held * hi, sigmas, {}, 512, {}) - held_exact)
+        # from the same noise at the plan's first level, against the exact solution from hi
+        x = held * float(sigmas[0])
+        return float((_run(g, solver, x, sigmas, {}, 512, {}) - held_exact)
                      .pow(2).mean().sqrt())
 
     rows = []
     for solver in solvers:
         plan = fastdiff.tune(g, solver, 5, noise=noise, targets=exact, sigma_min=lo,
-                             sigma_max=hi, max_evals=max_evals, progress=False)
+                             sigma_max=hi, max_evals=max_evals, progress=False,
+                             tune_start=tune_start)
         untuned = {f"{k}_nfe{n}": err(solver, fixed_sigmas(k, n, lo, hi))
                    for n in (5, 10) for k in ("karras", "exponential", "ays")}
         best10 = min(v for k, v in untuned.items() if k.endswith("nfe10"))
         rows.append(dict(solver=solver, tuned_nfe5=err(solver, plan.sigmas),
+                         tune_start=tune_start,
                          best_untuned_nfe10=best10, **untuned, sigmas=plan.sigmas.tolist()))
         r = rows[-1]
         print(f"mixture {solver:>12}: tuned NFE 5 RMSE {r['tuned_nfe5']:.4f}, best untuned"
@@ -121,14 +130,15 @@ def markdown(rows: list[dict], nfes, mixture: list[dict], caption: str) -> str:
     lines = [caption, "", "| solver | schedule | " + " | ".join(f"NFE {n}" for n in nfes)
              + " |", "|---|---|" + "---|" * len(nfes)]
     for s in dict.fromkeys(r["solver"] for r in rows):
-        for k in SCHEDULES:
+        for k in dict.fromkeys(r["schedule"] for r in rows):
             cells = [f"{cell[s, n, k]['fd']:.1f} ({100 * cell[s, n, k]['accuracy']:.0f}%)"
                      if (s, n, k) in cell else "not run" for n in nfes]
             lines.append(f"| {s} | {k} | " + " | ".join(cells) + " |")
-    tuned = [r for r in rows if r["schedule"] == "tuned"]
+    tuned = [r for r in rows if r["schedule"].startswith("tuned")]
     if tuned:
         lines += ["", "Tuning time per plan (wall / CPU seconds): " + ", ".join(
-            f"{r['solver']} NFE {r['nfe']} {r['tune_seconds']:.0f}/{r['tune_cpu_seconds']:.0f}"
+            f"{r['solver']} NFE {r['nfe']} {r['schedule']} {r['tune_seconds']:.0f}/"
+            f"{r['tune_cpu_seconds']:.0f}"
             f" ({r['max_evals']} runs)" for r in tuned)
             + f"; the shared teacher {tuned[0]['teacher_seconds']:.0f}/"
               f"{tuned[0]['teacher_cpu_seconds']:.0f}."]
@@ -156,6 +166,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--teacher-steps", type=int, default=100)
     p.add_argument("--mixture-evals", type=int, default=400)
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: see conftest)")
+    p.add_argument("--tune-start", action="store_true", help="tune the first level too")
+    p.add_argument("--distance", default="l2", choices=("l2", "features"),
+                   help="LD3 distance: l2 or the digit classifier's features (LPIPS-like)")
+    p.add_argument("--schedules", default=",".join(SCHEDULES),
+                   help="which of karras,ays,tuned to run")
+    p.add_argument("--mixture", default="yes", choices=("yes", "no"))
     p.add_argument("--quick", action="store_true", help="CI: dpmpp_2m at NFE 3, tiny budgets")
     args = p.parse_args(argv)
     if args.quick:
@@ -174,7 +190,10 @@ def main(argv: list[str] | None = None) -> int:
                f" teacher dpmpp_2m {args.teacher_steps} Karras steps, Nelder-Mead with"
                f" {args.max_evals} solver runs; {args.threads} torch thread(s). Real held-out"
                " digits: FD ~10.7.")
-    mixture = mixture_rows(solvers, args.mixture_evals)
+    label = "tuned" + ("+start" if args.tune_start else "") + \
+        ("+features" if args.distance == "features" else "")
+    mixture = mixture_rows(solvers, args.mixture_evals, args.tune_start) \
+        if args.mixture == "yes" else []
 
     def write(rows):
         (out / "quality_tuned.md").write_text(markdown(rows, nfes, mixture, caption))
@@ -182,7 +201,9 @@ def main(argv: list[str] | None = None) -> int:
                                                                 args=vars(args)), indent=1))
 
     digits_rows(solvers, nfes, args.per_class, args.samples_per_class, budgets,
-                args.teacher_steps, out / "plans", done=write)
+                args.teacher_steps, out / "plans", done=write, label=label,
+                tune_start=args.tune_start, distance=args.distance,
+                schedules=args.schedules.split(","))
     print(f"wrote {out / 'quality_tuned.md'}, quality_tuned.json, plans/")
     return 0
 

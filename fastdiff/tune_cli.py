@@ -11,7 +11,8 @@ import argparse
 import time
 from pathlib import Path
 
-__all__ = ["add_tune_parser", "digits_tuning_set", "mixture_problem", "TUNING_SEED"]
+__all__ = ["add_tune_parser", "digits_features", "digits_tuning_set", "mixture_problem",
+           "TUNING_SEED"]
 
 # Tuning noise is drawn from seeds >= 1000; evaluation (benchmarks/quality.py, fastdiff sample)
 # uses seed 0 and its neighbours, so tuned plans are always scored on held-out noise.
@@ -38,6 +39,19 @@ def digits_tuning_set(per_class: int = 10, seed: int = TUNING_SEED, guidance: fl
     return model, noise, cond
 
 
+def digits_features():
+    """The embedded digit classifier's penultimate features as an LD3 distance (the LPIPS
+    analogue for 8x8 digits; it is also FD-digits' embedding, so report L2-tuned rows too)."""
+    from fastdiff.models.classifier import load_classifier
+
+    clf = load_classifier()
+
+    def features(y):
+        return clf.features(y.to(next(clf.parameters()).dtype))
+
+    return features
+
+
 def mixture_problem(n: int = 256, seed: int = TUNING_SEED, d: int = 2):
     """(mixture, unit noise [n, d], exact ODE solution from sigma_max to 0 of that noise)."""
     import torch
@@ -62,13 +76,15 @@ def _cmd_tune(args: argparse.Namespace) -> int:
         model, noise, cond = digits_tuning_set(args.per_class, args.seed, args.guidance)
         plan = tune(model, args.solver, args.nfe, noise=noise, cond=cond, clamp=(-1.0, 1.0),
                     teacher_steps=args.teacher_steps, max_evals=args.max_evals,
-                    progress=not args.quiet)
+                    progress=not args.quiet, tune_start=args.tune_start,
+                    features=digits_features() if args.distance == "features" else None)
         plan.seeds["labels"] = f"0..9 x {args.per_class}"
     else:
         model, noise, exact = mixture_problem(10 * args.per_class, args.seed)
         lo, hi = MIXTURE_RANGE
         plan = tune(model, args.solver, args.nfe, noise=noise, targets=exact, sigma_min=lo,
-                    sigma_max=hi, max_evals=args.max_evals, progress=not args.quiet)
+                    sigma_max=hi, max_evals=args.max_evals, progress=not args.quiet,
+                    tune_start=args.tune_start)
         plan.method["teacher"] = {"targets": "exact ODE solution (DOP853, rtol 1e-12)"}
     plan.seeds["seed"] = args.seed
     seconds = time.perf_counter() - start
@@ -109,8 +125,12 @@ def add_tune_parser(subparsers) -> argparse.ArgumentParser:
                    help=f"tuning noise seed (default {TUNING_SEED}; evaluation uses 0)")
     p.add_argument("--guidance", type=_finite, default=1.5)
     p.add_argument("--teacher-steps", type=_positive_int, default=100)
-    p.add_argument("--max-evals", type=_positive_int, default=100,
-                   help="budget of student solver runs (default 100)")
+    p.add_argument("--max-evals", type=_positive_int, default=40,
+                   help="budget of student solver runs (default 40)")
+    p.add_argument("--tune-start", action="store_true",
+                   help="tune the first level too (the run starts from noise * sigmas[0])")
+    p.add_argument("--distance", default="l2", choices=("l2", "features"),
+                   help="digits: L2 (default) or the digit classifier's features")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_tune, parser=p)
