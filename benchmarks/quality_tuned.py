@@ -111,7 +111,7 @@ def mixture_rows(solvers, max_evals: int, tune_start: bool = False) -> list[dict
     for solver in solvers:
         plan = fastdiff.tune(g, solver, 5, noise=noise, targets=exact, sigma_min=lo,
                              sigma_max=hi, max_evals=max_evals, progress=False,
-                             tune_start=tune_start)
+                             tune_start=tune_start, start_levels=())
         untuned = {f"{k}_nfe{n}": err(solver, fixed_sigmas(k, n, lo, hi))
                    for n in (5, 10) for k in ("karras", "exponential", "ays")}
         best10 = min(v for k, v in untuned.items() if k.endswith("nfe10"))
