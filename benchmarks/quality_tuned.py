@@ -9,6 +9,8 @@ NFE 10 of the same solver on held-out noise).
 
     python benchmarks/quality_tuned.py --out benchmarks/results/cpu-x86-64/<date>-tuned
     python benchmarks/quality_tuned.py --quick     # CI: one solver, NFE 3, tiny budgets
+    python benchmarks/quality_tuned.py --tune-start --distance features --schedules tuned \
+        --max-evals 40 --out ...   # the tuned+start+features rows (first level tuned too)
 """
 
 from __future__ import annotations
