@@ -39,7 +39,7 @@ install: $(SETUP_DEPS)
 	$(PYTHON) -c "import fastdiff._C"
 
 test: install
-	$(PYTHON) -m pytest -q $(PYTEST_ARGS)
+	$(PYTHON) -m pytest -q $$($(PYTHON) -c "import xdist; print('-n auto --dist worksteal')" 2>/dev/null) $(PYTEST_ARGS)
 
 demo: install
 	$(PYTHON) -m fastdiff info

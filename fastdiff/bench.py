@@ -110,8 +110,9 @@ def environment(argv: list[str], cmd: list[str], quick: bool) -> dict:
 def run_suite(cmd: list[str], log: Path, cwd: Path, progress: bool, quick: bool,
               timeout: float | None) -> int:
     """pytest's exit status; its output goes to `log`, the progress bar to our stderr."""
+    # (an outer pytest-xdist worker's variables would make the inner run act as a worker)
     env = {k: v for k, v in os.environ.items()
-           if k not in (_PROGRESS_ENV, "FASTDIFF_BENCH_QUICK")}
+           if k not in (_PROGRESS_ENV, "FASTDIFF_BENCH_QUICK") and not k.startswith("PYTEST_")}
     if progress:
         env[_PROGRESS_ENV] = "1"
     if quick:
