@@ -38,8 +38,12 @@ install: $(SETUP_DEPS)
 	$(INSTALL)
 	$(PYTHON) -c "import fastdiff._C"
 
+# Parallel (pytest-xdist) only without a GPU: on one GPU, concurrent workers would share the
+# device under the graph-capture tests and the quick benchmarks; there the suite runs serially.
+XDIST = $$($(PYTHON) -c "import torch, xdist; print('' if torch.cuda.is_available() else '-n auto --dist worksteal')" 2>/dev/null)
+
 test: install
-	$(PYTHON) -m pytest -q $$($(PYTHON) -c "import xdist; print('-n auto --dist worksteal')" 2>/dev/null) $(PYTEST_ARGS)
+	$(PYTHON) -m pytest -q $(XDIST) $(PYTEST_ARGS)
 
 demo: install
 	$(PYTHON) -m fastdiff info
