@@ -316,21 +316,21 @@ class Sampler:
         self.scalings = self.adapter.scalings(list(call_sigmas))
         # The history a stage keeps (D, or E = F - D) is chosen after lowering: the model side
         # (parameterisation, the two guidance halves) decides how many tensors a stage reads.
-        lowered, error = [], None
-        for plan in plans.values():
+        lowered, errors = [], []
+        for kind, plan in plans.items():
             if isinstance(plan, RuntimeError):  # no plan with this history kind
-                error = plan
+                errors.append(f"history {kind}: {plan}")
                 continue
             try:
                 with no_gc():
                     launches, tables = lower(plan, self.scalings,
                                              in_kernel_noise=noise == "philox")
             except RuntimeError as e:
-                error = e
+                errors.append(f"history {kind}: {e}")
                 continue
             lowered.append((max(len(la.inputs) for la in launches), plan, launches, tables))
-        if not lowered:
-            raise RuntimeError(str(error))
+        if not lowered:  # every history kind's reason (the first is often the one to fix)
+            raise RuntimeError("; ".join(errors))
         _, self.plan, self.launches, tables = min(lowered, key=lambda c: c[0])
         self._tables64 = tables
         self._dead_after = _lifetimes(self.launches, self.plan.history_kind)

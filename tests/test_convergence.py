@@ -72,7 +72,10 @@ SIGMA_UNIFORM_FNS = {"sample_pndm"}
 # Ladders for solvers whose asymptotic range starts later than their order's (module doc).
 LADDER_OVERRIDES = {"gradient_estimation": (128, 256, 512),
                     # the O(h) weight error of its 2nd difference shows below ~512 (pndm.py)
-                    "ipndm_v_comfyui": (256, 512, 1024)}
+                    "ipndm_v_comfyui": (256, 512, 1024),
+                    # PECE's errors are a third of sa_solver's: at 1024 steps they reach the
+                    # 1e-9 floor of the fit (9.3e-10), so its ladder ends at 768
+                    "sa_solver_pece": (256, 512, 768)}
 
 
 def _ode_entries():

@@ -5,10 +5,24 @@ package merges them into one `SOLVERS` dict (a name defined twice is an error) a
 every `sample_*` function, so `from fastdiff.reference.solvers import sample_euler` works.
 """
 
-from . import ddim, deis, dpm_solver, dpmpp, euler, exponential, flow, lms, pndm, sde, unipc
+from . import (
+    ddim,
+    deis,
+    dpm_solver,
+    dpmpp,
+    euler,
+    exponential,
+    flow,
+    lms,
+    pndm,
+    sa_solver,
+    sde,
+    unipc,
+)
 from ._utils import SolverInfo
 
-_MODULES = (euler, lms, dpm_solver, dpmpp, unipc, deis, ddim, pndm, flow, exponential, sde)
+_MODULES = (euler, lms, dpm_solver, dpmpp, unipc, deis, ddim, pndm, flow, exponential, sde,
+            sa_solver)
 
 SOLVERS: dict[str, SolverInfo] = {}
 __all__ = ["SOLVERS", "SolverInfo"]

@@ -1,0 +1,332 @@
+"""SA-Solver (sa_solver, sa_solver_pece; VE and flow kinds) by mathematics, beyond the
+registry-wide tests (fused = reference in tests/test_sampler.py, the mixture distribution in
+tests/test_stochastic.py, the VE ODE order of the defaults in tests/test_convergence.py):
+- the Adams weights against closed forms (uniform grid, orders 1 and 2, derived by hand below)
+  and against numerical quadrature of the Lagrange basis (scipy), not against the code's moments;
+- ODE orders min(s_p + 1, s_c) for several (predictor, corrector) orders, on the exact mixture,
+  in both model kinds;
+- data that is a point mass c has D = c, which every Adams weight set integrates exactly: the
+  samples then have the exact marginal (mean alpha c, std sigma) in both kinds, and half the
+  noise is detected (negative control); in ODE mode a golden value by hand;
+- ComfyUI's step logic: model calls, noise draws, the lowered final orders, the final sample.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import integrate
+from test_convergence import _gmm as _conv_gmm
+from test_convergence import _grid, _problem
+from test_stochastic import _gmm, karras_sigmas, statistic
+
+from fastdiff.ops import unavailable_reason
+from fastdiff.reference.solvers import SOLVERS
+from fastdiff.reference.solvers._utils import default_noise_sampler
+from fastdiff.reference.solvers.sa_solver import (
+    sa_weights,
+    sample_sa_solver,
+    sample_sa_solver_pece,
+)
+from fastdiff.sampler import Sampler
+
+F64 = torch.float64
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+# --- the weights --------------------------------------------------------------------------------
+
+def quad_weights(nodes, lam_s, lam_t, tau):
+    """int c e^(-c (lam_t - l)) L_j(l) dl by adaptive quadrature of each Lagrange basis
+    polynomial (numpy's fromroots), an independent derivation of the Adams weights. The basis
+    is written in r = (l - lam_s) / h (in raw lambda its values cancel to ~1e-10 for small h)."""
+    c, h = 1 + tau * tau, lam_t - lam_s
+    r_nodes = [(v - lam_s) / h for v in nodes]
+    out = []
+    for j, rj in enumerate(r_nodes):
+        others = [v for m, v in enumerate(r_nodes) if m != j]
+        basis = np.polynomial.Polynomial.fromroots(others) / np.prod([rj - v for v in others])
+        val, _ = integrate.quad(lambda r, b=basis: c * h * math.exp(-c * h * (1 - r)) * b(r), 0, 1,
+                                epsabs=1e-16, epsrel=1e-13)
+        out.append(val)
+    return out
+
+
+@pytest.mark.parametrize("tau", [0.0, 1.0])
+def test_weights_closed_forms_on_a_uniform_grid(tau):
+    # c = 1 + tau^2, step h, X = c h. Order 1: int_0^h c e^(-cv) dv = 1 - e^-X.
+    # Order 2 predictor, nodes lam_s and lam_s - h; in v = lam_t - l they sit at v = h, 2h:
+    # L_s = (2h - v)/h, L_prev = (v - h)/h. With M0 = 1 - e^-X and
+    # M1 = int_0^h c e^(-cv) v/h dv = (1 - e^-X (1 + X)) / X:  w_s = 2 M0 - M1, w_prev = M1 - M0.
+    # Order 2 corrector, nodes lam_t (v = 0) and lam_s (v = h): w_t = M0 - M1, w_s = M1.
+    h, lam_s = 0.3, 1.7
+    lam_t, c = lam_s + h, 1 + tau * tau
+    X = c * h
+    m0, m1 = -math.expm1(-X), (1 - math.exp(-X) * (1 + X)) / X
+    assert sa_weights([lam_s], lam_s, lam_t, tau) == pytest.approx([m0], rel=1e-14)
+    assert sa_weights([lam_s - h, lam_s], lam_s, lam_t, tau) == \
+        pytest.approx([m1 - m0, 2 * m0 - m1], rel=1e-13)
+    assert sa_weights([lam_s, lam_t], lam_s, lam_t, tau) == pytest.approx([m1, m0 - m1],
+                                                                           rel=1e-13)
+
+
+@pytest.mark.parametrize("h", [1e-3, 0.1, 0.8, 3.0])
+@pytest.mark.parametrize("tau", [0.0, 0.7, 3.0])
+@pytest.mark.parametrize("shape", ["predictor3", "corrector4", "nonuniform6"])
+def test_weights_equal_quadrature_of_the_lagrange_basis(shape, tau, h):
+    lam_s = -2.0
+    lam_t = lam_s + h
+    nodes = {"predictor3": [lam_s - 2 * h, lam_s - h, lam_s],
+             "corrector4": [lam_s - 2 * h, lam_s - h, lam_s, lam_t],
+             "nonuniform6": [lam_s - 2.9 * h, lam_s - 2.1 * h, lam_s - 1.5 * h, lam_s - 0.6 * h,
+                             lam_s, lam_t]}[shape]
+    want = quad_weights(nodes, lam_s, lam_t, tau)
+    got = sa_weights(nodes, lam_s, lam_t, tau)
+    scale = max(map(abs, want))
+    assert max(abs(a - b) for a, b in zip(got, want)) <= 1e-11 * scale, (got, want)
+    assert sum(got) == pytest.approx(-math.expm1(-(1 + tau * tau) * h), rel=1e-12)
+
+
+# --- ODE orders ---------------------------------------------------------------------------------
+
+def _flow_lambda_problem(n_max_batch=16):
+    """Flow ODE from s = 0.999 to 0.05 on grids uniform in the flow half log-SNR: exact samples
+    of the marginal at 0.999 (x_s = (1 - s) x_ve at VE sigma s / (1 - s))."""
+    g = _conv_gmm()
+    s0, s1 = 0.999, 0.05
+    x = g.sample(n_max_batch, generator=torch.Generator().manual_seed(0), sigma=s0 / (1 - s0))
+    x = x * (1 - s0)
+    return g.flow_denoiser, x, g.flow_ode_solution(x, s0, s1), (s0, s1)
+
+
+def _flow_grid(n, s0, s1):
+    lam = torch.linspace(math.log((1 - s0) / s0), math.log((1 - s1) / s1), n + 1, dtype=F64)
+    return torch.sigmoid(-lam)
+
+
+# (registry name, options, theory order min(s_p + 1, s_c) or s_p without corrector, ladder)
+ORDERS = [
+    ("sa_solver", {"corrector_order": 0}, 3, (128, 256, 512)),
+    ("sa_solver", {"predictor_order": 2, "corrector_order": 3}, 3, (128, 256, 512)),
+    ("sa_solver", {"predictor_order": 1, "corrector_order": 2}, 2, (64, 128, 256)),
+    ("sa_solver", {"predictor_order": 2, "corrector_order": 2, "simple_order_2": True}, 2,
+     (64, 128, 256)),
+    ("sa_solver_pece", {"predictor_order": 1, "corrector_order": 2}, 2, (64, 128, 256)),
+    ("sa_solver_flow", {}, 4, (256, 512, 1024)),
+    ("sa_solver_pece_flow", {}, 4, (256, 512, 768)),
+]
+
+
+@pytest.mark.parametrize(("name", "options", "order", "ladder"), ORDERS)
+def test_ode_order(name, options, order, ladder):
+    info = SOLVERS[name]
+    if info.param == "flow":
+        model, x, exact, ends = _flow_lambda_problem()
+        grid = lambda n: _flow_grid(n, *ends)  # noqa: E731
+    else:
+        model, x, exact = _problem("lambda")
+        grid = lambda n: _grid("lambda", n)  # noqa: E731
+    errors = []
+    for n in ladder:
+        out = info.fn(model, x.clone(), grid(n), disable=True,
+                      **{**info.kwargs, "eta": 0.0, **options})
+        errors.append(float((out - exact).pow(2).mean().sqrt()))
+    log_n, log_e = np.log(ladder), np.log(errors)
+    slope = -np.polyfit(log_n, log_e, 1)[0]
+    assert min(errors) > 1e-9 and abs(slope - order) <= 0.3, (name, options, errors, slope)
+
+
+# --- point mass: exact marginals and golden values ----------------------------------------------
+
+C = 1.5
+N = 40_000
+KINDS = {"ve": "", "flow": "_flow"}
+
+
+def point_mass(x, sigma, **kwargs):
+    return torch.full_like(x, C)
+
+
+def _point_mass_run(name, kind, **options):
+    info = SOLVERS[name + KINDS[kind]]
+    if kind == "flow":
+        sigmas, alpha_end = torch.linspace(0.8, 0.3, 13, dtype=F64), 0.7
+    else:
+        sigmas, alpha_end = torch.exp(torch.linspace(math.log(20.0), math.log(0.3), 13,
+                                                     dtype=F64)), 1.0
+    gen = torch.Generator().manual_seed(3)
+    alpha0 = 1 - float(sigmas[0]) if kind == "flow" else 1.0
+    x = alpha0 * C + float(sigmas[0]) * torch.randn(N, 1, generator=gen, dtype=F64)
+    ns = default_noise_sampler(x, torch.Generator().manual_seed(4))
+    out = info.fn(point_mass, x, sigmas, disable=True, noise_sampler=ns,
+                  **{**info.kwargs, **options})
+    return out, alpha_end, 0.3
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+@pytest.mark.parametrize("name", ["sa_solver", "sa_solver_pece"])
+def test_point_mass_marginal_is_exact(name, kind):
+    out, alpha, sigma = _point_mass_run(name, kind, eta=1.3)
+    # standard errors: mean sigma / sqrt(N), std sigma / sqrt(2N); 6 of them
+    assert abs(float(out.mean()) - alpha * C) < 6 * sigma / math.sqrt(N)
+    assert abs(float(out.std()) - sigma) < 6 * sigma / math.sqrt(2 * N)
+    weak, _, _ = _point_mass_run(name, kind, eta=1.3, s_noise=0.5)  # negative control
+    assert abs(float(weak.std()) - sigma) > 20 * sigma / math.sqrt(2 * N)
+
+
+# D = c moves x along the ODE exactly (Adams weights sum to the exact integral). By hand,
+# x = 4, c = 1.5, VE 2 -> 1 -> 0.5: 1.5 + 0.25 * 2.5 = 2.125; flow 0.8 -> 0.6 -> 0.4:
+# eps = (4 - 0.2 * 1.5) / 0.8 = 4.625, x' = 0.6 * 1.5 + 0.4 * 4.625 = 2.75.
+@pytest.mark.parametrize(("kind", "sigmas", "want"), [("ve", [2.0, 1.0, 0.5], 2.125),
+                                                      ("flow", [0.8, 0.6, 0.4], 2.75)])
+@pytest.mark.parametrize("name", ["sa_solver", "sa_solver_pece"])
+def test_ode_mode_golden_values(name, kind, sigmas, want):
+    info = SOLVERS[name + KINDS[kind]]
+    x = torch.full((3, 2), 4.0, dtype=F64)
+    for options in ({"eta": 0.0}, {"tau_func": lambda s: 0.0}):
+        out = info.fn(point_mass, x, torch.tensor(sigmas, dtype=F64), disable=True,
+                      **{**info.kwargs, **options})
+        assert torch.allclose(out, torch.full_like(x, want), rtol=1e-13, atol=0)
+
+
+def test_negative_control_missing_noise_is_rejected_on_the_mixture():
+    """The tau = 1 drift without its noise samples a sharpened mixture."""
+    x = _gmm().sample(2000, generator=torch.Generator().manual_seed(0), sigma=80.0)
+    out = sample_sa_solver(_gmm(), x, karras_sigmas(50), disable=True, s_noise=0.0)
+    stat, threshold = statistic(out)
+    assert stat > threshold, f"sa_solver without noise not rejected: {stat:.4f} <= {threshold:.4f}"
+
+
+# --- ComfyUI's step logic ------------------------------------------------------------------------
+
+class Recorder:
+    """The mixture's denoiser, recording the inputs and noise levels of its calls."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, x, sigma, **kwargs):
+        self.calls.append((x.clone(), float(sigma.flatten()[0])))
+        return _gmm()(x, sigma)
+
+
+def _small(into_zero=True):
+    x = torch.randn(4, 2, generator=torch.Generator().manual_seed(1), dtype=F64) * 20
+    ramp = torch.linspace(0, 1, 8, dtype=F64)
+    s = (20 ** (1 / 7) + ramp * (0.05 ** (1 / 7) - 20 ** (1 / 7))) ** 7
+    return x, (torch.cat([s, s.new_zeros(1)]) if into_zero else s)
+
+
+@pytest.mark.parametrize("use_pece", [False, True])
+def test_model_calls_and_the_last_step_into_zero(use_pece):
+    x, sigmas = _small()
+    model = Recorder()
+    out = sample_sa_solver(model, x, sigmas, disable=True, use_pece=use_pece, eta=0.0)
+    n = len(sigmas) - 1
+    # one call a step; PECE re-evaluates each corrected state (none at the first step), and
+    # into sigma = 0 returns D of the last call
+    assert len(model.calls) == (2 * n - 1 if use_pece else n)
+    last_x, last_sigma = model.calls[-1]
+    assert last_sigma == float(sigmas[-2])
+    assert torch.equal(out, _gmm()(last_x, sigmas[-2].expand(4)))
+
+
+def test_noise_is_drawn_once_per_stochastic_step_as_comfyui_draws():
+    # tau = eta on [end, start] at the predictor's target sigma_{i+1}; no draw elsewhere or
+    # into 0, so a seeded generator is left where ComfyUI leaves it.
+    x, sigmas = _small()
+    start, end = 5.0, 0.3
+    draws = []
+
+    def ns(a, b):
+        draws.append((float(a), float(b)))
+        return torch.zeros_like(x)
+
+    sample_sa_solver(_gmm(), x, sigmas, disable=True, noise_sampler=ns, sde_start_sigma=start,
+                     sde_end_sigma=end)
+    want = [(float(a), float(b)) for a, b in zip(sigmas[:-1], sigmas[1:])
+            if start >= float(b) >= end and float(b) > 0]
+    assert draws == want and 0 < len(want) < len(sigmas) - 2
+
+
+def test_final_sample_above_zero():
+    # ComfyUI's loop ends after the last correction: final="corrector" returns the corrected
+    # sample at sigma_{N-1}; the default returns the predicted sample at sigma_N.
+    x = _small()[0]
+    sigmas = torch.exp(torch.linspace(math.log(20.0), math.log(0.5), 41, dtype=F64))
+    pred = sample_sa_solver(_gmm(), x, sigmas, disable=True, eta=0.0)
+    corr = sample_sa_solver(_gmm(), x, sigmas, disable=True, eta=0.0, final="corrector")
+    exact = _gmm().ode_solution(x, float(sigmas[0]), float(sigmas[-1]))
+    exact_before = _gmm().ode_solution(x, float(sigmas[0]), float(sigmas[-2]))
+    assert float((pred - exact).abs().max()) < 0.05 * float((corr - exact).abs().max())
+    assert float((corr - exact_before).abs().max()) < 0.05 * float((corr - exact).abs().max())
+
+
+def test_bad_options_are_clear_errors():
+    x, sigmas = _small()
+    for kw, match in [({"predictor_order": 0}, "predictor_order"),
+                      ({"corrector_order": -1}, "corrector_order"),
+                      ({"predictor_order": 2.0}, "predictor_order"),
+                      ({"final": "both"}, "final"), ({"eta": -1.0}, "eta"),
+                      ({"model_kind": "eps"}, "model_kind")]:
+        with pytest.raises(ValueError, match=match):
+            sample_sa_solver(point_mass, x, sigmas, disable=True, **kw)
+    with pytest.raises(TypeError, match="tau_func"):
+        sample_sa_solver(point_mass, x, sigmas, disable=True, tau_func=0.5)
+    with pytest.raises(TypeError, match="use_pece"):
+        sample_sa_solver_pece(point_mass, x, sigmas, disable=True, use_pece=False)
+
+
+# --- fused plans ---------------------------------------------------------------------------------
+
+NAMES = ["sa_solver", "sa_solver_pece", "sa_solver_flow", "sa_solver_pece_flow"]
+
+
+def _fused_problem(name, dtype):
+    g = torch.Generator().manual_seed(0)
+    model = _gmm()
+    if SOLVERS[name].param == "flow":
+        return model.flow_denoiser, torch.randn(3, 2, generator=g, dtype=F64).to(dtype), \
+            torch.linspace(1, 0, 9, dtype=F64)
+    return model, (torch.randn(3, 2, generator=g, dtype=F64) * 20).to(dtype), _small()[1]
+
+
+@pytest.mark.skipif(bool(unavailable_reason("triton", torch.device("cpu"))),
+                    reason="triton (interpreter) unavailable")
+@pytest.mark.parametrize("name", NAMES)
+def test_triton_plan_equals_the_reference(name):
+    model, x, sigmas = _fused_problem(name, torch.float32)
+    ns = lambda: default_noise_sampler(x, torch.Generator().manual_seed(5))  # noqa: E731
+    want = SOLVERS[name].fn(model, x, sigmas.to(x.dtype), disable=True, noise_sampler=ns(),
+                            **SOLVERS[name].kwargs)
+    sampler = Sampler(model, name, sigmas, backend="triton", noise="generator")
+    sampler.noise_sampler = ns()
+    got = sampler(x)
+    assert float((got.double() - want.double()).abs().max() / want.double().abs().max()) <= 1e-5
+
+
+@pytest.mark.parametrize("name", ["sa_solver", "sa_solver_pece"])
+def test_a_guided_epsilon_network_lowers_with_in_kernel_noise(name):
+    """The widest case of tests/test_sampler.py: with Philox noise every stage of the default
+    orders (3, 4) fits the kernel's 6 inputs; with drawn noise tensors sa_solver's stage after a
+    call needs 7 (F, the two guidance halves, 3 past D, the noise) and says so."""
+    from test_sampler import eps_network, philox_noise_sampler, problem
+
+    from fastdiff.denoisers import CFGDenoiser, Denoiser
+
+    _, x, sigmas = problem(name, batch=2)
+    cfg = CFGDenoiser(Denoiser(eps_network(), "epsilon"), 2.0)
+    cond = dict(cond=torch.zeros(2), uncond=torch.ones(2))
+    seeds = torch.arange(100, 102)
+    want = SOLVERS[name].fn(cfg, x, sigmas, disable=True, extra_args=cond,
+                            noise_sampler=philox_noise_sampler(x, seeds), **SOLVERS[name].kwargs)
+    sampler = Sampler(cfg, name, sigmas, backend="cpu")
+    got = sampler(x, seeds=seeds, **cond)
+    assert float((got - want).abs().max() / want.abs().max()) < 1e-10
+    assert max(len(la.inputs) for la in sampler.launches) <= 6
+    if name == "sa_solver":
+        with pytest.raises(RuntimeError, match="reads 7 tensors"):
+            Sampler(cfg, name, sigmas, backend="cpu", noise="generator")
