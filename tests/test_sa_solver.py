@@ -8,7 +8,8 @@ tests/test_stochastic.py, the VE ODE order of the defaults in tests/test_converg
 - data that is a point mass c has D = c, which every Adams weight set integrates exactly: the
   samples then have the exact marginal (mean alpha c, std sigma) in both kinds, and half the
   noise is detected (negative control); in ODE mode a golden value by hand;
-- ComfyUI's step logic: model calls, noise draws, the lowered final orders, the final sample.
+- ComfyUI's step logic: model calls, noise draws, the lowered final orders, the final sample;
+- fastdiff.comfyui's window from the model's own schedule.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from test_convergence import _gmm as _conv_gmm
 from test_convergence import _grid, _problem
 from test_stochastic import _gmm, karras_sigmas, statistic
 
+from fastdiff import comfyui
 from fastdiff.ops import unavailable_reason
 from fastdiff.reference.solvers import SOLVERS
 from fastdiff.reference.solvers._utils import default_noise_sampler
@@ -277,7 +279,94 @@ def test_bad_options_are_clear_errors():
     with pytest.raises(TypeError, match="tau_func"):
         sample_sa_solver(point_mass, x, sigmas, disable=True, tau_func=0.5)
     with pytest.raises(TypeError, match="use_pece"):
+        comfyui.sample_sa_solver_pece(point_mass, x, sigmas, disable=True, use_pece=False)
+    with pytest.raises(TypeError, match="use_pece"):
         sample_sa_solver_pece(point_mass, x, sigmas, disable=True, use_pece=False)
+
+
+# --- fastdiff.comfyui: the window from the model's own schedule ---------------------------------
+
+def test_comfyui_window_comes_from_the_models_percent_to_sigma():
+    x, sigmas = _small()
+    seen = []
+
+    class Sampling:
+        def percent_to_sigma(self, p):
+            seen.append(p)
+            return {0.2: 5.0, 0.8: 0.3, 1e-4: 0.9999}[p]
+
+    class Model:
+        model_sampling = Sampling()
+
+        def __call__(self, x, sigma, **kwargs):
+            return _gmm()(x, sigma)
+
+    ns = default_noise_sampler(x, torch.Generator().manual_seed(2))
+    got = comfyui.sample_sa_solver(Model(), x, sigmas, disable=True, noise_sampler=ns)
+    ns = default_noise_sampler(x, torch.Generator().manual_seed(2))
+    want = sample_sa_solver(_gmm(), x, sigmas, disable=True, noise_sampler=ns,
+                            sde_start_sigma=5.0, sde_end_sigma=0.3)
+    assert seen == [0.2, 0.8] and torch.equal(got, want)
+    # SamplerSASolver's option names: another interval, eta
+    seen.clear()
+    Sampling.percent_to_sigma = lambda self, p: {0.1: 8.0, 0.5: 1.0}[p]
+    ns = default_noise_sampler(x, torch.Generator().manual_seed(2))
+    got = comfyui.sample_sa_solver(Model(), x, sigmas, disable=True, noise_sampler=ns,
+                                   sde_start_percent=0.1, sde_end_percent=0.5, eta=0.7)
+    ns = default_noise_sampler(x, torch.Generator().manual_seed(2))
+    want = sample_sa_solver(_gmm(), x, sigmas, disable=True, noise_sampler=ns,
+                            sde_start_sigma=8.0, sde_end_sigma=1.0, eta=0.7)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("kind", ["ve", "flow"])
+@pytest.mark.parametrize("name", ["sa_solver", "sa_solver_pece"])
+def test_the_fused_plan_gives_the_adapters_numbers(name, kind):
+    """fastdiff.Sampler on the registry entry with the options fastdiff.comfyui derives from the
+    model (its default window) gives the adapter's samples."""
+    x, sigmas = _small()
+    model = _gmm()
+    if kind == "flow":
+        x, sigmas, model = x / 20, torch.linspace(1, 0, 9, dtype=F64), model.flow_denoiser
+    ns = lambda: default_noise_sampler(x, torch.Generator().manual_seed(6))  # noqa: E731
+    want = getattr(comfyui, f"sample_{name}")(model, x, sigmas, disable=True, model_kind=kind,
+                                              noise_sampler=ns())
+    window = {"sde_start_sigma": comfyui.percent_to_sigma(model, 0.2, kind),
+              "sde_end_sigma": comfyui.percent_to_sigma(model, 0.8, kind)}
+    assert 0 < window["sde_end_sigma"] < window["sde_start_sigma"] < float(sigmas[0])
+    sampler = Sampler(model, name + ("_flow" if kind == "flow" else ""), sigmas, backend="cpu",
+                      noise="generator", **window)
+    sampler.noise_sampler = ns()
+    got = sampler(x)
+    assert float((got - want).abs().max() / want.abs().max()) < 1e-10
+
+
+def test_percent_to_sigma_of_fastdiff_schedules():
+    from fastdiff.schedules.model import DiscreteVPSchedule
+    from fastdiff.schedules.model_sampling import ModelSampling
+
+    def with_sampling(ms):
+        return type("M", (), {"model_sampling": ms})()
+
+    # ComfyUI's classes, by hand: flow shift 3 at p: 3 (1 - p) / (1 + 2 (1 - p));
+    # EDM: exp(log 0.002 + (1 - p) log(80 / 0.002)); SD1.x discrete: sigma at timestep
+    # (1 - p) 999, log-linear between the table's entries.
+    p2s = comfyui.percent_to_sigma
+    flow = with_sampling(ModelSampling.discrete_flow(3.0))
+    assert p2s(flow, 0.2, "flow") == pytest.approx(2.4 / 2.6, rel=1e-12)
+    edm = with_sampling(ModelSampling.continuous_edm(0.002, 80.0))
+    assert p2s(edm, 0.3, "ve") == pytest.approx(0.002 * (80 / 0.002) ** 0.7, rel=1e-9)
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=F64) ** 2
+    log_sigmas = ((1 - torch.cumprod(1 - betas, 0)) / torch.cumprod(1 - betas, 0)).sqrt().log()
+    t = 0.8 * 999  # p = 0.2: 799.2
+    want = math.exp(0.8 * float(log_sigmas[799]) + 0.2 * float(log_sigmas[800]))
+    sd1 = with_sampling(ModelSampling.discrete(DiscreteVPSchedule.from_betas(
+        "scaled_linear", 1000, 0.00085, 0.012)))
+    assert abs(t - 799.2) < 1e-12
+    assert p2s(sd1, 0.2, "ve") == pytest.approx(want, rel=1e-6)  # fp32 betas in the table
+    assert p2s(point_mass, 0.2, "ve") == p2s(sd1, 0.2, "ve")  # ComfyUI's default sampling
+    assert p2s(point_mass, 0.2, "flow") == 0.8
+    assert p2s(sd1, 0.0, "ve") == 999999999.9 and p2s(flow, 1.0, "flow") == 0.0
 
 
 # --- fused plans ---------------------------------------------------------------------------------

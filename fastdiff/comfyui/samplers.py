@@ -15,6 +15,12 @@ models: Flux, SD3, Wan, with flow times s in [0, 1] as sigmas); here it is the k
 is CONST), else "ve". `first_sigma` (SDE samplers on flow models) is ComfyUI's
 `model_sampling.percent_to_sigma(1e-4)`, taken from the model when it has one.
 
+`sa_solver` / `sa_solver_pece` take their interval of stochasticity from the model's schedule
+as ComfyUI does: tau = `eta` (1) from `percent_to_sigma(sde_start_percent)` (0.2) down to
+`percent_to_sigma(sde_end_percent)` (0.8), the options of ComfyUI's SamplerSASolver node, or
+`tau_func`; the model's own `model_sampling.percent_to_sigma`, a fastdiff schedule there, or
+else ComfyUI's default model sampling of the kind (`percent_to_sigma`).
+
 `extra_args["seed"]` seeds the default noise sampler as ComfyUI does and is not passed to the
 model. Every name here has a registered reference solver (`fastdiff.reference.solvers.SOLVERS`,
 so `fastdiff.Sampler` runs it as a fused plan), except dpm_fast / dpm_adaptive (adaptive
@@ -28,10 +34,11 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 
 import torch
 
-__all__ = ["SAMPLER_NAMES", "resolve_model_kind"]
+__all__ = ["SAMPLER_NAMES", "percent_to_sigma", "resolve_model_kind"]
 
 _S = "fastdiff.reference.solvers"
 
@@ -82,13 +89,15 @@ _SPECS = {
     "er_sde": ("sde", "sample_er_sde", {}, True),
     "seeds_2": ("exponential", "sample_seeds_2", {}, True),
     "seeds_3": ("sde", "sample_seeds_3", {}, True),
+    "sa_solver": ("sa_solver", "sample_sa_solver", {}, True),
+    "sa_solver_pece": ("sa_solver", "sample_sa_solver", {"use_pece": True}, True),
     "ddim": ("euler", "sample_euler", {}, False),  # ComfyUI: ksampler("euler")
     "uni_pc": ("unipc", "sample_unipc", {"variant": "bh1"}, False),
     "uni_pc_bh2": ("unipc", "sample_unipc", {"variant": "bh2"}, False),
 }
 
-# ComfyUI's SAMPLER_NAMES order (KSAMPLER_NAMES + ddim, uni_pc, uni_pc_bh2); names fastdiff
-# does not provide yet are left out, so this list is what works.
+# ComfyUI's SAMPLER_NAMES order (KSAMPLER_NAMES + ddim, uni_pc, uni_pc_bh2); a name without
+# a _SPECS entry would be left out, so SAMPLER_NAMES is what works (today: all 44).
 _COMFY_ORDER = [
     "euler", "euler_cfg_pp", "euler_ancestral", "euler_ancestral_cfg_pp", "heun", "heunpp2",
     "exp_heun_2_x0", "exp_heun_2_x0_sde", "dpm_2", "dpm_2_ancestral", "lms", "dpm_fast",
@@ -115,6 +124,8 @@ def resolve_model_kind(model, model_kind=None) -> str:
         if ms is not None:
             model_kind = getattr(ms, "kind", None) or \
                 ("flow" if any(c.__name__ == "CONST" for c in type(ms).__mro__) else "ve")
+            if model_kind == "vp":  # a fastdiff schedule's kind (`ModelSampling.kind`)
+                model_kind = "ve"
     if model_kind is None:
         return "ve"
     kind = _KIND_ALIASES.get(str(model_kind).lower()) if isinstance(model_kind, str) else None
@@ -130,6 +141,51 @@ def _first_sigma(model) -> float:
     return float(fn(1e-4)) if fn is not None else 1 - 1e-4
 
 
+@functools.cache
+def _default_model_sampling():
+    """ComfyUI's ModelSamplingDiscrete without a model config: SD1.x's 1000 betas, linear in
+    sqrt(beta) from 0.00085 to 0.012 (diffusers' "scaled_linear")."""
+    from fastdiff.schedules.model import DiscreteVPSchedule
+    from fastdiff.schedules.model_sampling import ModelSampling
+
+    return ModelSampling.discrete(DiscreteVPSchedule.from_betas("scaled_linear", 1000, 0.00085,
+                                                                0.012))
+
+
+def percent_to_sigma(model, percent: float, model_kind: str) -> float:
+    """ComfyUI's `model_sampling.percent_to_sigma(percent)` for `model`: the model's own
+    `model_sampling.percent_to_sigma` (a ComfyUI object), else computed for a fastdiff schedule
+    or `ModelSampling` as ComfyUI's class of that kind does (discrete: sigma((1 - p) 999); flow:
+    the shifted time of 1 - p; EDM: log-linear between sigma_min and sigma_max), else for
+    ComfyUI's default model sampling of the kind (VE: SD1.x's discrete table; flow: shift 1,
+    1 - p)."""
+    ms = getattr(model, "model_sampling", None)
+    fn = getattr(ms, "percent_to_sigma", None)
+    if fn is not None:
+        return float(fn(percent))
+    if percent <= 0:
+        return 1.0 if model_kind == "flow" else 999999999.9
+    if percent >= 1:
+        return 0.0
+    if ms is None:
+        if model_kind == "flow":
+            return 1.0 - percent
+        ms = _default_model_sampling()
+    from fastdiff.schedules.model_sampling import ModelSampling
+
+    ms = ModelSampling.of(ms)
+    if ms.kind == "edm":
+        lo, hi = math.log(ms.sigma_min), math.log(ms.sigma_max)
+        return math.exp(lo + (1.0 - percent) * (hi - lo))
+    if ms.kind == "vp":
+        return float(ms.sigma(torch.tensor((1.0 - percent) * 999.0, dtype=torch.float64)))
+    if ms.kind == "flow":  # the time that maps to the table's last timestep, times 1 - p
+        t_max = ms.timestep(torch.tensor(ms.sigma_max, dtype=torch.float64))
+        return float(ms.sigma(t_max * (1.0 - percent)))
+    raise TypeError(f"model.model_sampling: no percent_to_sigma and kind {ms.kind!r} is not "
+                    "'vp', 'flow' or 'edm'")
+
+
 def _comfy_defaults(name: str, fn, kind: str | None, model, x, sigmas, extra_args, kwargs):
     """ComfyUI's option values where they differ from the reference's defaults."""
     seed = extra_args.pop("seed", None)
@@ -143,6 +199,17 @@ def _comfy_defaults(name: str, fn, kind: str | None, model, x, sigmas, extra_arg
         kwargs.setdefault("eta", 1.0)
     if name.startswith("exp_heun_2_x0"):
         kwargs.setdefault("solver_type", "phi_2")
+    if name.startswith("sa_solver"):
+        # ComfyUI: tau = eta (1) between the model's percent 0.2 and 0.8 (SamplerSASolver's
+        # sde_start_percent / sde_end_percent), and a last sigma > 0 returns the corrected
+        # sample of the level before it
+        sa_kind = kind or "ve"
+        start = kwargs.pop("sde_start_percent", 0.2)
+        end = kwargs.pop("sde_end_percent", 0.8)
+        if "tau_func" not in kwargs:
+            kwargs.setdefault("sde_start_sigma", percent_to_sigma(model, start, sa_kind))
+            kwargs.setdefault("sde_end_sigma", percent_to_sigma(model, end, sa_kind))
+        kwargs.setdefault("final", "corrector")
     if "model_kind" in params and kind == "flow":  # kind None: ComfyUI has no flow branch
         kwargs["model_kind"] = "flow"
         if "first_sigma" in params:
