@@ -175,11 +175,12 @@ def _lifetimes(launches: list[Launch], history_kind: str) -> list[list[tuple]]:
         if launch.call >= 0:
             last[("F", launch.call)] = i
         for ref in launch.inputs:
-            if ref.kind in ("F", "D", "E", "U", "V"):
+            if ref.kind in ("F", "D", "E", "U", "V", "T"):
                 last[(ref.kind, ref.index)] = i
         for name in launch.outputs:  # written, possibly never read (e.g. a history entry)
             key = (("F", launch.call + 1) if name == "F" else
                    ("U" if history_kind == "D" else "V", launch.call) if name == "HU"
+                   else ("T", int(name[1:])) if name[0] == "T"  # a split stage's partial
                    else (history_kind, launch.call))
             if name != "out":
                 last.setdefault(key, i)
@@ -501,6 +502,8 @@ class Sampler:
                 regs[(self.plan.history_kind, launch.call)] = t
             elif name == "HU":  # CFG++: the unconditional output, for a later stage
                 regs[("U" if self.plan.history_kind == "D" else "V", launch.call)] = t
+            elif name[0] == "T":  # the partial sum of a stage split in two (lowering.split)
+                regs[("T", int(name[1:]))] = t
         return outs[0]
 
     _graphing = False

@@ -83,6 +83,10 @@ VARIANTS = {
                                                  max_value=4.0, clip=0.7), {}, ("dpmpp_2m_sde",)),
     "generator noise": (lambda f: f(gaussian), {"noise": "generator"},
                         ("euler_ancestral", "dpmpp_2m_sde", "ddpm")),
+    # 7 inputs after each call: stages split in two launches (lowering.lower's split)
+    "epsilon network + guidance + generator noise": (
+        lambda f: CFGDenoiser(Denoiser(f(eps_network), "epsilon"), 2.5), {"noise": "generator"},
+        ("sa_solver",)),
     "noise sampler": (lambda f: f(gaussian),
                       {"noise_sampler": lambda s, t: torch.randn(SHAPE, device=DEVICE)
                        .half()}, ("euler_ancestral",)),

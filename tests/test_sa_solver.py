@@ -397,12 +397,19 @@ def test_triton_plan_equals_the_reference(name):
     assert float((got.double() - want.double()).abs().max() / want.double().abs().max()) <= 1e-5
 
 
+GUIDED_BACKENDS = ["reference", "cpu"] + ([] if unavailable_reason("triton", torch.device("cpu"))
+                                         else ["triton"])
+
+
+@pytest.mark.parametrize("backend", GUIDED_BACKENDS)
+@pytest.mark.parametrize("noise", ["philox", "generator"])
 @pytest.mark.parametrize("name", ["sa_solver", "sa_solver_pece"])
-def test_a_guided_epsilon_network_lowers_with_in_kernel_noise(name):
-    """The widest case of tests/test_sampler.py: with Philox noise every stage of the default
-    orders (3, 4) fits the kernel's 6 inputs; with drawn noise tensors sa_solver's stage after a
-    call needs 7 (F, the two guidance halves, 3 past D, the noise) and says so."""
-    from test_sampler import eps_network, philox_noise_sampler, problem
+def test_a_guided_epsilon_network_lowers(name, noise, backend):
+    """The widest case of tests/test_sampler.py. With Philox noise every stage of the default
+    orders (3, 4) fits the kernel's 6 inputs. With drawn noise tensors sa_solver's stage after a
+    call reads 7 (F, the two guidance halves, 3 past D, the noise): the lowering splits it in two
+    launches (a partial sum of the past inputs first), and the samples are the reference's."""
+    from test_sampler import eps_network, philox_noise_sampler, problem, seeded_noise
 
     from fastdiff.denoisers import CFGDenoiser, Denoiser
 
@@ -410,12 +417,14 @@ def test_a_guided_epsilon_network_lowers_with_in_kernel_noise(name):
     cfg = CFGDenoiser(Denoiser(eps_network(), "epsilon"), 2.0)
     cond = dict(cond=torch.zeros(2), uncond=torch.ones(2))
     seeds = torch.arange(100, 102)
-    want = SOLVERS[name].fn(cfg, x, sigmas, disable=True, extra_args=cond,
-                            noise_sampler=philox_noise_sampler(x, seeds), **SOLVERS[name].kwargs)
-    sampler = Sampler(cfg, name, sigmas, backend="cpu")
-    got = sampler(x, seeds=seeds, **cond)
+    ns = philox_noise_sampler(x, seeds) if noise == "philox" else seeded_noise(x, 1)
+    want = SOLVERS[name].fn(cfg, x, sigmas, disable=True, extra_args=cond, noise_sampler=ns,
+                            **SOLVERS[name].kwargs)
+    sampler = Sampler(cfg, name, sigmas, backend=backend, noise=noise)
+    if noise == "generator":
+        sampler.noise_sampler = seeded_noise(x, 1)
+    got = sampler(x, **({"seeds": seeds} if noise == "philox" else {}), **cond)
     assert float((got - want).abs().max() / want.abs().max()) < 1e-10
     assert max(len(la.inputs) for la in sampler.launches) <= 6
-    if name == "sa_solver":
-        with pytest.raises(RuntimeError, match="reads 7 tensors"):
-            Sampler(cfg, name, sigmas, backend="cpu", noise="generator")
+    partials = [la for la in sampler.launches if la.outputs[0][0] == "T"]
+    assert bool(partials) == (name == "sa_solver" and noise == "generator"), partials

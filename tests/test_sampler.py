@@ -139,13 +139,6 @@ def test_parameterisation_and_guidance_are_fused(name, backend):
     assert rel_err(sampler(x, **cond), want) < 1e-10
 
 
-# Stages wider than the kernel's 6 inputs when the noise is a drawn tensor (noise="generator")
-# and the model is a guided epsilon network; with in-kernel (Philox) noise they fit.
-WIDER_WITH_DRAWN_NOISE = {
-    "sa_solver": "F, the two guidance halves, 3 past D and a drawn noise tensor: 7 inputs "
-                 "(tests/test_sa_solver.py: the clear error, and the Philox plan within 6)"}
-
-
 @pytest.mark.parametrize("name", FIXED_STEP)
 def test_every_solver_lowers_with_a_network_and_guidance(name):
     """The widest case: conversion of an epsilon network plus the two guidance halves per stage
@@ -153,8 +146,6 @@ def test_every_solver_lowers_with_a_network_and_guidance(name):
     model, x, sigmas = problem(name, batch=2)
     if SOLVERS[name].param == "flow":
         pytest.skip("the epsilon network here is a VE one")
-    if name in WIDER_WITH_DRAWN_NOISE:
-        pytest.skip(WIDER_WITH_DRAWN_NOISE[name])
     cfg = CFGDenoiser(Denoiser(eps_network(), "epsilon"), 2.0)
     cond = dict(cond=torch.zeros(2, device=DEVICE), uncond=torch.ones(2, device=DEVICE))
     want = run_reference(name, cfg, x, sigmas, extra_args=cond)

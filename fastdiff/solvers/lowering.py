@@ -51,7 +51,9 @@ class Launch:
     """One fused kernel call: outputs = tables[arity][row] @ (inputs, in-kernel noise)."""
 
     inputs: tuple[Ref, ...]  # Ref kinds: x, F, D, E, z (a drawn tensor), "part" (output half)
-    outputs: tuple[str, ...]  # "F" (next model input), "out" (sample), "H" (history entry)
+    # "F" (next model input), "out" (sample), "H" (history entry), "HU" (CFG++'s U entry),
+    # "T<n>" (the partial sum of a stage split in two: `lower`'s split)
+    outputs: tuple[str, ...]
     row: int  # row in the table of this launch's arity
     call: int  # the model call it follows (-1: the prologue, before the first call)
     noise: tuple[int, ...] = ()  # noise symbols generated in-kernel (Philox counters)
@@ -113,6 +115,10 @@ def lower(plan: Plan, sc: Scalings, in_kernel_noise: bool = False
         refs = tuple(dict.fromkeys(r for combo in combos for r in combo if r.kind != "y"))
         noise = tuple(r for r in refs if in_kernel_noise and r.kind == "z")
         tensors = tuple(r for r in refs if r not in noise)
+        if len(tensors) > MAX_INPUTS and not clipped:
+            combos = split(combos, tensors, call)
+            refs = tuple(dict.fromkeys(r for combo in combos for r in combo))
+            tensors = tuple(r for r in refs if r not in noise)
         if len(tensors) > MAX_INPUTS or len(noise) > MAX_NOISE:
             raise RuntimeError(f"{plan.solver}: a stage reads {len(tensors)} tensors and"
                                f" {len(noise)} noise terms ({', '.join(map(str, refs))}); the"
@@ -123,6 +129,35 @@ def lower(plan: Plan, sc: Scalings, in_kernel_noise: bool = False
                                clipped))
         columns = tensors + noise + ((Ref("y", call),) if clipped else ())
         table.append([[combo.get(r, 0.0) for r in columns] for combo in combos])
+
+    def split(combos: list[dict[Ref, float]], tensors: tuple[Ref, ...], call: int
+              ) -> list[dict[Ref, float]]:
+        """A stage wider than one launch (e.g. SA-Solver's after a guided epsilon network's
+        call with drawn noise: 7 tensors) as two: a launch first sums some of the inputs that
+        do not come from this call (past history, drawn noise) into one partial per output
+        that reads them, T; the stage then reads T instead. Exact up to one rounding of T
+        (fp32 accumulation, as every launch); never done for a clipped stage, whose clip row
+        must see every input."""
+        own = {Ref("F", call)}
+        movable = [r for r in tensors if r.kind != "part" and r not in own]
+        # inputs read by fewer outputs first (fewer partials), oldest first
+        movable.sort(key=lambda r: sum(r in combo for combo in combos))
+        for m in range(2, min(len(movable), MAX_INPUTS) + 1):
+            moved = movable[:m]
+            users = [j for j, combo in enumerate(combos) if any(r in combo for r in moved)]
+            if len(tensors) - m + len(users) <= MAX_INPUTS:
+                break
+        else:
+            return combos  # cannot be split: add() raises with the stage's inputs
+        parts = [{r: combos[j][r] for r in moved if r in combos[j]} for j in users]
+        names = [Ref("T", 3 * (call + 1) + n) for n in range(len(users))]
+        add(tuple(f"T{t.index}" for t in names), parts, call)
+        out = [dict(combo) for combo in combos]
+        for j, t in zip(users, names):
+            for r in moved:
+                out[j].pop(r, None)
+            out[j][t] = 1.0
+        return out
 
     first = _expand(plan, plan.prologue, -1, sc, sc.c_in[0])
     if first != {Ref("x"): 1.0}:  # F[0] is not simply the user's noise
