@@ -368,6 +368,23 @@ def test_percent_to_sigma_of_fastdiff_schedules():
     assert p2s(point_mass, 0.2, "flow") == 0.8
     assert p2s(sd1, 0.0, "ve") == 999999999.9 and p2s(flow, 1.0, "flow") == 0.0
 
+    # the flow SDE samplers' first time (ComfyUI: percent_to_sigma(1e-4)) follows the shift too
+    seen = []
+
+    class Shifted:
+        model_sampling = ModelSampling.discrete_flow(3.0)
+
+        def __call__(self, x, sigma, **kwargs):
+            seen.append(float(sigma.flatten()[0]))
+            return torch.zeros_like(x)
+
+    x = torch.randn(2, 2, dtype=F64)
+    for name in ("sa_solver", "er_sde", "dpmpp_2m_sde"):
+        seen.clear()
+        getattr(comfyui, f"sample_{name}")(Shifted(), x, torch.tensor([1.0, 0.5, 0.0],
+                                           dtype=F64), disable=True, model_kind="flow")
+        assert seen[0] == pytest.approx(3 * (1 - 1e-4) / (1 + 2 * (1 - 1e-4)), rel=1e-12)
+
 
 # --- fused plans ---------------------------------------------------------------------------------
 

@@ -136,9 +136,9 @@ def resolve_model_kind(model, model_kind=None) -> str:
 
 
 def _first_sigma(model) -> float:
-    ms = getattr(model, "model_sampling", None)
-    fn = getattr(ms, "percent_to_sigma", None)
-    return float(fn(1e-4)) if fn is not None else 1 - 1e-4
+    """ComfyUI's offset_first_sigma_for_snr: the flow time at percent 1e-4 of the model's
+    schedule (1 - 1e-4 unshifted; a fastdiff schedule's shift counts, `percent_to_sigma`)."""
+    return percent_to_sigma(model, 1e-4, "flow")
 
 
 @functools.cache
