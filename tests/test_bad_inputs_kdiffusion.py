@@ -99,13 +99,24 @@ def _int64(x, sigma, **kwargs):
     return (x * 0.5).to(_t().int64)
 
 
+class _GuidedInt64:
+    """A guided model (the CFG++ samplers need D_u) whose both answers are int64."""
+
+    def __call__(self, x, sigma, **kwargs):
+        return _int64(x, sigma)
+
+    def denoise_with_uncond(self, x, sigma, **kwargs):
+        return _int64(x, sigma), _int64(x, sigma)
+
+
 def _sampler_names():
     from fastdiff import k_diffusion as K
     return [n for n in K.__all__ if n.startswith("sample_")]
 
 
 for _name in _sampler_names():  # (x * 0.5).to(int64) passed silently through all of them
-    cases.add(f"kdiffusion_{_name}_int64_model", _answers(_name, _int64), "TypeError",
+    cases.add(f"kdiffusion_{_name}_int64_model",
+              _answers(_name, _GuidedInt64() if "cfg_pp" in _name else _int64), "TypeError",
               "model returned torch.int64")
 cases.add("kdiffusion_euler_float64_model", _answers("sample_euler", lambda x, s: x.double()),
           "TypeError", "model returned torch.float64")
@@ -115,6 +126,37 @@ cases.add("kdiffusion_dpmpp_2m_model_answers_a_tuple",
           _answers("sample_dpmpp_2m", lambda x, s: (x,)), "TypeError", "model returned tuple")
 cases.add("kdiffusion_lms_model_answers_on_another_device",
           _answers("sample_lms", lambda x, s: x.to("meta")), "ValueError", "on meta")
+
+
+# -- ComfyUI's names (fastdiff's registry entries): fixed options, CFG++'s model, options -----
+
+def _run(name, model=None, **options):
+    from fastdiff import k_diffusion as K
+    torch = _t()
+    x = torch.randn(2, 3, generator=torch.Generator().manual_seed(0)) * 10
+    getattr(K, name)(model or (lambda x, s: x * 0.5), x, torch.tensor([10.0, 5.0, 1.0, 0.0]),
+                     disable=True, **options)
+
+
+for _name, _option in [("sample_res_multistep", "eta"), ("sample_exp_heun_2_x0", "r"),
+                       ("sample_exp_heun_2_x0", "noise_sampler"), ("sample_ipndm_v", "weights"),
+                       ("sample_exp_heun_2_x0_sde", "r"), ("sample_sa_solver_pece", "use_pece"),
+                       ("sample_euler_cfg_pp", "cfg_pp")]:
+    cases.add(f"kdiffusion_{_name}_fixed_{_option}",
+              lambda keep, n=_name, o=_option: _run(n, **{o: None}), "TypeError",
+              f"['{_option}'] fixed by the sampler's name")
+cases.add("kdiffusion_euler_cfg_pp_unguided_model", lambda keep: _run("sample_euler_cfg_pp"),
+          "TypeError", "model: sample_euler_cfg_pp renoises with the unconditional prediction")
+cases.add("kdiffusion_heunpp2_unknown_option", lambda keep: _run("sample_heunpp2", eta=1.0),
+          "TypeError", "'eta'")
+cases.add("kdiffusion_seeds_2_bad_model_kind",
+          lambda keep: _run("sample_seeds_2", model_kind="const"), "ValueError", "model_kind")
+cases.add("kdiffusion_er_sde_bad_max_stage", lambda keep: _run("sample_er_sde", max_stage=4),
+          "ValueError", "max_stage")
+cases.add("kdiffusion_sa_solver_bad_final", lambda keep: _run("sample_sa_solver", final="x"),
+          "ValueError", "final")
+cases.add("kdiffusion_res_multistep_ancestral_negative_eta",
+          lambda keep: _run("sample_res_multistep_ancestral", eta=-1.0), "ValueError", "eta")
 
 
 @case("TypeError", "model")

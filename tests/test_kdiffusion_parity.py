@@ -254,13 +254,28 @@ def _sigma_samplers():
     return names
 
 
+class Guided:
+    """`model` as a guided denoiser, halves D +- 0.1: the CFG++ samplers need D_u."""
+
+    def __call__(self, x, sigma, **kwargs):
+        return self.denoise_with_uncond(x, sigma, **kwargs)[0]
+
+    def denoise_with_uncond(self, x, sigma, **kwargs):
+        d = model(x, sigma, **kwargs)
+        return d + 0.1, d - 0.1
+
+
+def _model_for(name):
+    return Guided() if "cfg_pp" in name else model
+
+
 def _call(name, x, sigmas, **kw):
     fn = _fastdiff(name)
     if fn is None:
         pytest.skip(f"fastdiff.k_diffusion.{name} does not exist yet")
     if name in ("sample_dpm_fast", "sample_dpm_adaptive"):
         return fn(model, x, 0.03, 20.0, *(() if name.endswith("adaptive") else (6,)), **kw)
-    return fn(model, x, sigmas, **kw)
+    return fn(_model_for(name), x, sigmas, **kw)
 
 
 @pytest.mark.parametrize("name", _sigma_samplers() + ["sample_dpm_fast", "sample_dpm_adaptive"])
@@ -314,7 +329,7 @@ def test_bad_sigmas_raise(name):
     assert "sigmas" in inspect.signature(fn).parameters
     for case, sigmas in BAD_SIGMAS.items():
         with pytest.raises(ValueError, match="sigmas"):
-            fn(model, _x0(), sigmas, disable=True)
+            fn(_model_for(name), _x0(), sigmas, disable=True)
             pytest.fail(f"{name} accepted {case} sigmas")
 
 

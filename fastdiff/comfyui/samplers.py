@@ -239,7 +239,7 @@ def _make(name: str):
                model_kind=None, **options):
         import importlib
 
-        from fastdiff.k_diffusion import _CheckedModel
+        from fastdiff.k_diffusion import _CheckedModel, reject_fixed
 
         fn = getattr(importlib.import_module(f"{_S}.{module}"), fn_name)
         kind = resolve_model_kind(model, model_kind)
@@ -247,9 +247,7 @@ def _make(name: str):
             raise ValueError(f"{name}: ComfyUI's flow-model branch of this sampler is not "
                              "available in fastdiff yet (model_kind='flow')")
         extra_args = dict(extra_args or {})
-        bad = set(fixed) & set(options)
-        if bad:
-            raise TypeError(f"sample_{name}: {sorted(bad)} fixed by the sampler's name")
+        reject_fixed(name, fixed, options)
         kwargs = _comfy_defaults(name, fn, kind if kind_dependent is True else None, model, x,
                                  sigmas, extra_args, {**fixed, **options})
         if len(sigmas) <= 1:
