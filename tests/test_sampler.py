@@ -19,6 +19,8 @@ from fastdiff.spacings import get_sigmas_karras
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 BACKENDS = ["reference"] + [b for b in ("cpu", "cuda") if not unavailable_reason(b, DEVICE)]
+# the parity tests below also run Triton where it runs (its interpreter on CPU: small problems)
+PARITY_BACKENDS = BACKENDS + [b for b in ("triton",) if not unavailable_reason(b, DEVICE)]
 FIXED_STEP = [n for n in SOLVERS if n not in ("dpm_fast", "dpm_adaptive")]
 GMM = GaussianMixture.default(d=6)
 
@@ -62,7 +64,7 @@ def rel_err(a, b):
     return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", PARITY_BACKENDS)
 @pytest.mark.parametrize("name", FIXED_STEP)
 def test_every_solver_equals_its_reference_fp64(name, backend):
     model, x, sigmas = problem(name)
@@ -73,11 +75,12 @@ def test_every_solver_equals_its_reference_fp64(name, backend):
     assert rel_err(got, want) < 1e-10
 
 
+@pytest.mark.parametrize("backend", PARITY_BACKENDS)
 @pytest.mark.parametrize("name", FIXED_STEP)
-def test_every_solver_equals_its_reference_fp32(name):
+def test_every_solver_equals_its_reference_fp32(name, backend):
     model, x, sigmas = problem(name, torch.float32)
     want = run_reference(name, model, x, sigmas)
-    got = run_engine(name, model, x, sigmas, BACKENDS[-1])
+    got = run_engine(name, model, x, sigmas, backend)
     assert got.dtype == torch.float32
     assert rel_err(got, want) <= 1e-5
 
