@@ -427,10 +427,12 @@ class Sampler:
         flag = nonfinite_flag(noise.device) if self.guard else None  # a device fill
         buffers = _Buffers(noise, self._spare)
         drawn: list[torch.Tensor] = []
-        result = None
+        result, called = None, -1
         for i, launch in enumerate(self.launches):
             k = launch.call
-            if k >= 0:
+            # a stage split in two launches (lowering.split) calls the model once, before both
+            if k >= 0 and k != called:
+                called = k
                 if ("F", k) not in regs:  # F[0] is the user's noise (never written to)
                     regs[("F", k)] = noise
                 parts = self.adapter(regs[("F", k)], levels[k], cond)

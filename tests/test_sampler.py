@@ -149,15 +149,25 @@ def test_every_solver_lowers_with_a_network_and_guidance(name):
     model, x, sigmas = problem(name, batch=2)
     if SOLVERS[name].param == "flow":
         pytest.skip("the epsilon network here is a VE one")
-    cfg = CFGDenoiser(Denoiser(eps_network(), "epsilon"), 2.0)
+    network, calls = eps_network(), []
+
+    def counted(x, sigma, **cond):
+        calls.append(sigma)
+        return network(x, sigma, **cond)
+
+    cfg = CFGDenoiser(Denoiser(counted, "epsilon"), 2.0)
     cond = dict(cond=torch.zeros(2, device=DEVICE), uncond=torch.ones(2, device=DEVICE))
     want = run_reference(name, cfg, x, sigmas, extra_args=cond)
+    reference_calls = len(calls)
     sampler = Sampler(cfg, name, sigmas, backend=BACKENDS[-1], noise="generator")
     if "noise_sampler" in inspect.signature(SOLVERS[name].fn).parameters:
         sampler.noise_sampler = seeded_noise(x, 1)
     torch.manual_seed(1)
+    del calls[:]
     assert rel_err(sampler(x, **cond), want) < 1e-10
     assert max(len(la.inputs) for la in sampler.launches) <= 6
+    # one network call per model evaluation, also where a stage is split in two launches
+    assert len(calls) == reference_calls
 
 
 class CountOps(TorchDispatchMode):
