@@ -32,6 +32,28 @@ import torch
 
 SOLVERS = ["euler", "heun", "dpm_2", "ddim", "lms", "ipndm", "deis_3", "dpmpp_2m", "dpmpp_3m",
            "dpmpp_2s", "unipc_bh2_2", "euler_ancestral", "dpmpp_2m_sde", "dpmpp_sde"]
+# issue 16's samplers (ComfyUI's): ODE ones, then stochastic ones
+NEW_SOLVERS = ["ipndm_v", "res_multistep", "gradient_estimation", "exp_heun_2_x0", "heunpp2",
+               "sa_solver eta=0", "seeds_2", "er_sde", "res_multistep_ancestral", "sa_solver",
+               "sa_solver comfyui-tau"]
+SOLVERS += NEW_SOLVERS
+
+
+def _comfyui_tau(model) -> dict:
+    """ComfyUI's SA-Solver default: tau = 1 from percent 0.2 to 0.8 of the model's own table
+    (fastdiff.comfyui.percent_to_sigma; for the digits model sigma 25.6 down to 0.72)."""
+    from types import SimpleNamespace
+
+    from fastdiff.comfyui import percent_to_sigma
+
+    ms = SimpleNamespace(model_sampling=model.schedule)
+    return {"sde_start_sigma": percent_to_sigma(ms, 0.2, "ve"),
+            "sde_end_sigma": percent_to_sigma(ms, 0.8, "ve")}
+
+
+# a row that is a registry solver with options: row name -> (solver, options of the model)
+VARIANTS = {"sa_solver eta=0": ("sa_solver", lambda model: {"eta": 0.0}),
+            "sa_solver comfyui-tau": ("sa_solver", _comfyui_tau)}
 NFES = [5, 10, 20, 50]
 SCHEDULE_SOLVERS = ["euler", "dpmpp_2m"]
 SCHEDULE_NFES = [5, 10, 20]
@@ -44,23 +66,31 @@ def evaluate(solvers, nfes, samples_per_class: int, guidance: float, seed: int) 
 
     model, classifier = load_digits_model(), load_classifier()
     labels = torch.arange(10).repeat_interleave(samples_per_class)
+    calls = [0]  # the network's calls (one batched call per guided evaluation)
+    model.network.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
     rows = []
-    for solver in solvers:
+    for row in solvers:
+        solver, options = VARIANTS.get(row, (row, lambda model: {}))
+        options = options(model)
         per_step = REGISTRY[solver].nfe_per_step
         for nfe in nfes:
             steps = nfe // per_step
             if steps < 1:
-                rows.append(dict(solver=solver, nfe=nfe, steps=0, fd=math.nan, accuracy=math.nan))
+                rows.append(dict(solver=row, nfe=nfe, steps=0, fd=math.nan, accuracy=math.nan))
                 continue
-            start = time.perf_counter()
+            start, calls[0] = time.perf_counter(), 0
             x = sample_digits(model, labels, steps=steps, solver=solver, guidance=guidance,
-                              seed=seed, backend="auto")
+                              seed=seed, backend="auto", options=options)
             seconds = time.perf_counter() - start
             score = evaluate_digits(x, labels, classifier)
-            rows.append(dict(solver=solver, nfe=nfe, nfe_used=steps * per_step, steps=steps,
-                             fd=score["fd"], accuracy=score["accuracy"], seconds=seconds))
-            print(f"{solver:>16} NFE {nfe:>3}: FD-digits {score['fd']:8.2f}"
-                  f"  accuracy {score['accuracy']:.3f}  ({seconds:.1f} s)", flush=True)
+            # nfe_used: steps x the registry's calls per step; calls: what the run made (fewer
+            # where the last steps take fewer, as heun's step into sigma = 0)
+            rows.append(dict(solver=row, nfe=nfe, nfe_used=steps * per_step, calls=calls[0],
+                             steps=steps, options=options, fd=score["fd"],
+                             accuracy=score["accuracy"], seconds=seconds))
+            print(f"{row:>16} NFE {nfe:>3}: FD-digits {score['fd']:8.2f}"
+                  f"  accuracy {score['accuracy']:.3f}  ({steps} steps, {calls[0]} calls,"
+                  f" {seconds:.1f} s)", flush=True)
     return rows
 
 

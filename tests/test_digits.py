@@ -1,6 +1,7 @@
 """The embedded digits model: weights, quality (classifier accuracy, FD-digits), training, CLI."""
 
 import argparse
+import functools
 import json
 
 import numpy as np
@@ -130,6 +131,20 @@ def test_fused_engine_matches_reference(model):
                                  backend="auto")
     # x starts at sigma_max ~ 157: fp32 rounding there is ~1e-5 absolute; allow ~10 ulps of it
     torch.testing.assert_close(fused, ref, atol=1e-4, rtol=0)
+
+
+def test_solver_options(model):
+    """`options` go to the solver on both paths (and key the engine's cache): ancestral Euler
+    with eta = 0 is Euler, with its default eta = 1 it is not."""
+    pytest.importorskip("fastdiff.sampler")
+    labels = [2, 7]
+    for backend in (None, "auto"):
+        run = functools.partial(digits.sample_digits, model, labels, steps=5, seed=5,
+                                backend=backend)
+        euler = run(solver="euler")
+        torch.testing.assert_close(run(solver="euler_ancestral", options={"eta": 0.0}), euler,
+                                   atol=1e-4, rtol=0)
+        assert (run(solver="euler_ancestral") - euler).abs().max() > 0.1
 
 
 def test_train_smoke_and_deterministic(tmp_path):

@@ -157,7 +157,8 @@ def digits_sigmas(model: EpsDenoiser, steps: int, spacing: str = "karras") -> Te
 def sample_digits(model: EpsDenoiser, labels: Sequence[int] | Tensor, steps: int = 20,
                   solver: str = "dpmpp_2m", guidance: float = 1.5, seed: int = 0,
                   spacing: str = "karras", backend: str | None = None, graph: bool = False,
-                  disable: bool | None = True, callback=None, sigmas=None) -> Tensor:
+                  disable: bool | None = True, callback=None, sigmas=None,
+                  options: dict | None = None) -> Tensor:
     """Generate one digit per label: [N, 1, 8, 8] in [-1, 1] (clamped).
 
     solver: a name in `fastdiff.reference.solvers.SOLVERS` (a "ve" one); guidance: the
@@ -165,7 +166,8 @@ def sample_digits(model: EpsDenoiser, labels: Sequence[int] | Tensor, steps: int
     initial noise (drawn on the CPU in float64, so it is the same on every device and dtype) and
     the solver's noise. backend (or graph=True): run the fused engine `fastdiff.Sampler` with
     that kernel backend ("auto", "cuda", "triton", "cpu", "reference"); None: the reference
-    solver function (the specification; `disable`/`callback` go to it).
+    solver function (the specification; `disable`/`callback` go to it). options: the solver's
+    keyword options over its registry entry's (e.g. {"eta": 0.0}).
 
     Everything computed on the host (noise levels, the engine's plan) is built once per setting
     and kept with the model, so a later call's device work starts at once and, with the fused
@@ -198,8 +200,9 @@ def sample_digits(model: EpsDenoiser, labels: Sequence[int] | Tensor, steps: int
             sigmas = sigmas.sigmas
         sigmas = torch.as_tensor(sigmas, dtype=torch.float64).cpu()
         steps, spacing = len(sigmas) - 1, tuple(sigmas.tolist())  # the cache key
+    options = dict(options or {})
     engine, sigma_max = _prepared(model, solver, steps, spacing, float(guidance),
-                                  (backend or "auto") if fused else None, graph)
+                                  (backend or "auto") if fused else None, graph, options)
     # The initial noise and the labels are made on the host, then moved: nothing the host
     # makes meets a device tensor (a CPU tensor times a CUDA sigma fails on a GPU).
     gen = torch.Generator().manual_seed(seed)
@@ -222,7 +225,7 @@ def sample_digits(model: EpsDenoiser, labels: Sequence[int] | Tensor, steps: int
                 torch.manual_seed(seed + 1)
                 out = info.fn(model if guidance == 1.0 else guided(model, guidance), x, sigmas,
                               extra_args=extra, callback=callback, disable=disable,
-                              **info.kwargs)
+                              **{**info.kwargs, **options})
     return out.clamp(-1, 1)
 
 
@@ -242,11 +245,12 @@ def _checked_labels(labels) -> list[int]:
 
 
 def _prepared(model: EpsDenoiser, solver: str, steps: int, spacing: str, guidance: float,
-              backend: str | None, graph: bool):
+              backend: str | None, graph: bool, options: dict):
     """(fused engine or None, sigma_max) for these settings, built once and kept with the model
     (plans and noise levels are host work: a traced or captured run must find them ready)."""
     cache = model.__dict__.setdefault(model.HOST_CACHE, {})
-    key = (solver, steps, spacing, guidance, backend, graph, id(model.schedule))
+    key = (solver, steps, spacing, guidance, backend, graph, id(model.schedule),
+           tuple(sorted(options.items())))
     if key not in cache:
         sigmas = _sigmas_of(model, steps, spacing)
         engine = None
@@ -254,7 +258,7 @@ def _prepared(model: EpsDenoiser, solver: str, steps: int, spacing: str, guidanc
             from fastdiff.sampler import Sampler
 
             denoiser = model if guidance == 1.0 else guided(model, guidance)
-            engine = Sampler(denoiser, solver, sigmas, backend=backend, graph=graph)
+            engine = Sampler(denoiser, solver, sigmas, backend=backend, graph=graph, **options)
         cache[key] = (engine, float(sigmas[0]))
     return cache[key]
 
