@@ -31,7 +31,8 @@ BASES = {"euler_cfg_pp": "euler", "euler_ancestral_cfg_pp": "euler_ancestral",
          "res_multistep_cfg_pp": "res_multistep",
          "res_multistep_ancestral_cfg_pp": "res_multistep_ancestral",
          "gradient_estimation_cfg_pp": "gradient_estimation"}
-CFG_PP = [n for n in SOLVERS if SOLVERS[n].kwargs.get("cfg_pp")]
+# the flow-model entries (euler(_ancestral)_cfg_pp_flow): tests/test_cfg_pp_flow.py
+CFG_PP = [n for n in SOLVERS if SOLVERS[n].kwargs.get("cfg_pp") and SOLVERS[n].param != "flow"]
 
 
 def conditional_gmm(x, sigma, cond):

@@ -31,12 +31,12 @@ BACKENDS = ["reference"] + [b for b in ("cpu", "cuda", "triton")
                             if not unavailable_reason(b, DEVICE)]
 
 _UNIPC = {"order": 3, "lower_order_final": "always"}  # ComfyUI's, for more than 3 steps
-# ComfyUI name -> (entry on EPS models, entry on flow models or None, Sampler options)
+# ComfyUI name -> (entry on EPS models, entry on flow models, Sampler options)
 PLANS = {
     "euler": ("euler", "euler", {}),
-    "euler_cfg_pp": ("euler_cfg_pp", None, {}),
+    "euler_cfg_pp": ("euler_cfg_pp", "euler_cfg_pp_flow", {}),
     "euler_ancestral": ("euler_ancestral", "euler_ancestral_RF", {}),
-    "euler_ancestral_cfg_pp": ("euler_ancestral_cfg_pp", None, {}),
+    "euler_ancestral_cfg_pp": ("euler_ancestral_cfg_pp", "euler_ancestral_cfg_pp_flow", {}),
     "heun": ("heun", "heun", {}),
     "heunpp2": ("heunpp2", "heunpp2", {}),
     "exp_heun_2_x0": ("exp_heun_2_x0", "exp_heun_2_x0_flow", {}),
@@ -78,7 +78,7 @@ PLANS = {
     "uni_pc_bh2": ("unipc_bh2_3", "unipc_bh2_3", _UNIPC),
 }
 NOT_HERE = {"dpm_fast", "dpm_adaptive", "sa_solver", "sa_solver_pece"}
-CASES = [(n, k) for n in PLANS for k in ("ve", "flow") if PLANS[n][k == "flow"] is not None]
+CASES = [(n, k) for n in PLANS for k in ("ve", "flow")]
 
 
 def test_the_table_covers_every_comfyui_name():

@@ -66,10 +66,6 @@ def test_every_sampler_runs_on_both_kinds(name, kind):
     kw = {"noise_sampler": default_noise_sampler(x, torch.Generator().manual_seed(1))} \
         if "ancestral" in name or "sde" in name or name in ("ddpm", "lcm", "seeds_2", "seeds_3")\
         else {}
-    if kind == "flow" and name in ("euler_cfg_pp", "euler_ancestral_cfg_pp"):
-        with pytest.raises(ValueError, match="model_kind"):
-            fn(model, x, sigmas, disable=True, model_kind=kind, **kw)
-        return
     before = x.clone()
     out = fn(model, x, sigmas, disable=True, model_kind=kind, **kw)
     assert torch.equal(x, before) and out.shape == x.shape and bool(out.isfinite().all())
@@ -98,7 +94,8 @@ def test_flow_ancestral_steps_keep_the_flow_marginal():
     sigmas = torch.tensor([s0, s1], dtype=F64)
     e, z = torch.randn(2, 1, 2, 3, generator=torch.Generator().manual_seed(3), dtype=F64)
     x = (1 - s0) * C + s0 * e
-    for name in ("euler_ancestral", "dpm_2_ancestral", "dpmpp_2s_ancestral"):
+    for name in ("euler_ancestral", "dpm_2_ancestral", "dpmpp_2s_ancestral",
+                 "euler_ancestral_cfg_pp"):
         fn = getattr(comfyui, f"sample_{name}")
         for eta in (0.5, 1.0):
             quiet = fn(constant, x, sigmas, disable=True, eta=eta, model_kind="flow",
@@ -174,6 +171,8 @@ def test_seed_seeds_the_default_noise_and_is_not_passed_to_the_model():
 
 # ComfyUI name -> registry entry of its fused plan, per model kind
 FUSED = {"euler_ancestral": ("euler_ancestral", "euler_ancestral_RF"),
+         "euler_cfg_pp": ("euler_cfg_pp", "euler_cfg_pp_flow"),
+         "euler_ancestral_cfg_pp": ("euler_ancestral_cfg_pp", "euler_ancestral_cfg_pp_flow"),
          "dpm_2_ancestral": ("dpm_2_ancestral", "dpm_2_ancestral_RF"),
          "dpmpp_2s_ancestral": ("dpmpp_2s_ancestral", "dpmpp_2s_ancestral_RF"),
          "dpmpp_2m_sde": ("dpmpp_2m_sde", "dpmpp_2m_sde_flow"),

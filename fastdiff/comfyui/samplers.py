@@ -45,9 +45,9 @@ _S = "fastdiff.reference.solvers"
 # ComfyUI name -> (module, function, fixed options, model-kind-dependent?)
 _SPECS = {
     "euler": ("euler", "sample_euler", {}, False),
-    "euler_cfg_pp": ("euler", "sample_euler", {"cfg_pp": True}, "ve_only"),
+    "euler_cfg_pp": ("euler", "sample_euler", {"cfg_pp": True}, True),
     "euler_ancestral": ("euler", "sample_euler_ancestral", {}, True),
-    "euler_ancestral_cfg_pp": ("euler", "sample_euler_ancestral", {"cfg_pp": True}, "ve_only"),
+    "euler_ancestral_cfg_pp": ("euler", "sample_euler_ancestral", {"cfg_pp": True}, True),
     "heun": ("euler", "sample_heun", {}, False),
     "heunpp2": ("euler", "sample_heunpp2", {}, False),
     "exp_heun_2_x0": ("exponential", "sample_seeds_2",
@@ -243,9 +243,6 @@ def _make(name: str):
 
         fn = getattr(importlib.import_module(f"{_S}.{module}"), fn_name)
         kind = resolve_model_kind(model, model_kind)
-        if kind == "flow" and kind_dependent == "ve_only":
-            raise ValueError(f"{name}: ComfyUI's flow-model branch of this sampler is not "
-                             "available in fastdiff yet (model_kind='flow')")
         extra_args = dict(extra_args or {})
         reject_fixed(name, fixed, options)
         kwargs = _comfy_defaults(name, fn, kind if kind_dependent is True else None, model, x,

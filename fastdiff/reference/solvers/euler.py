@@ -20,6 +20,7 @@ from ._utils import (
     default_noise_sampler,
     denoise_with_uncond,
     get_ancestral_step,
+    half_log_snr,
     to_d,
     validate_sigmas,
     validate_x,
@@ -72,22 +73,32 @@ def _denoise(model, x, sigma, extra_args, cfg_pp):
 
 @torch.no_grad()
 def sample_euler(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0.0,
-                 s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0, cfg_pp=False):
+                 s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0, cfg_pp=False, model_kind="ve"):
     """Implements Algorithm 2 (Euler steps) from Karras et al. (2022), arXiv:2206.00364.
 
     With s_churn = 0 (default) this is the plain Euler method on the probability-flow ODE.
     cfg_pp: CFG++ (Chung et al. 2024, arXiv:2406.08070, Algorithm 1 on the Karras ODE; ComfyUI's
     `euler_cfg_pp`): x' = D + sigma' (x - D_u) / sigma, the guided x0 renoised with the
     unconditional noise estimate (`_utils.denoise_with_uncond`); with D_u = D it is Euler.
+    model_kind="flow" (flow times s; Euler on the flow ODE has the same update) matters with
+    cfg_pp only: ComfyUI's CONST branch x' = (1 - s') D + s' (x - (1 - s) D_u) / s
+    (`_cfg_pp_flow_step` at eta = 0).
     """
+    flow_cfg_pp = check_model_kind(model_kind) == "flow" and cfg_pp
+    if model_kind == "flow" and s_churn > 0:
+        raise ValueError("s_churn: the churn raises a VE sigma; not available with "
+                         "model_kind='flow'")
     sig, extra_args, s_in = _setup(x, sigmas, extra_args)
     for i in trange(len(sig) - 1, disable=disable):
         x, sigma_hat = _churn(x, sigmas, sig, i, s_churn, s_tmin, s_tmax, s_noise)
         denoised, renoise = _denoise(model, x, sigma_hat * s_in, extra_args, cfg_pp)
-        d = to_d(x, sigma_hat, renoise)
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigma_hat,
                       "denoised": denoised})
+        if flow_cfg_pp:
+            x = _cfg_pp_flow_step(x, sigmas, sig, i, denoised, renoise, 0.0, 0.0, None)
+            continue
+        d = to_d(x, sigma_hat, renoise)
         if cfg_pp:
             x = denoised + d * sigmas[i + 1]
         else:
@@ -112,6 +123,32 @@ def _rf_down_host(sig, i, eta) -> float:
     return sig[i + 1] * (1 + (sig[i + 1] / sig[i] - 1) * eta)
 
 
+def _cfg_pp_flow_step(x, sigmas, sig, i, denoised, uncond, eta, s_noise, noise_sampler):
+    """One step of ComfyUI's `euler_ancestral_cfg_pp` on a flow model (x = (1 - s) x0 + s eps):
+    the VE CFG++ ancestral step taken on y = x / (1 - s) at VE noise v = s / (1 - s),
+
+        x' = a' D + a' v_down (x - a D_u) / s + a' v_up z,    a = 1 - s = s e^lambda,
+
+    with (v_down, v_up) = get_ancestral_step(v, v', eta) (lambda = log((1 - s)/s), as ComfyUI
+    computes a). At s = 1 (a = 0, v = inf) the limit is v_down = 0, v_up = v' for eta > 0 (all
+    of x is noise, ComfyUI's min(v', nan) = v'), v_down = v' for eta = 0; into s' = 0, x = D."""
+    if sig[i + 1] == 0:
+        return denoised
+    alpha_t = sigmas[i + 1] * half_log_snr(sigmas[i + 1], "flow").exp()
+    v_next = sigmas[i + 1] / alpha_t
+    if sig[i] == 1:  # host branch: a = 0, and the VE noise level is infinite
+        d = x / sigmas[i]
+        v_down, v_up = (0.0, v_next) if eta else (v_next, 0.0)
+    else:
+        alpha_s = sigmas[i] * half_log_snr(sigmas[i], "flow").exp()
+        d = to_d(x, sigmas[i], alpha_s * uncond)  # the unconditional noise estimate
+        v_down, v_up = get_ancestral_step(sigmas[i] / alpha_s, v_next, eta=eta)
+    x = alpha_t * denoised + (alpha_t * v_down) * d
+    if eta > 0 and s_noise > 0:
+        x = x + alpha_t * noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise * v_up
+    return x
+
+
 @torch.no_grad()
 def sample_euler_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None,
                            eta=1.0, s_noise=1.0, noise_sampler=None, cfg_pp=False,
@@ -125,15 +162,21 @@ def sample_euler_ancestral(model, x, sigmas, extra_args=None, callback=None, dis
 
     model_kind="flow" is ComfyUI's `sample_euler_ancestral_RF` (flow times s, `_rf_step`): the
     exact first-order step x <- (s_down/s) x + (1 - s_down/s) D, then the flow renoising; into
-    s = 0, x = D.
+    s = 0, x = D. With cfg_pp it is the CONST branch of ComfyUI's `euler_ancestral_cfg_pp`
+    (`euler_cfg_pp` at eta = 0), which is not the _RF split: `_cfg_pp_flow_step`.
     """
-    if check_model_kind(model_kind) == "flow" and cfg_pp:
-        raise ValueError("cfg_pp: not available with model_kind='flow' (ComfyUI has no such"
-                         " sampler)")
     sig, extra_args, s_in = _setup(x, sigmas, extra_args)
     noise_sampler = default_noise_sampler(x) if noise_sampler is None else noise_sampler
+    flow_cfg_pp = check_model_kind(model_kind) == "flow" and cfg_pp
     for i in trange(len(sig) - 1, disable=disable):
         denoised, renoise = _denoise(model, x, sigmas[i] * s_in, extra_args, cfg_pp)
+        if flow_cfg_pp:
+            if callback is not None:
+                callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i],
+                          "denoised": denoised})
+            x = _cfg_pp_flow_step(x, sigmas, sig, i, denoised, renoise, eta, s_noise,
+                                  noise_sampler)
+            continue
         if model_kind == "flow":
             if callback is not None:
                 callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i],
@@ -366,6 +409,17 @@ SOLVERS = {
                                      "(ComfyUI's _RF)", param="flow",
                                      kwargs={"model_kind": "flow"},
                                      deterministic_kwargs={"eta": 0.0}),
+    # CFG++ on flow models: the CONST branch of ComfyUI's euler(_ancestral)_cfg_pp
+    "euler_cfg_pp_flow": SolverInfo(sample_euler, order=1, nfe_per_step=1, stochastic=False,
+                                    param="flow",
+                                    paper=_CFG_PP + ", Euler (DDIM) on the flow ODE (ComfyUI)",
+                                    kwargs={"cfg_pp": True, "model_kind": "flow"}),
+    "euler_ancestral_cfg_pp_flow": SolverInfo(sample_euler_ancestral, order=1, nfe_per_step=1,
+                                              stochastic=True, param="flow",
+                                              paper=_CFG_PP + ", ancestral Euler in VE "
+                                              "variables of a flow model (ComfyUI)",
+                                              kwargs={"cfg_pp": True, "model_kind": "flow"},
+                                              deterministic_kwargs={"eta": 0.0}),
     "heunpp2": SolverInfo(sample_heunpp2, order=1, nfe_per_step=3, stochastic=False,
                           paper="Heun++ (Carzit, sd-webui-samplers-scheduler; ComfyUI)"),
     "gradient_estimation_cfg_pp": SolverInfo(sample_gradient_estimation, order=1,
