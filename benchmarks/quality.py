@@ -11,9 +11,14 @@ samples classified as their requested label.
 
 The second table is schedule x NFE for euler and dpmpp_2m: ComfyUI's schedulers
 (`fastdiff.comfyui.SCHEDULER_NAMES`, computed from the model's own training table by
-`calculate_sigmas`) in place of Karras. (Align Your Steps / GITS are SD1.5 tables and
-OptimalSteps flow-model ones: they do not transfer to this model's noise range.)
+`calculate_sigmas`) in place of Karras, then ComfyUI's scheduler nodes as a user would set
+them (`NODE_SCHEDULES`): Align Your Steps (its SD1.5 table) and GITS (coeff 1.2, SD1.5) start
+at sigma 14.6, below this model's sigma_max 157 (their published tables, log-linearly
+interpolated to other step counts as ComfyUI does); laplace (mu 0, beta 0.5) gets the
+model's range, vp (the continuous VP SDE) its own defaults. OptimalSteps (flow-model tables)
+and sd_turbo (a distilled model's timesteps, <= 10 steps) are left out.
 
+    python benchmarks/quality.py --only schedules --samples-per-class 30
     python benchmarks/quality.py --quick     # CI: euler and dpmpp_2m, NFE 5, 3 schedules
 
 The tuned rows (`fastdiff.tune` plans vs Karras vs AYS-style schedules at NFE 3-10, evaluated on
@@ -56,6 +61,23 @@ VARIANTS = {"sa_solver eta=0": ("sa_solver", lambda model: {"eta": 0.0}),
             "sa_solver comfyui-tau": ("sa_solver", _comfyui_tau)}
 NFES = [5, 10, 20, 50]
 SCHEDULE_SOLVERS = ["euler", "dpmpp_2m"]
+
+
+def _node_schedules() -> dict:
+    """ComfyUI scheduler nodes: name -> (model schedule, steps) -> sigmas (float64, ending in
+    0 except laplace, whose node ends at sigma_min: it gets steps + 1 levels, i.e. `steps`
+    steps)."""
+    from fastdiff import comfyui as c
+
+    return {
+        "ays_sd1": lambda ms, n: c.align_your_steps_scheduler("SD1", n),
+        "gits_1.2": lambda ms, n: c.gits_scheduler(1.20, n),
+        "laplace": lambda ms, n: c.laplace_scheduler(n + 1, ms.sigma_max, ms.sigma_min),
+        "vp": lambda ms, n: c.vp_scheduler(n),
+    }
+
+
+NODE_SCHEDULES = ["ays_sd1", "gits_1.2", "laplace", "vp"]
 SCHEDULE_NFES = [5, 10, 20]
 
 
@@ -96,21 +118,29 @@ def evaluate(solvers, nfes, samples_per_class: int, guidance: float, seed: int) 
 
 def evaluate_schedules(solvers, schedules, nfes, samples_per_class: int, guidance: float,
                        seed: int) -> list[dict]:
-    """Rows keyed "solver / schedule": each ComfyUI schedule for the model's own table."""
-    from fastdiff.comfyui import calculate_sigmas
+    """Rows keyed "solver / schedule": each ComfyUI schedule for the model's own table (or a
+    scheduler node of NODE_SCHEDULES)."""
+    from fastdiff.comfyui import SCHEDULER_NAMES, calculate_sigmas
     from fastdiff.models.classifier import evaluate_digits, load_classifier
     from fastdiff.models.digits import load_digits_model, sample_digits
     from fastdiff.reference.solvers import SOLVERS as REGISTRY
 
     model, classifier = load_digits_model(), load_classifier()
     labels = torch.arange(10).repeat_interleave(samples_per_class)
+    nodes = _node_schedules()
+    unknown = [s for s in schedules if s not in nodes and s not in SCHEDULER_NAMES]
+    if unknown:
+        raise ValueError(f"--schedules: unknown {unknown}; expected ComfyUI's "
+                         f"{SCHEDULER_NAMES} or {NODE_SCHEDULES}")
     rows = []
     for solver in solvers:
         per_step = REGISTRY[solver].nfe_per_step
         for schedule in schedules:
             for nfe in nfes:
                 # beta / ddim_uniform can return fewer levels (repeated timesteps dropped)
-                sigmas = calculate_sigmas(model.schedule, schedule, max(nfe // per_step, 1))
+                n = max(nfe // per_step, 1)
+                sigmas = nodes[schedule](model.schedule, n) if schedule in nodes else \
+                    calculate_sigmas(model.schedule, schedule, n)
                 steps = len(sigmas) - 1
                 start = time.perf_counter()
                 x = sample_digits(model, labels, solver=solver, guidance=guidance, seed=seed,
@@ -163,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--guidance", type=float, default=1.5)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--schedules", default=None,
-                   help="ComfyUI schedulers for the schedule table (default: all)")
+                   help="ComfyUI schedulers (and NODE_SCHEDULES) for the schedule table "
+                        "(default: all)")
     p.add_argument("--schedule-solvers", default=",".join(SCHEDULE_SOLVERS))
     p.add_argument("--schedule-nfe", default=",".join(map(str, SCHEDULE_NFES)))
     p.add_argument("--only", choices=("solvers", "schedules"), default=None,
@@ -180,14 +211,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.only != "solvers":
         from fastdiff.comfyui import SCHEDULER_NAMES
 
-        names = SCHEDULER_NAMES if args.schedules is None else args.schedules.split(",")
+        names = [*SCHEDULER_NAMES, *NODE_SCHEDULES] if args.schedules is None \
+            else args.schedules.split(",")
         s_nfes = [int(v) for v in args.schedule_nfe.split(",")]
         rows = evaluate_schedules(args.schedule_solvers.split(","), names, s_nfes,
                                   args.samples_per_class, args.guidance, args.seed)
         caption = (f"FD-digits (accuracy) of {n} samples, guidance {args.guidance}, seed"
                    f" {args.seed}, by solver / ComfyUI schedule (calculate_sigmas on the model's"
-                   " training table); NFE as in the solver table (beta and ddim_uniform may use"
-                   " fewer: see quality_schedules.json).")
+                   " training table; ays_sd1 .. vp: ComfyUI's scheduler nodes, see"
+                   " benchmarks/quality.py); NFE as in the solver table (beta and ddim_uniform"
+                   " may use fewer: see quality_schedules.json).")
         (out / "quality_schedules.md").write_text(markdown(rows, s_nfes, caption))
         (out / "quality_schedules.json").write_text(
             json.dumps(dict(rows=rows, args=vars(args)), indent=1))
