@@ -69,5 +69,5 @@ def bench_first_step(benchmark, impl, name, steps):
     # one untimed warm-up round: one-time costs of the process (imports, the first call of
     # each code path) are not the first call of a loop; every timed round starts untraced
     long = steps == 1000 and impl == "diffusers-loop"
-    benchmark.pedantic(first_call, setup=fresh, rounds=1 if long else 5,
+    benchmark.pedantic(first_call, setup=fresh, rounds=1 if long else 15,
                        warmup_rounds=0 if long else 1)

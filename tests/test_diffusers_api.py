@@ -320,3 +320,42 @@ def test_a_tensor_option_runs_diffusers_step_with_a_warning():
         if s is ours:
             assert any("per_token_timesteps" in str(w.message) for w in caught)
     assert torch.equal(got[1], got[0])
+
+
+def test_set_timesteps_arguments_are_bound_as_inspect_binds_them():
+    """_arguments.bind (the by-hand binding of every first set_timesteps) names what inspect's
+    bind names, and raises what it raises, for every class's signature."""
+    from fastdiff.diffusers._arguments import bind
+
+    calls = [((10,), {}), ((), dict(num_inference_steps=10)), ((10,), dict(device="cpu")),
+             ((10, "cpu"), {}), ((), dict(sigmas=[1.0, 0.5])), ((), dict(timesteps=[999, 10])),
+             ((), {}), ((1, 2, 3, 4, 5, 6, 7, 8), {}), ((10,), dict(num_inference_steps=10)),
+             ((), dict(not_an_argument=1))]
+    for name in NAMES:
+        fn = getattr(D, name).set_timesteps
+        for args, kwargs in calls:
+            try:
+                want = dict(inspect.signature(fn).bind(None, *args, **kwargs).arguments)
+                want.pop("self")
+            except TypeError as error:
+                with pytest.raises(TypeError, match=str(error)):
+                    bind(fn, None, args, kwargs)
+                continue
+            assert bind(fn, None, args, kwargs) == want, (name, args, kwargs)
+
+
+def test_a_config_changed_after_construction_gets_its_own_plans():
+    """register_to_config replaces the config object: the plan cache's key follows it (a
+    stale key would reuse plans traced for the old config, as the sibling's here)."""
+    config = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    sibling = F.DDIMScheduler(**config)
+    sibling.set_timesteps(10)
+    x, eps = torch.randn(2, *SHAPE, generator=torch.Generator().manual_seed(5))
+    sibling.step(eps, sibling.timesteps[0], x)
+    ref, ours = both("DDIMScheduler", **config)
+    got = []
+    for s in (ref, ours):
+        s.register_to_config(timestep_spacing="trailing", set_alpha_to_one=False)
+        s.set_timesteps(10)
+        got.append(s.step(eps, s.timesteps[0], x).prev_sample)
+    assert rel_err(got[1], got[0]) <= RTOL

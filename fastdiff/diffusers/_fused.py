@@ -8,12 +8,13 @@ plans traced so far by any scheduler with the same class, config and `set_timest
 whatever the loop (img2img starting mid-schedule, a timestep outside the schedule, a step
 before `set_timesteps`), the numbers are diffusers' for exactly that state and timestep.
 
-Tracing is incremental so the first call is cheap: a miss traces one step; a miss at the state
-the previous trace predicted (the loop goes on as diffusers' loops do) traces twice as many
-steps as last time, ahead along the schedule. A loop of n steps thus traces each step once, in
-about log2(n) batches, each uploaded to the device in one non-blocking copy from pinned memory;
-a later loop with the same settings traces and copies nothing. Inside a CUDA graph capture the
-rest of the schedule is traced at once (one captured copy; its host buffer is kept alive).
+Tracing is incremental so the first call is cheap: a miss traces one step; a miss at the
+timestep the previous trace predicted next (the loop goes on as diffusers' loops do) traces
+twice as many steps as last time, ahead along the schedule. A loop of n steps thus traces each
+step once, in about log2(n) batches, each uploaded to the device in one non-blocking copy from
+pinned memory (on the CPU each plan's own table is used); a later loop with the same settings
+traces and copies nothing. Inside a CUDA graph capture the rest of the schedule is traced at
+once (one captured copy; its host buffer is kept alive).
 
 The step itself only does host bookkeeping and launches `fastdiff.ops.lincomb` once (up to
 three outputs per launch: UniPC's corrected sample, history entry and next sample; a step
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 import warnings
 
 import torch
@@ -36,7 +38,7 @@ from fastdiff.diffusers import _arguments, _brownian, _learned, _noise
 from fastdiff.diffusers._arguments import STEP_SPECIAL as _STEP_SPECIAL
 from fastdiff.diffusers._arguments import same as _same
 from fastdiff.diffusers._limits import limit_plan
-from fastdiff.diffusers._shared import FALLBACK, Shared, freeze, host_only, shared_for
+from fastdiff.diffusers._shared import FALLBACK, Shared, config_key, freeze, host_only, shared_for
 from fastdiff.diffusers._trace import Clip, StepPlan, get_slot, set_slot, trace_step
 from fastdiff.ops import dynamic_threshold
 from fastdiff.ops._backends import resolve
@@ -55,13 +57,19 @@ class _State:
     def __init__(self):
         self.shared: Shared | None = None
         self.window = 0  # steps traced by this scheduler's last trace
-        self.expect = None  # the state key that trace predicted next
+        self.expect = None  # (kind, timestep, options) of the step that trace predicted next
         self.host_schedule = (None, [])  # (self.timesteps it was read from, its values)
         self.clips: dict = {}
         self.noise_tables: dict = {}
         self.made: dict = {}  # the schedule tensors set_timesteps made, by name
         self.trace_error = "this step"  # why the last trace failed
         self.host_values: dict = {}  # id(a 0-dim timestep step() stored) -> (it, CPU copy)
+        self.config_key = None  # (the config object, its frozen form): _shared.config_key
+
+
+def _values(plan: StepPlan) -> list:
+    """Every coefficient of a plan, as Python floats (one read of a few dozen numbers)."""
+    return [a for c in plan.chunks for a in c.coef.view(-1).tolist()]
 
 
 def _capturing() -> bool:
@@ -99,8 +107,7 @@ class FusedStepMixin:
     # ---- set_timesteps: diffusers' schedule, then the shared twin ----------------------------
     def _fd_set_timesteps(self, *args, **kwargs):
         signature = _signature(self._fd_base.set_timesteps)
-        arguments = dict(signature.bind(self, *args, **kwargs).arguments)
-        arguments.pop("self")
+        arguments = _arguments.bind(self._fd_base.set_timesteps, self, args, kwargs)
         steps = arguments.get("num_inference_steps")
         if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int)
                                   or steps < 1):
@@ -263,7 +270,7 @@ class FusedStepMixin:
         """Traces from this scheduler's state: one step, or twice the last trace's steps when
         the loop arrived where that trace predicted (see the module doc)."""
         state = self._fd_state()
-        size = 2 * state.window if state.window and key == state.expect else 1
+        size = 2 * state.window if state.window and key[1:] == state.expect else 1
         if _capturing():
             size = len(shared.schedule) + 1
         tensor_args, named = None, ()
@@ -285,7 +292,7 @@ class FusedStepMixin:
 
             set_named()
             t, k = make(value), key
-            for _ in range(size):
+            while True:  # up to `size` steps
                 before = shared.snapshot()
                 try:
                     plan = trace_step(shared.twin, t, kwargs, tensor_args)
@@ -295,7 +302,7 @@ class FusedStepMixin:
                         return None
                     break
                 plan.timestep = t
-                if not all(c.coef.isfinite().all() for c in plan.chunks):
+                if not all(map(math.isfinite, _values(plan))):
                     plan = limit_plan(self, shared, before, t, kwargs, plan)
                 if _learned.mode(self) == "ddpm":
                     _learned.retarget_noise(self, shared.twin, plan, t)
@@ -309,10 +316,13 @@ class FusedStepMixin:
                     options = (options[0], tensor_args, named)
                     set_named()
                 value, position = upcoming
-                t = make(value)
-                next_key = k = shared.key(shared.twin.__dict__, kind, value, options)
+                next_key = (kind, value, options)  # (its state is the twin's: not keyed yet)
+                if len(plans) == size:
+                    break
+                k = shared.key(shared.twin.__dict__, kind, value, options)
                 if shared.find(k) is not None:
                     break
+                t = make(value)
             shared.add_window(plans)
         state.window, state.expect = len(plans), next_key
         return plans[0]
@@ -434,6 +444,7 @@ class FusedStepMixin:
             bound.apply_defaults()
             self._fd_check_order(orders, bound.arguments.get("solver_order"))
         self._fd_base.__init__(self, *args, **kwargs)
+        config_key(self)  # the plan cache's key of this config, once (not in set_timesteps)
         # diffusers' pipelines record a component's library from `component.__module__`: a
         # pipeline saved with a drop-in then names diffusers' own class, which plain diffusers
         # loads (fastdiff's class is loaded by passing it, see the README)

@@ -23,7 +23,6 @@ import functools
 import sys
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from torch.overrides import TorchFunctionMode
 
@@ -233,7 +232,9 @@ def trace_step(tracer, timestep, kwargs: dict, tensor_args=None) -> StepPlan:
     objects = {id(timestep): ("timestep",)}  # pre-step objects by identity (not symbols)
     before = {}
     for name, value in list(attrs.items()):
-        if is_symbol(value):
+        if isinstance(value, _SCALARS):  # (most of the state: nothing to replace)
+            pass
+        elif is_symbol(value):
             attrs[name] = cols.fresh(("slot", name, None))
         elif isinstance(value, list):
             value = attrs[name] = list(value)  # diffusers updates history lists in place
@@ -244,7 +245,7 @@ def trace_step(tracer, timestep, kwargs: dict, tensor_args=None) -> StepPlan:
                     objects.setdefault(id(v), ("slot", name, i))
             before[name] = list(value)
             continue
-        elif not isinstance(value, _SCALARS):
+        else:
             objects.setdefault(id(value), ("slot", name, None))
         before[name] = attrs[name]
     objects.pop(id(PLACEHOLDER), None)
@@ -301,7 +302,7 @@ def trace_step(tracer, timestep, kwargs: dict, tensor_args=None) -> StepPlan:
         plan.out_cls, plan.out_fields = tuple, list(TUPLE_FIELDS[:len(out)])
         out = dict(zip(plan.out_fields, out))
     else:
-        plan.out_fields = [f.name for f in dataclasses.fields(out)]
+        plan.out_fields = list(_field_names(type(out)))
     symbols: list[tuple] = []  # (target, symbol, its own input column or None)
 
     def settle(target, value, own=None):
@@ -322,6 +323,8 @@ def trace_step(tracer, timestep, kwargs: dict, tensor_args=None) -> StepPlan:
             settle(("field", name), value)
     for name, value in list(attrs.items()):
         old = before.get(name, _MISSING)
+        if value is old and isinstance(value, _SCALARS):
+            continue
         if isinstance(value, list):
             if isinstance(old, list) and len(old) == len(value) and not any(
                     _moved(v, _own_column(cols, ("slot", name, i))) if is_symbol(v)
@@ -346,6 +349,11 @@ def trace_step(tracer, timestep, kwargs: dict, tensor_args=None) -> StepPlan:
 _MISSING = object()
 
 
+@functools.cache
+def _field_names(cls) -> tuple:
+    return tuple(f.name for f in dataclasses.fields(cls))
+
+
 def _own_column(cols: _Columns, key: tuple) -> int | None:
     try:
         return cols.keys.index(key)
@@ -360,33 +368,41 @@ def _moved(value, own) -> bool:
 
 
 def _lower(plan: StepPlan, cols: _Columns, symbols: list, clips: list) -> None:
-    """Symbol targets -> moves (a target equal to one input) and fused launches."""
+    """Symbol targets -> moves (a target equal to one input) and fused launches. Plain Python
+    on the forms' values: a step has 1-3 rows of DIM numbers, too few for numpy to pay."""
     if not symbols:
         return
-    forms = np.stack([v[0].double().numpy() for _, v, _ in symbols])  # [targets, columns]
-    nonzero = forms != 0
-    counts = nonzero.sum(1)
+    keys = cols.keys
+    forms = [v[0].tolist() for _, v, _ in symbols]  # [targets][columns], float64 values
+    nonzero = [[k for k, a in enumerate(form) if a != 0] for form in forms]
     computed = []
     for row, (target, _, _) in enumerate(symbols):
-        if counts[row] == 1:
-            col = int(np.flatnonzero(nonzero[row])[0])
-            if forms[row, col] == 1 and cols.keys[col] != ("clip",):
-                plan.moves.append((target, cols.keys[col]))
-                continue
+        only = nonzero[row]
+        if len(only) == 1 and forms[row][only[0]] == 1 and keys[only[0]] != ("clip",):
+            plan.moves.append((target, keys[only[0]]))
+            continue
         computed.append(row)
-    clip_col = cols.keys.index(("clip",)) if clips else None
+    clip_col = keys.index(("clip",)) if clips else None
     # One launch per MAX_OUTPUTS targets: a UniPC step's three (corrected sample, history
     # entry, next sample) are one launch.
     for c in range(0, len(computed), MAX_OUTPUTS):
         rows = computed[c:c + MAX_OUTPUTS]
-        part = forms[rows]
+        part = [forms[r] for r in rows]
+        columns = {k for r in rows for k in nonzero[r]}
         clip = None
-        if clip_col is not None and np.abs(part[:, clip_col]).max() > 0:
+        if clip_col in columns and not _has_nan([p[clip_col] for p in part]):
             x0_form, clip = clips[0]
-            part = np.concatenate([part, x0_form.numpy()[None]])  # the pre-clip row, last
-        used = [k for k in np.flatnonzero(np.abs(part).max(0) > 0) if k != clip_col] or [0]
-        coef = part[:, used]
-        if clip is not None:  # the clipped x0's column, last; the pre-clip row has none
-            coef = np.concatenate([coef, part[:, clip_col:clip_col + 1]], axis=1)
-        plan.chunks.append(Chunk([cols.keys[k] for k in used], [symbols[r][0] for r in rows],
-                                 torch.from_numpy(np.ascontiguousarray(coef))[None], clip))
+            part.append(x0_form.tolist())  # the pre-clip row, last
+            columns.update(k for k, a in enumerate(part[-1]) if a != 0)
+        # a column holding a NaN is dropped (as the max(|column|) > 0 rule this replaces)
+        used = sorted(k for k in columns
+                      if k != clip_col and not _has_nan([p[k] for p in part])) or [0]
+        # the clipped x0's column, last; the pre-clip row has none
+        coef = [[p[k] for k in used] + ([p[clip_col]] if clip is not None else [])
+                for p in part]
+        plan.chunks.append(Chunk([keys[k] for k in used], [symbols[r][0] for r in rows],
+                                 torch.tensor([coef], dtype=_F64), clip))
+
+
+def _has_nan(column: list) -> bool:
+    return any(a != a for a in column)
