@@ -16,18 +16,11 @@ import torch
 
 diffusers = pytest.importorskip("diffusers")
 fd = pytest.importorskip("fastdiff.diffusers")
-from fastdiff.diffusers._loops import Stepper, loop_timesteps  # noqa: E402
+from fastdiff.diffusers._loops import Stepper, loop_timesteps, sd_config  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 SHAPE = (1, 4, 64, 64)
-SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
-CONFIG = {"DDIMScheduler": dict(clip_sample=False), "DDPMScheduler": dict(clip_sample=False),
-          "LCMScheduler": dict(clip_sample=False, original_inference_steps=1000),
-          "TCDScheduler": dict(original_inference_steps=1000),
-          "CMStochasticIterativeScheduler": dict(num_train_timesteps=1000)}
-# no beta schedule in the config
-NO_BETAS = ("FlowMatch", "EDM", "CM", "Cosine", "IPNDM", "DDPMWuerstchen")
 STEPS = [10, 50, 1000]
 
 
@@ -44,7 +37,7 @@ def bench_first_step(benchmark, impl, name, steps):
 
     if benchmark.disabled and steps == 1000:
         pytest.skip("1000 steps: timed runs only (fastdiff bench)")
-    config = {**({} if name.startswith(NO_BETAS) else SD), **CONFIG.get(name, {})}
+    config = sd_config(getattr(fd, name))  # SD 1.5's settings wherever the class has them
     module = fd if impl.startswith("fastdiff") else diffusers
     model_output = torch.randn(SHAPE, device=DEVICE)
     sample = torch.randn(SHAPE, device=DEVICE)

@@ -15,7 +15,6 @@ CI's quick mode (--benchmark-disable, `fastdiff bench --quick`) only 10 and 50 s
 
 from __future__ import annotations
 
-import inspect
 import os
 
 import pytest
@@ -31,7 +30,7 @@ SOLVER_NAMES = [n for n in SOLVERS if n not in ("dpm_fast", "dpm_adaptive")]
 QUICK = os.environ.get("FASTDIFF_BENCH_QUICK", "") == "1"  # set by `fastdiff bench --quick`
 try:
     import fastdiff.diffusers as fd
-    from fastdiff.diffusers._loops import Stepper, loop_timesteps
+    from fastdiff.diffusers._loops import Stepper, loop_timesteps, sd_config
 
     DROPINS = list(fd.__all__)
 except ImportError:  # diffusers is an optional extra
@@ -81,12 +80,7 @@ def bench_plan_dropin(benchmark, name, steps):
 
     _skip_long(benchmark, steps)
     cls = getattr(fd, name)
-    # SD 1.5's betas (no clipping, LCM's 1000 original steps) wherever the class has them
-    wanted = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                  clip_sample=False, original_inference_steps=1000,
-                  num_train_timesteps=1000)  # (consistency models default to 40)
-    known = inspect.signature(cls.__init__).parameters
-    config = {k: v for k, v in wanted.items() if k in known}
+    config = sd_config(cls)  # SD 1.5's settings wherever the class has them
     sample = torch.randn(1, 1, 4, 4)
     benchmark.group = f"plan {name}"
     benchmark.extra_info.update(steps=steps, kind="drop-in")

@@ -1,4 +1,5 @@
-"""How diffusers' pipelines call `step`, for the tests and benchmarks that loop over every class.
+"""How diffusers' pipelines call `step`, for the tests and benchmarks that loop over every class,
+and the SD 1.5 settings those benchmarks build every class with (sd_config).
 
 Two classes are called their own way: DDPMWuerstchenScheduler (Stable Cascade, Wuerstchen)
 gets the per-sample timestep `t.expand(batch)` and the loop stops before the schedule's final
@@ -9,11 +10,25 @@ called as `step(model_output, t, sample, ...)`.
 
 from __future__ import annotations
 
+import inspect
+
 from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
 
 # the classes called their own way, and the pipelines that call them
 OWN_PIPELINES = {"DDPMWuerstchenScheduler": "Stable Cascade, Wuerstchen",
                  "CogVideoXDPMScheduler": "CogVideoX"}
+
+
+# SD 1.5's scheduler settings: its betas, no clipping, LCM's and TCD's 1000 original steps and
+# 1000 training steps (the consistency models' default is 40)
+SD_SETTINGS = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                   clip_sample=False, original_inference_steps=1000, num_train_timesteps=1000)
+
+
+def sd_config(cls) -> dict:
+    """SD_SETTINGS restricted to what `cls` (a diffusers class or its drop-in) takes."""
+    known = inspect.signature(cls.__init__).parameters
+    return {k: v for k, v in SD_SETTINGS.items() if k in known}
 
 
 def loop_timesteps(sched, timesteps=None):
