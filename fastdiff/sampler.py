@@ -34,7 +34,7 @@ from fastdiff.ops.threshold import static_bounds
 from fastdiff.reference.solvers import SOLVERS
 from fastdiff.reference.solvers._utils import default_noise_sampler
 from fastdiff.solvers import no_gc, plans_for
-from fastdiff.solvers.lowering import Launch, Scalings, lower
+from fastdiff.solvers.lowering import Launch, NotNarrower, Scalings, lower
 
 # Solvers whose reference draws Brownian-bridge noise over overlapping intervals.
 _BROWNIAN = {"dpmpp_sde", "dpmpp_sde_flow"}
@@ -322,17 +322,22 @@ class Sampler:
             if isinstance(plan, RuntimeError):  # no plan with this history kind
                 errors.append(f"history {kind}: {plan}")
                 continue
+            # only a plan narrower than the one lowered before can replace it (ties keep the
+            # first): lowering stops once this one is not
             try:
                 with no_gc():
                     launches, tables = lower(plan, self.scalings,
-                                             in_kernel_noise=noise == "philox")
+                                             in_kernel_noise=noise == "philox",
+                                             narrower_than=lowered[0][0] if lowered else None)
+            except NotNarrower:
+                continue
             except RuntimeError as e:
                 errors.append(f"history {kind}: {e}")
                 continue
-            lowered.append((max(len(la.inputs) for la in launches), plan, launches, tables))
+            lowered = [(max(len(la.inputs) for la in launches), plan, launches, tables)]
         if not lowered:  # every history kind's reason (the first is often the one to fix)
             raise RuntimeError("; ".join(errors))
-        _, self.plan, self.launches, tables = min(lowered, key=lambda c: c[0])
+        _, self.plan, self.launches, tables = lowered[0]
         self._tables64 = tables
         self._dead_after = _lifetimes(self.launches, self.plan.history_kind)
         self._level_values = self.adapter.level_values([s.sigma for s in self.plan.stages])

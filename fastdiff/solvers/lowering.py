@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from dataclasses import dataclass
+from itertools import chain
 
 import torch
 
@@ -69,52 +70,68 @@ def _accumulate(acc: dict[Ref, float], ref: Ref, value: float) -> None:
 
 
 def _expand(plan: Plan, terms, call: int, sc: Scalings, scale: float) -> dict[Ref, float]:
-    """scale * sum(coef * ref) over kernel-readable tensors."""
+    """scale * sum(coef * ref) over kernel-readable tensors (the loop of a plan's lowering:
+    attribute lookups hoisted, each branch's arithmetic as written once)."""
     acc: dict[Ref, float] = {}
+    get, c_in = acc.get, sc.c_in
     for ref, c in terms:
         c = c * scale
-        if ref.kind == "F":
-            _accumulate(acc, ref, c / sc.c_in[ref.index])
-        elif ref.kind == "D" and ref.index == call and sc.clip:  # the kernel's clipped value
+        kind, index = ref
+        if kind == "F":
+            acc[ref] = get(ref, 0.0) + c / c_in[index]
+        elif index != call:  # x_T, a past history entry (D, E, U, V) or a noise draw
+            acc[ref] = get(ref, 0.0) + c
+        elif kind == "D" and sc.clip:  # the kernel's clipped value
             _accumulate(acc, Ref("y", call), c)
-        elif ref.kind == "D" and ref.index == call:  # this call's output, converted in-kernel
+        elif kind == "D":  # this call's output, converted in-kernel
             if sc.c_skip[call] != 0:
                 _accumulate(acc, Ref("F", call), c * sc.c_skip[call] / sc.c_in[call])
             for p, w in enumerate(sc.weights):
                 _accumulate(acc, Ref("part", p), c * sc.c_out[call] * w)
-        elif ref.kind == "U" and ref.index == call:  # CFG++: the unconditional half alone
+        elif kind == "U":  # CFG++: the unconditional half alone
             if sc.c_skip[call] != 0:  # (without guidance, part 0 is the output: U = D)
                 _accumulate(acc, Ref("F", call), c * sc.c_skip[call] / sc.c_in[call])
             _accumulate(acc, Ref("part", 0), c * sc.c_out[call])
-        elif ref.kind == "V" and ref.index == call:  # V_k = F_k - U_k of this call
+        elif kind == "V":  # V_k = F_k - U_k of this call
             for r, v in _expand(plan, [(Ref("F", call), 1.0), (Ref("U", call), -1.0)], call,
                                 sc, c).items():
                 _accumulate(acc, r, v)
-        elif ref.kind == "E" and ref.index == call:  # E_k = F_k - D_k of this call
+        elif kind == "E":  # E_k = F_k - D_k of this call
             for r, v in _expand(plan, [(Ref("F", call), 1.0), (Ref("D", call), -1.0)], call,
                                 sc, c).items():
                 _accumulate(acc, r, v)
-        else:  # x_T, a past history entry (D or E) or a noise draw
-            _accumulate(acc, ref, c)
+        else:  # x_T or a noise draw whose index is the call's
+            acc[ref] = get(ref, 0.0) + c
     return {r: c for r, c in acc.items() if c != 0.0}
 
 
-def lower(plan: Plan, sc: Scalings, in_kernel_noise: bool = False
+class NotNarrower(Exception):
+    """`lower(..., narrower_than=w)` met a launch reading w tensors or more."""
+
+
+def lower(plan: Plan, sc: Scalings, in_kernel_noise: bool = False,
+          narrower_than: int | None = None
           ) -> tuple[list[Launch], dict[tuple[int, int], torch.Tensor]]:
     """Launches (prologue first, then one per stage) and their float64 coefficient tables, one
     [rows, num_out, width] table per arity (the kernel reads row `launch.row` of its own).
-    With `in_kernel_noise`, noise symbols become Philox terms of the kernel instead of inputs."""
+    With `in_kernel_noise`, noise symbols become Philox terms of the kernel instead of inputs.
+    With `narrower_than`, raises NotNarrower at the first launch reading that many tensors or
+    more: the Sampler keeps another plan unless this one's widest launch is narrower, and
+    stopping there halves its lowering work (issue 14)."""
     launches: list[Launch] = []
     rows: dict[tuple[int, int], list[list[list[float]]]] = {}
 
     def add(outputs: tuple[str, ...], combos: list[dict[Ref, float]], call: int) -> None:
-        clipped = any(r.kind == "y" for combo in combos for r in combo)
+        clipped = sc.clip and any(r.kind == "y" for combo in combos for r in combo)
         if clipped:  # the pre-clip row: D_k before clipping, over tensors only
             combos = combos + [_expand(plan, [(Ref("D", call), 1.0)], call,
                                        dataclasses.replace(sc, clip=False), 1.0)]
-        refs = tuple(dict.fromkeys(r for combo in combos for r in combo if r.kind != "y"))
-        noise = tuple(r for r in refs if in_kernel_noise and r.kind == "z")
-        tensors = tuple(r for r in refs if r not in noise)
+            refs = tuple(dict.fromkeys(r for combo in combos for r in combo if r.kind != "y"))
+        else:  # (a stage's first combination holds most of its inputs)
+            refs = tuple(dict.fromkeys(chain.from_iterable(combos)) if len(combos) > 1
+                         else combos[0])
+        noise = tuple(r for r in refs if r.kind == "z") if in_kernel_noise else ()
+        tensors = tuple(r for r in refs if r not in noise) if noise else refs
         if len(tensors) > MAX_INPUTS and not clipped:
             combos = split(combos, tensors, call)
             refs = tuple(dict.fromkeys(r for combo in combos for r in combo))
@@ -123,6 +140,8 @@ def lower(plan: Plan, sc: Scalings, in_kernel_noise: bool = False
             raise RuntimeError(f"{plan.solver}: a stage reads {len(tensors)} tensors and"
                                f" {len(noise)} noise terms ({', '.join(map(str, refs))}); the"
                                f" fused kernel takes {MAX_INPUTS} and {MAX_NOISE}")
+        if narrower_than is not None and len(tensors) >= narrower_than:
+            raise NotNarrower
         arity = (len(outputs), len(tensors) + len(noise), clipped)
         table = rows.setdefault(arity, [])
         launches.append(Launch(tensors, outputs, len(table), call, tuple(r.index for r in noise),

@@ -86,8 +86,14 @@ class Plan:
 
 
 def _drop(terms: dict) -> dict:
-    scale = max((abs(c) for c in terms.values()), default=0.0) + 1.0
-    return {i: c for i, c in terms.items() if abs(c) > TOL * scale}
+    """terms without the coefficients that cancelled (below TOL of the largest, plus one);
+    the dict itself when none did (no copy: forms are never modified in place)."""
+    if not terms:
+        return {}
+    cut = TOL * (max(map(abs, terms.values())) + 1.0)
+    if min(map(abs, terms.values())) > cut:
+        return terms
+    return {i: c for i, c in terms.items() if abs(c) > cut}
 
 
 def _substitute(terms: dict, i: int, definition: dict) -> dict:
@@ -105,7 +111,7 @@ class _Compiler:
         self.trace, self.kind = trace, history_kind
         self.rep = 0 if history_kind == "D" else 1
         self.regs = trace.registers
-        self.f_call = {f: k for k, f in enumerate(trace.f_ids)}
+        self.f_call, self.ref, self.order = _register_tables(trace)
         self.examined = 0  # terms looked at: the compiler's work, O(steps)
 
     def expression(self, target: dict, k: int):
@@ -164,12 +170,23 @@ class _Compiler:
             form[trace.f_ids[k]] = form.get(trace.f_ids[k], 0.0) + c
             form[trace.u_ids[k]] = form.get(trace.u_ids[k], 0.0) - c
             form = _drop(form)
-        terms = [(Ref(*self.regs[i]), c) for i, c in form.items()]
-        return sorted(terms, key=lambda t: (_ORDER[t[0].kind], -t[0].index if t[0].kind == "F"
-                                            else t[0].index))
+        ref = self.ref
+        return [(ref[i], form[i]) for i in sorted(form, key=self.order.__getitem__)]
 
 
 _ORDER = {"x": 0, "F": 1, "E": 2, "D": 3, "V": 4, "U": 5, "z": 6}
+
+
+def _register_tables(trace: Trace) -> tuple[dict, list, list]:
+    """Per trace, shared by both history kinds' compilers: the call of each F register, and per
+    register its Ref and its sort key in a stage (x, F newest first, E, D, V, U, z)."""
+    tables = getattr(trace, "_register_tables", None)
+    if tables is None or len(tables[1]) != len(trace.registers):
+        f_call = {f: k for k, f in enumerate(trace.f_ids)}
+        refs = [Ref(kind, m) for kind, m in trace.registers]
+        order = [(_ORDER[kind], -m if kind == "F" else m) for kind, m in trace.registers]
+        tables = trace._register_tables = (f_call, refs, order)
+    return tables
 
 
 def compile_plan(trace: Trace, options: dict | None = None, history_kind: str = "D") -> Plan:

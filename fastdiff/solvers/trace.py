@@ -122,8 +122,11 @@ class Untraceable(TypeError):
 
 def _scalar(v):
     """v as a float if it is a number or a one-element plain tensor, else None."""
-    if type(v) is float or type(v) is int:
+    tv = type(v)
+    if tv is float or tv is int:
         return float(v)
+    if tv is torch.Tensor:  # the reference's 0-d coefficients: the common case first
+        return float(v) if v.numel() == 1 else None
     if isinstance(v, Form):
         return None
     if isinstance(v, torch.Tensor):
@@ -135,8 +138,9 @@ def _scalar(v):
 
 def _combine(a: dict, ca: float, b: dict, cb: float) -> dict:
     out = {k: ca * v for k, v in a.items()} if ca != 1.0 else dict(a)
+    get = out.get
     for k, v in b.items():
-        c = out.get(k, 0.0) + cb * v
+        c = get(k, 0.0) + cb * v
         if c == 0.0:
             out.pop(k, None)
         else:
@@ -258,6 +262,8 @@ def _scaled(a: Form, c: float) -> Form:
     t = _fresh(a)
     if c == 0.0:
         return _form(a.tracer, [{}, {}], a.tracer.epoch)
+    if c == 1.0:  # a copy: forms' dicts are never modified in place, so they can be shared
+        return _form(a.tracer, [t[0], t[1]], a.tracer.epoch)
     return _form(a.tracer, [{k: c * v for k, v in t[0].items()},
                             {k: c * v for k, v in t[1].items()}], a.tracer.epoch)
 
@@ -456,8 +462,8 @@ class _Tracer:
                 for j, v in pivots[k].items():
                     out[j] = out.get(j, 0.0) + c * v
             hit = [k for k in out if k in pivots]
-        big = max((abs(v) for v in out.values()), default=0.0)
-        return {k: v for k, v in out.items() if abs(v) > _DROP * big}
+        cut = _DROP * max(map(abs, out.values()), default=0.0)
+        return {k: v for k, v in out.items() if abs(v) > cut}
 
     def call(self, x: Form) -> Form:
         """Model call k on x: F_k := x, eliminate x's oldest state register, return D_k."""
@@ -581,7 +587,8 @@ def _run(name: str, sigmas: torch.Tensor, noise_mode: str, options: dict, prune:
     def model(x, sigma, **kwargs):
         if not isinstance(x, Form):
             raise Untraceable(f"{name} called the model on {_what(x)}, not the traced state")
-        trace.sigmas.append(float(sigma.reshape(-1)[0]) if torch.is_tensor(sigma)
+        trace.sigmas.append((float(sigma) if sigma.numel() == 1 else
+                             float(sigma.reshape(-1)[0])) if torch.is_tensor(sigma)
                             else float(sigma))
         return tracer.call(x)
 
