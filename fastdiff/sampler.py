@@ -334,7 +334,7 @@ class Sampler:
             except RuntimeError as e:
                 errors.append(f"history {kind}: {e}")
                 continue
-            lowered = [(max(len(la.inputs) for la in launches), plan, launches, tables)]
+            lowered = [(max(len(la.inputs) for la in launches), plan.plan(), launches, tables)]
         if not lowered:  # every history kind's reason (the first is often the one to fix)
             raise RuntimeError("; ".join(errors))
         _, self.plan, self.launches, tables = lowered[0]

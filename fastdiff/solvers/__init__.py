@@ -5,11 +5,11 @@ import contextlib
 import functools
 import gc
 
-from fastdiff.solvers.plan import Plan, Ref, Stage, compile_plan
+from fastdiff.solvers.plan import Plan, PlanBuilder, Ref, Stage, compile_plan
 from fastdiff.solvers.trace import Trace, trace_solver
 
-__all__ = ["Plan", "Ref", "Stage", "Trace", "build_plan", "compile_plan", "no_gc", "plans_for",
-           "trace_solver"]
+__all__ = ["Plan", "PlanBuilder", "Ref", "Stage", "Trace", "build_plan", "compile_plan", "no_gc",
+           "plans_for", "trace_solver"]
 
 HISTORY_KINDS = ("D", "E")
 
@@ -41,12 +41,12 @@ def no_gc():
 
 
 def plans_for(solver: str, sigmas, noise_mode: str = "calls", **options
-              ) -> tuple[tuple[float, ...], dict[str, Plan | RuntimeError]]:
-    """The noise level of every model call, and the plan for each history kind (or the
-    RuntimeError saying why there is none), memoised: tracing and compiling cost O(steps) on
-    the host (0.1-1 ms per step), and `fastdiff.sample` or a server builds the same settings
-    again and again.
-    Plans are shared between callers, so they must not be modified."""
+              ) -> tuple[tuple[float, ...], dict[str, PlanBuilder | RuntimeError]]:
+    """The noise level of every model call, and the plan for each history kind as a
+    PlanBuilder (compiled on demand: `.plan()`, or lowered stage by stage) or the RuntimeError
+    saying why there is none, memoised: tracing and compiling cost O(steps) on the host
+    (0.1-1 ms per step), and `fastdiff.sample` or a server builds the same settings again and
+    again. Plans are shared between callers, so they must not be modified."""
     import torch
 
     key = tuple(torch.as_tensor(sigmas, dtype=torch.float64).cpu().tolist())
@@ -64,10 +64,10 @@ def _plans(solver: str, sigmas: tuple, noise_mode: str, options: tuple):
     with no_gc():
         trace = trace_solver(solver, torch.tensor(sigmas, dtype=torch.float64),
                              noise_mode=noise_mode, **options)
-        plans: dict[str, Plan | RuntimeError] = {}
+        plans: dict[str, PlanBuilder | RuntimeError] = {}
         for kind in HISTORY_KINDS:
             try:
-                plans[kind] = compile_plan(trace, options, kind)
+                plans[kind] = PlanBuilder(trace, options, kind)
             except RuntimeError as e:
                 plans[kind] = e
     return tuple(trace.sigmas), plans

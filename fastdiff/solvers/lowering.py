@@ -24,7 +24,7 @@ from itertools import chain
 
 import torch
 
-from fastdiff.solvers.plan import Plan, Ref
+from fastdiff.solvers.plan import Plan, PlanBuilder, Ref
 
 MAX_INPUTS = 6
 MAX_NOISE = 2
@@ -109,7 +109,7 @@ class NotNarrower(Exception):
     """`lower(..., narrower_than=w)` met a launch reading w tensors or more."""
 
 
-def lower(plan: Plan, sc: Scalings, in_kernel_noise: bool = False,
+def lower(plan: Plan | PlanBuilder, sc: Scalings, in_kernel_noise: bool = False,
           narrower_than: int | None = None
           ) -> tuple[list[Launch], dict[tuple[int, int], torch.Tensor]]:
     """Launches (prologue first, then one per stage) and their float64 coefficient tables, one

@@ -99,8 +99,9 @@ def _drop(terms: dict) -> dict:
 def _substitute(terms: dict, i: int, definition: dict) -> dict:
     out = dict(terms)
     c = out.pop(i)
+    get = out.get
     for j, v in definition.items():
-        out[j] = out.get(j, 0.0) + c * v
+        out[j] = get(j, 0.0) + c * v
     return _drop(out)
 
 
@@ -117,17 +118,18 @@ class _Compiler:
     def expression(self, target: dict, k: int):
         """The sparsest of the target and its rewrites through older F registers (see the
         module docstring), as [(Ref, coef)]; None if some register is not readable."""
-        regs, inputs = self.regs, self.trace.inputs[self.rep]
+        inputs = self.trace.inputs[self.rep]
         form = _drop(target)
         self.examined += len(form)
         if not self.readable(form, k):
             return None
         best = form
+        f_call = self.f_call
         for _ in range(F_WINDOW - 1):
-            f = max((i for i in form if regs[i][0] == "F"), default=None)
+            f = max(filter(f_call.__contains__, form), default=None)
             if f is None:
                 break
-            form = _substitute(form, f, inputs[self.f_call[f]])
+            form = _substitute(form, f, inputs[f_call[f]])
             self.examined += len(form)
             # Older F registers only get older: once unreadable, no later rewrite is readable;
             # a rewrite that grew did not cancel, and the next one rarely makes up for it.
@@ -193,30 +195,68 @@ def compile_plan(trace: Trace, options: dict | None = None, history_kind: str = 
     """Turns a trace into stages (see the module docstring). The history kept for later
     stages is D (natural for data-prediction solvers) or E = F - D (noise-prediction ones);
     the Sampler compiles both and keeps the one whose widest launch reads fewer tensors."""
-    if history_kind not in ("D", "E"):
-        raise ValueError(f"history_kind must be 'D' or 'E', got {history_kind!r}")
-    comp = _Compiler(trace, history_kind)
-    dead = trace.dead[comp.rep]
-    if dead is not None:
-        raise RuntimeError(f"{trace.solver}: no exact stage after call {dead} within the register"
-                           f" windows (F: {F_WINDOW}, history: {H_WINDOW})")
-    inputs = trace.inputs[comp.rep]
-    final = trace.final[comp.rep]
-    prologue = comp.expression(inputs[0] if inputs else final, -1)
-    if prologue is None:
-        raise RuntimeError(f"{trace.solver}: the first model input is not linear in x_T and noise")
-    stages = []
-    for k in range(len(inputs)):
-        last = k == len(inputs) - 1
-        terms = comp.expression(final if last else inputs[k + 1], k)
-        if terms is None:
-            raise RuntimeError(f"{trace.solver}: no exact stage after call {k} within the register"
-                               f" windows (F: {F_WINDOW}, history: {H_WINDOW})")
-        stages.append(Stage(k, trace.sigmas[k], "out" if last else "F", terms))
-    history_calls = {r.index for s in stages for r, _ in s.terms
-                     if r.kind == history_kind and r.index != s.call}
-    uncond_calls = {r.index for s in stages for r, _ in s.terms
-                    if r.kind in ("U", "V") and r.index != s.call}
-    stats = {"trace_nonzeros": trace.nonzeros, "compile_terms": comp.examined}
-    return Plan(trace.solver, dict(options or {}), prologue, stages, trace.noise,
-                trace.noise_mode, history_kind, history_calls, stats, uncond_calls)
+    return PlanBuilder(trace, options, history_kind).plan()
+
+
+class PlanBuilder:
+    """A plan compiled on demand, stage by stage, and the same Plan once complete: the Sampler
+    lowers a second history kind only until it proves no narrower than the first
+    (lowering.lower's narrower_than), and compiling it that far is all it costs (issue 14).
+    Plan-like for lowering: `stages` iterates the stages, each once the stages that may still
+    read its history (H_WINDOW more) are compiled, so `history` is final for it."""
+
+    def __init__(self, trace: Trace, options: dict | None = None, history_kind: str = "D"):
+        if history_kind not in ("D", "E"):
+            raise ValueError(f"history_kind must be 'D' or 'E', got {history_kind!r}")
+        comp = _Compiler(trace, history_kind)
+        dead = trace.dead[comp.rep]
+        if dead is not None:
+            raise RuntimeError(f"{trace.solver}: no exact stage after call {dead} within the"
+                               f" register windows (F: {F_WINDOW}, history: {H_WINDOW})")
+        self.trace, self.comp, self._plan = trace, comp, None
+        self.solver, self.options, self.history_kind = trace.solver, dict(options or {}), \
+            history_kind
+        self.inputs, self.final = trace.inputs[comp.rep], trace.final[comp.rep]
+        self.prologue = comp.expression(self.inputs[0] if self.inputs else self.final, -1)
+        if self.prologue is None:
+            raise RuntimeError(f"{trace.solver}: the first model input is not linear in x_T"
+                               " and noise")
+        self.compiled: list[Stage] = []
+        self.history: set[int] = set()  # complete for the stages H_WINDOW before the newest
+        self.uncond_history: set[int] = set()
+
+    def _compile_to(self, n: int) -> None:
+        """Compiles the stages before n."""
+        comp, inputs, compiled = self.comp, self.inputs, self.compiled
+        kind = self.history_kind
+        for k in range(len(compiled), min(n, len(inputs))):
+            last = k == len(inputs) - 1
+            terms = comp.expression(self.final if last else inputs[k + 1], k)
+            if terms is None:
+                raise RuntimeError(f"{self.solver}: no exact stage after call {k} within the"
+                                   f" register windows (F: {F_WINDOW}, history: {H_WINDOW})")
+            compiled.append(Stage(k, self.trace.sigmas[k], "out" if last else "F", terms))
+            for r, _ in terms:
+                if r.index != k:
+                    if r.kind == kind:
+                        self.history.add(r.index)
+                    elif r.kind in ("U", "V"):
+                        self.uncond_history.add(r.index)
+
+    @property
+    def stages(self):
+        for k in range(len(self.inputs)):
+            if k + H_WINDOW >= len(self.compiled):
+                self._compile_to(k + H_WINDOW + 1)
+            yield self.compiled[k]
+
+    def plan(self) -> Plan:
+        """The complete plan (compiles what is left)."""
+        if self._plan is None:
+            self._compile_to(len(self.inputs))
+            trace = self.trace
+            stats = {"trace_nonzeros": trace.nonzeros, "compile_terms": self.comp.examined}
+            self._plan = Plan(self.solver, self.options, self.prologue, self.compiled,
+                              trace.noise, trace.noise_mode, self.history_kind, self.history,
+                              stats, self.uncond_history)
+        return self._plan
