@@ -171,12 +171,13 @@ def _lifetimes(launches: list[Launch], history_kind: str) -> list[list[tuple]]:
     """Per launch, the registers read for the last time by it (or by the model call before
     it), so their buffers can hold later outputs. The final output is never released."""
     last: dict[tuple, int] = {}
+    buffered = frozenset(("F", "D", "E", "U", "V", "T"))
     for i, launch in enumerate(launches):
         if launch.call >= 0:
             last[("F", launch.call)] = i
         for ref in launch.inputs:
-            if ref.kind in ("F", "D", "E", "U", "V", "T"):
-                last[(ref.kind, ref.index)] = i
+            if ref[0] in buffered:
+                last[ref] = i  # (a Ref is the tuple (kind, index): the same key)
         for name in launch.outputs:  # written, possibly never read (e.g. a history entry)
             key = (("F", launch.call + 1) if name == "F" else
                    ("U" if history_kind == "D" else "V", launch.call) if name == "HU"

@@ -233,8 +233,11 @@ def _what(v) -> str:
     return type(v).__name__
 
 
+_make_subclass = torch.Tensor._make_subclass
+
+
 def _form(tracer, terms: list, epoch: int) -> Form:
-    f = torch.Tensor._make_subclass(Form, _BASE)
+    f = _make_subclass(Form, _BASE)
     f.t, f.tracer, f.epoch = terms, tracer, epoch
     return f
 
@@ -403,7 +406,8 @@ class _Tracer:
 
     def reduce(self, f: Form) -> None:
         """Substitutes every eliminated register (lazily, when a form is read)."""
-        f.t = [self.reduced(f.t[r], r) if self.alive[r] else {} for r in range(2)]
+        t, alive = f.t, self.alive
+        f.t = [self.reduced(t[0], 0) if alive[0] else {}, self.reduced(t[1], 1) if alive[1] else {}]
         f.epoch = self.epoch
 
     def settle(self, forms: list, k: int) -> None:
@@ -452,16 +456,17 @@ class _Tracer:
 
     def reduced(self, terms: dict, r: int) -> dict:
         pivots = self.pivots[r]
-        hit = [k for k in terms if k in pivots]
+        hit = [*filter(pivots.__contains__, terms)]
         if not hit:
             return terms
         out = dict(terms)
+        get = out.get
         while hit:
             for k in hit:
                 c = out.pop(k)
                 for j, v in pivots[k].items():
-                    out[j] = out.get(j, 0.0) + c * v
-            hit = [k for k in out if k in pivots]
+                    out[j] = get(j, 0.0) + c * v
+            hit = [*filter(pivots.__contains__, out)]
         cut = _DROP * max(map(abs, out.values()), default=0.0)
         return {k: v for k, v in out.items() if abs(v) > cut}
 
@@ -470,9 +475,12 @@ class _Tracer:
         trace = self.trace
         k = len(trace.f_ids)
         t = _fresh(x)
-        f = self.register("F", k)
-        d, e = self.register("D", k), self.register("E", k)
-        self.state.add(f)
+        regs = trace.registers
+        f = len(regs)
+        d, e = f + 1, f + 2
+        regs += (("F", k), ("D", k), ("E", k))
+        states = self.state
+        states.add(f)
         trace.f_ids.append(f)
         trace.outputs.append(d)
         trace.e_ids.append(e)
@@ -485,7 +493,7 @@ class _Tracer:
             if not self.alive[r]:
                 trace.pivots[r].append(None)
                 continue
-            state = [(i, c) for i, c in v.items() if i in self.state]
+            state = [(i, c) for i, c in v.items() if i in states]
             pivot = None
             if state:
                 if len(state) == 1:
