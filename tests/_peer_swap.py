@@ -35,7 +35,10 @@ def pytest_collection_modifyitems(session, config, items):
     used = {}
     for item in items:
         owner = getattr(item, "cls", None)
-        for cls in getattr(owner, "scheduler_classes", ()) or ():
+        classes = list(getattr(owner, "scheduler_classes", ()) or ())
+        if getattr(owner, "scheduler_class", None) is not None:  # (FlowMapEuler's test class)
+            classes.append(owner.scheduler_class)
+        for cls in classes:
             used.setdefault(f"{owner.__module__}.{owner.__name__}", set()).add(
                 f"{cls.__module__}:{cls.__name__}")
     with open(path, "w") as f:

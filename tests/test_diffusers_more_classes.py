@@ -75,6 +75,14 @@ CASES = [
     ("CogVideoXDPMScheduler", COGVIDEOX, dict(eta=0.5), 10, False),
     ("CogVideoXDPMScheduler", dict(COGVIDEOX, snr_shift_scale=3.0, set_alpha_to_one=False), {},
      16, False),
+    ("UnCLIPScheduler", {}, {}, 10, True),
+    ("UnCLIPScheduler", dict(clip_sample=False, prediction_type="sample"), {}, 12, False),
+    ("UnCLIPScheduler", dict(clip_sample_range=0.5), {}, 25, True),
+    ("LTXEulerAncestralRFScheduler", {}, {}, 8, False),
+    ("LTXEulerAncestralRFScheduler", dict(eta=0.5, s_noise=0.8), {}, 12, False),
+    ("LTXEulerAncestralRFScheduler", dict(eta=0.0), {}, 6, False),
+    ("FlowMapEulerDiscreteScheduler", {}, {}, 8, False),
+    ("FlowMapEulerDiscreteScheduler", dict(shift=5.0), {}, 4, False),
     ("EDMEulerScheduler", {}, dict(s_churn=1.0), 12, False),
     ("EDMEulerScheduler", dict(prediction_type="v_prediction"),
      dict(s_churn=2.0, s_tmin=0.05, s_tmax=50.0, s_noise=1.003), 12, False),
@@ -200,3 +208,69 @@ def test_cogvideox_dpm_checks_the_history_it_is_given():
     t = sched.timesteps
     with pytest.raises(ValueError, match="old_pred_original_sample"):
         sched.step(x, x[:1], t[1], t[0], x, return_dict=False)
+
+
+def test_unclip_learned_range_and_prev_timestep():
+    """unCLIP's learned_range (twice the channels: the noise prediction, then v) scales the
+    noise by exp(a_t + b_t v) with a_t, b_t from the step's own beta at prev_timestep; full
+    loops with and without prev_timestep (then t - 1: one DDPM step) equal diffusers'."""
+    for with_prev in (True, False):
+        config = dict(variance_type="learned_range", clip_sample=False)
+        ref, ours = D.UnCLIPScheduler(**config), F.UnCLIPScheduler(**config)
+        out = []
+        for s in (ref, ours):
+            s.set_timesteps(12)
+            gen = torch.Generator().manual_seed(0)
+            x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1))
+            for i, t in enumerate(s.timesteps):
+                v = torch.tanh(x[:, :1] * 3.0).expand_as(x)  # a variance channel in [-1, 1]
+                prev = (s.timesteps[i + 1] if i + 1 < len(s.timesteps) else None) if with_prev \
+                    else None
+                model_output = torch.cat([fake_model(x, t), v], dim=1)
+                x = s.step(model_output, t, x, prev_timestep=prev, generator=gen).prev_sample
+            out.append(x)
+        assert traced_plans(ours)
+        assert any(p.learned is not None for p in traced_plans(ours))
+        assert rel_err(out[1], out[0]) <= RTOL
+    # without the variance channels: diffusers' last step (t = 0, no noise) needs no v, the
+    # others fail (diffusers: a TypeError deep in _get_variance; here a ValueError saying why)
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(3))
+    last = [s.step(fake_model(x, 0), s.timesteps[-1], x).prev_sample for s in (ref, ours)]
+    assert rel_err(last[1], last[0]) <= RTOL
+    with pytest.raises(ValueError, match="model_output must have twice"):
+        ours.step(fake_model(x, 0), ours.timesteps[0], x, prev_timestep=ours.timesteps[1])
+
+
+def test_flow_map_any_step_and_ltx_custom_sigmas():
+    """FlowMapEuler's any-step sampling (an r_timestep, number or tensor, an off-schedule
+    timestep) and LTX's ComfyUI-style sigma schedule: diffusers' numbers, fused."""
+    ref, ours = D.FlowMapEulerDiscreteScheduler(), F.FlowMapEulerDiscreteScheduler()
+    x, eps = torch.randn(2, *SHAPE, generator=torch.Generator().manual_seed(2))
+    calls = [lambda s: (s.timesteps[0], dict(r_timestep=0.0)),
+             lambda s: (s.timesteps[1], dict(r_timestep=s.timesteps[3])),
+             lambda s: (537.25, dict(r_timestep=120.5)),
+             lambda s: (torch.tensor(float(s.timesteps[2]), dtype=torch.float64), {})]
+    for s in (ref, ours):
+        s.set_timesteps(4)
+    for call in calls:
+        got = []
+        for s in (ref, ours):
+            t, kwargs = call(s)
+            s._step_index = None
+            got.append(s.step(eps, t, x, **kwargs).prev_sample)
+        assert rel_err(got[1], got[0]) <= RTOL
+        assert ours.step_index == ref.step_index
+    assert len(traced_plans(ours)) >= len(calls) - 1
+    for s in (ref, ours):  # off the schedule without an r_timestep: diffusers' own error
+        with pytest.raises(ValueError, match="r_timestep"):
+            s.step(eps, 537.25, x)
+    sigmas = [1.0, 0.9, 0.7, 0.4, 0.15, 0.0]
+    ref, ours = D.LTXEulerAncestralRFScheduler(), F.LTXEulerAncestralRFScheduler()
+    out = []
+    for s in (ref, ours):
+        s.set_timesteps(sigmas=sigmas)
+        gen, y = torch.Generator().manual_seed(0), x
+        for t in s.timesteps:
+            y = s.step(fake_model(y, t), t, y, generator=gen).prev_sample
+        out.append(y)
+    assert traced_plans(ours) and rel_err(out[1], out[0]) <= RTOL

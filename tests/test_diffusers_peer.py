@@ -33,7 +33,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # tests/test_diffusers_more_classes.py test them against diffusers' classes)
 UNTESTED = ["FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler",
             "FlowMatchLCMScheduler", "CogVideoXDDIMScheduler", "CogVideoXDPMScheduler",
-            "CosineDPMSolverMultistepScheduler", "DDPMWuerstchenScheduler"]
+            "CosineDPMSolverMultistepScheduler", "DDPMWuerstchenScheduler",
+            "LTXEulerAncestralRFScheduler"]
 HUB_TESTS = ["test_schedulers.py::SchedulerBaseTests::test_default_arguments_not_in_config",
              "test_schedulers.py::SchedulerBaseTests::test_default_solver_type_after_switch"]
 

@@ -16,7 +16,7 @@ import inspect
 
 import torch
 
-from fastdiff.diffusers._shared import FALLBACK, freeze
+from fastdiff.diffusers._shared import FALLBACK, freeze, host_only
 
 STEP_SPECIAL = ("self", "model_output", "timestep", "sample", "generator", "variance_noise",
                 "return_dict")
@@ -107,6 +107,15 @@ def named_step(self, args, kwargs):
     return self._fd_run(plan, arguments["model_output"], arguments["timestep"],
                         arguments["sample"], arguments.get("generator"),
                         arguments.get("variance_noise"), arguments["return_dict"], inputs)
+
+
+def nearest_index(schedule: list, dtype: torch.dtype, value) -> int:
+    """FlowMapEulerDiscrete's first step index: the nearest entry of the schedule in float32
+    within 1e-3, else 0 (diffusers' rule, on a CPU copy of the host values: no device read)."""
+    with host_only():  # (fastdiff's own CPU arithmetic, outside the caller's torch modes)
+        diffs = (torch.tensor(schedule, dtype=dtype).float() - float(value)).abs()
+        index = int(diffs.argmin())
+        return index if float(diffs[index]) <= 1e-3 else 0
 
 
 def uniform(self, timestep):

@@ -89,8 +89,10 @@ class FusedStepMixin:
     _fd_step_inputs: tuple = ()
     _fd_step_timesteps: tuple = ()
     _fd_batched_timestep = False  # the pipeline passes t.expand(batch) (DDPMWuerstchen)
-    # (kind, t_value of this step) -> (tensor arguments present, ((name, kind, value), ...))
-    # of the next step as the class's pipelines call it, so tracing can look ahead
+    _fd_index_nearest = False  # the step index is the nearest timestep's (FlowMapEuler)
+    # (kind, t_value of this step, upcoming=(value, position) of the next, schedule=the host
+    # schedule) -> (tensor arguments present, ((name, kind, value), ...)) of the next step as
+    # the class's pipelines call it, so tracing can look ahead
     _fd_next_arguments = None
     # Which implementation runs `step`: "auto" (the fastest fused kernel for the device), a
     # fastdiff.ops backend ("cuda", "triton", "cpu") for the fused launch, or "reference":
@@ -174,6 +176,8 @@ class FusedStepMixin:
         host copy of the schedule."""
         value, _ = self._fd_host_timestep(timestep)
         schedule = self._fd_schedule()
+        if self._fd_index_nearest:
+            return _arguments.nearest_index(schedule, self.timesteps.dtype, value)
         matches = [i for i, v in enumerate(schedule) if v == value]
         if not matches and not hasattr(self._fd_base, "index_for_timestep"):
             return len(schedule) - 1  # DPMSolverMultistepInverse's own _init_step_index rule
@@ -304,15 +308,16 @@ class FusedStepMixin:
                 plan.timestep = t
                 if not all(map(math.isfinite, _values(plan))):
                     plan = limit_plan(self, shared, before, t, kwargs, plan)
-                if _learned.mode(self) == "ddpm":
-                    _learned.retarget_noise(self, shared.twin, plan, t)
+                if _learned.mode(self) in ("ddpm", "unclip"):
+                    _learned.retarget_noise(self, shared.twin, plan, t, kwargs)
                 shared.store(k, plan)
                 plans.append(plan)
                 upcoming = shared.next_timestep(position)
                 if upcoming is None:
                     break
                 if tensor_args is not None:  # the arguments the pipeline passes next
-                    tensor_args, named = self._fd_next_arguments(kind, t_value=value)
+                    tensor_args, named = self._fd_next_arguments(
+                        kind, t_value=value, upcoming=upcoming, schedule=shared.schedule)
                     options = (options[0], tensor_args, named)
                     set_named()
                 value, position = upcoming

@@ -109,9 +109,23 @@ DDPMWuerstchenScheduler = fused_class(
     _d.DDPMWuerstchenScheduler, _fd_batched_timestep=True,
     doc="The pipelines' per-sample timestep `t.expand(batch)` is one schedule entry: located by"
         " its storage, without reading it.")
-def _cogvideox_next(kind, t_value):
+def _cogvideox_next(kind, t_value, **_):
     """CogVideoX's loop: the next step gets this step's x0 and this timestep back."""
     return ("old_pred_original_sample",), (("timestep_back", kind, t_value),)
+
+
+def _unclip_next(kind, t_value, upcoming, schedule):
+    """unCLIP's / Kandinsky's prior loops: `prev_timestep` is the schedule entry after the
+    step's timestep (a tensor of the same kind), None at the last step."""
+    position = upcoming[1] + 1
+    if position < len(schedule):
+        return (), (("prev_timestep", kind, schedule[position]),)
+    return (), (("prev_timestep", None, None),)
+
+
+def _flow_map_next(kind, t_value, **_):
+    """AnyFlow's loop: `r_timestep` left to its default, the next schedule entry."""
+    return (), (("r_timestep", None, None),)
 
 
 CogVideoXDPMScheduler = fused_class(
@@ -119,6 +133,20 @@ CogVideoXDPMScheduler = fused_class(
     _fd_step_timesteps=("timestep_back",), _fd_next_arguments=staticmethod(_cogvideox_next),
     doc="The history the pipeline passes back (old_pred_original_sample, timestep_back) is an"
         " input of the fused step.")
+
+UnCLIPScheduler = fused_class(
+    _d.UnCLIPScheduler, _fd_learned="unclip", _fd_step_timesteps=("prev_timestep",),
+    _fd_next_arguments=staticmethod(_unclip_next),
+    doc="The prev_timestep its pipelines pass (an entry of `timesteps`) is located by its"
+        " storage, without reading it; learned_range scales the noise by exp(a_t + b_t v).")
+LTXEulerAncestralRFScheduler = fused_class(
+    _d.LTXEulerAncestralRFScheduler,
+    doc="Euler-ancestral for rectified-flow models (ComfyUI's sample_euler_ancestral_RF).")
+FlowMapEulerDiscreteScheduler = fused_class(
+    _d.FlowMapEulerDiscreteScheduler, _fd_step_timesteps=("r_timestep",),
+    _fd_next_arguments=staticmethod(_flow_map_next), _fd_index_nearest=True,
+    doc="An r_timestep (number or tensor) is traced per value; the step index is diffusers'"
+        " nearest-timestep rule, on the host schedule.")
 
 __all__ = [
     "DDIMScheduler", "EulerDiscreteScheduler", "DPMSolverMultistepScheduler",
@@ -131,5 +159,6 @@ __all__ = [
     "DDIMInverseScheduler", "DPMSolverMultistepInverseScheduler",
     "CMStochasticIterativeScheduler", "CosineDPMSolverMultistepScheduler",
     "CogVideoXDDIMScheduler", "DDIMParallelScheduler", "DDPMParallelScheduler",
-    "DDPMWuerstchenScheduler", "CogVideoXDPMScheduler",
+    "DDPMWuerstchenScheduler", "CogVideoXDPMScheduler", "UnCLIPScheduler",
+    "LTXEulerAncestralRFScheduler", "FlowMapEulerDiscreteScheduler",
 ]
