@@ -110,6 +110,10 @@ def engine_launches(out: list[Launch], dtypes=(torch.float32, torch.float16)) ->
     variants = {
         "plain": (lambda: gaussian, {}),
         "guided eps": (lambda: CFGDenoiser(Denoiser(eps_network, "epsilon"), 2.5), {}),
+        # drawn noise tensors are inputs: SA-Solver's stages grow past the kernel's 6 inputs
+        # and are lowered as two launches (lowering.split's partial sums T)
+        "guided eps drawn noise": (lambda: CFGDenoiser(Denoiser(eps_network, "epsilon"), 2.5),
+                                   {"noise": "generator"}),
         "v + guidance": (lambda: Denoiser(eps_network, "v"), {"guidance": 3.0}),
         "dynamic threshold": (lambda: ThresholdedDenoiser(Denoiser(eps_network),
                                                           dynamic_ratio=0.9, max_value=3.0), {}),
@@ -128,7 +132,8 @@ def engine_launches(out: list[Launch], dtypes=(torch.float32, torch.float16)) ->
                 sampler = Sampler(make(), name, sigmas, backend="triton", **options)
             except (RuntimeError, ValueError):  # no plan for this combination
                 continue
-            call = {"seed": 0}
+            call = {"seed": 0} if options.get("noise") != "generator" else {
+                "generator": torch.Generator().manual_seed(0)}
             if options.get("guidance") or isinstance(sampler.adapter.guidance, float):
                 call.update(cond=torch.zeros(2), uncond=torch.ones(2))
             for dtype in dtypes:

@@ -113,3 +113,35 @@ def test_fp64_kernels_take_no_fp32_scalars(compiled):
         types = r["signature"].values()
         if "*fp64" in types:
             assert "fp32" not in types, f"{r['kernel']} [{r['label']}]: {r['signature']}"
+
+
+def test_split_stages_are_among_the_compiled_launches(compiled):
+    """A stage wider than the kernel's inputs runs as two launches (a partial sum T first,
+    fastdiff.solvers.lowering's split): with a guided epsilon network and drawn noise some
+    solvers have such stages (PLMS at the recorded 4 steps), and every launch of their plans,
+    the partial sums included, is among the recorded (so compiled) ones."""
+    from fastdiff.denoisers import CFGDenoiser, Denoiser
+    from fastdiff.reference.solvers import SOLVERS
+    from fastdiff.sampler import Sampler
+    from fastdiff.spacings import get_sigmas_karras
+
+    launches, _ = compiled
+    if "lincomb" not in selected():
+        pytest.skip("lincomb is not compiled in this run (FASTDIFF_AOT_ONLY)")
+    cfg = CFGDenoiser(Denoiser(lambda x, t, cond=None: x * 0.5, "epsilon"), 2.5)
+    split = {}
+    for name, solver in SOLVERS.items():
+        if solver.param == "flow":
+            continue
+        try:
+            sampler = Sampler(cfg, name, get_sigmas_karras(4, 0.03, 14.6), backend="triton",
+                              noise="generator")
+        except (RuntimeError, ValueError):  # no plan for this combination
+            continue
+        if any(o.startswith("T") for la in sampler.launches for o in la.outputs):
+            split[name] = len(sampler.launches)
+    assert "plms" in split, f"no split stage at 4 steps any more (split: {sorted(split)})"
+    for name, count in split.items():
+        recorded = [la for la in launches if la.module == "lincomb"
+                    and la.label == f"{name} guided eps drawn noise torch.float32"]
+        assert len(recorded) == count, name
