@@ -91,7 +91,7 @@ class StepPlan:
     learned: tuple | None = None  # DDPM's learned std of the noise (_learned.py)
     timestep: object = None  # what the twin was given
     reads: frozenset = frozenset()  # attributes the step read before writing them
-    window: object = None  # the _Window holding this plan's device tables (_fused.py)
+    window: object = None  # the Window holding this plan's device tables (_shared.py)
     slot_in_window: int = 0
 
 
