@@ -148,12 +148,19 @@ def _combine(a: dict, ca: float, b: dict, cb: float) -> dict:
     return out
 
 
-class Form(torch.Tensor):
+class Form:
     """A linear form over the trace's registers, standing in for an image tensor: `t` holds
     {register: coefficient} per representation. Only linear operations are defined; anything
-    else raises Untraceable naming the operation."""
+    else raises Untraceable naming the operation.
 
-    __slots__ = ("t", "tracer", "epoch")
+    A tensor-like object, not a torch.Tensor subclass: torch functions reach it through
+    __torch_function__ all the same, and creating one costs a fifth of a tensor subclass (a
+    plan traces ~7 forms per model call). Only x_T, which the reference validates as a
+    tensor, is one (`_TensorForm`)."""
+
+    __slots__ = ()
+    # what the reference reads off an image: the stand-in tensor's answers
+    shape, ndim, dtype, device = _BASE.shape, _BASE.ndim, _BASE.dtype, _BASE.device
 
     # -- arithmetic (Python operators reach these directly; torch calls via __torch_function__)
 
@@ -211,6 +218,17 @@ class Form(torch.Tensor):
     def __hash__(self):
         return id(self)
 
+    def __getattr__(self, name):
+        """Tensor methods and properties not defined here: through __torch_function__, as
+        they reach a tensor subclass."""
+        attr = getattr(torch.Tensor, name)
+        if not callable(attr):  # a property: answered by the stand-in tensor
+            return getattr(_BASE, name)
+
+        def method(*args, **kwargs):
+            return Form.__torch_function__(attr, (type(self),), (self, *args), kwargs)
+        return method
+
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -225,6 +243,33 @@ class Form(torch.Tensor):
                           "(only linear operations are traceable)")
 
 
+class _Form(Form):
+    __slots__ = ("t", "tracer", "epoch")
+
+
+class _TensorForm(Form, torch.Tensor):
+    """x_T: a form that is a torch.Tensor, as the reference's validate_x asks."""
+
+    __slots__ = ("t", "tracer", "epoch")
+
+
+def _as_tensor_would(name: str):
+    """Operator `name` as a tensor subclass gets it: through __torch_function__ (so mostly
+    Untraceable, naming the operation, rather than Python's default or a TypeError)."""
+    fn = getattr(torch.Tensor, name)
+
+    def op(self, *args):
+        return Form.__torch_function__(fn, (type(self),), (self, *args))
+    return op
+
+
+for _name in ("__abs__", "__pow__", "__rpow__", "__matmul__", "__rmatmul__", "__floordiv__",
+              "__rfloordiv__", "__mod__", "__lt__", "__le__", "__gt__", "__ge__", "__eq__",
+              "__ne__", "__bool__", "__float__", "__int__", "__index__", "__len__", "__and__",
+              "__or__", "__xor__", "__invert__", "__format__", "__iter__"):
+    setattr(Form, _name, _as_tensor_would(_name))
+
+
 def _what(v) -> str:
     if isinstance(v, Form):
         return "the traced state"
@@ -236,8 +281,11 @@ def _what(v) -> str:
 _make_subclass = torch.Tensor._make_subclass
 
 
+_new_form = object.__new__
+
+
 def _form(tracer, terms: list, epoch: int) -> Form:
-    f = _make_subclass(Form, _BASE)
+    f = _new_form(_Form)
     f.t, f.tracer, f.epoch = terms, tracer, epoch
     return f
 
@@ -391,6 +439,12 @@ class _Tracer:
         if state:
             self.state.add(i)
         return _form(self, self.pair({i: 1.0}, {i: 1.0}), self.epoch)
+
+    def initial(self) -> Form:
+        """x_T, as a tensor (the reference checks it is one)."""
+        f = _make_subclass(_TensorForm, _BASE)
+        f.t, f.tracer, f.epoch = self.symbol("x", 0, state=True).t, self, self.epoch
+        return f
 
     def pair(self, d: dict, e: dict) -> list:
         return [d if self.alive[0] else {}, e if self.alive[1] else {}]
@@ -606,7 +660,7 @@ def _run(name: str, sigmas: torch.Tensor, noise_mode: str, options: dict, prune:
         return d, tracer.uncond()
 
     model.denoise_with_uncond = denoise_with_uncond
-    x = tracer.symbol("x", 0, state=True)
+    x = tracer.initial()
     kwargs = {**info.kwargs, **options, "disable": True}
     params = inspect.signature(info.fn).parameters
     if "noise_sampler" in params:
