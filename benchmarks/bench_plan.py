@@ -26,7 +26,7 @@ from fastdiff.solvers import _plans
 from fastdiff.spacings import get_sigmas_karras
 
 STEPS = [10, 50, 100, 250, 1000]
-SOLVER_NAMES = [n for n in SOLVERS if n not in ("dpm_fast", "dpm_adaptive")]
+SOLVER_NAMES = list(SOLVERS)  # every entry (dpm_adaptive, data-dependent steps, has none)
 QUICK = os.environ.get("FASTDIFF_BENCH_QUICK", "") == "1"  # set by `fastdiff bench --quick`
 try:
     import fastdiff.diffusers as fd

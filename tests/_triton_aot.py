@@ -120,8 +120,7 @@ def engine_launches(out: list[Launch], dtypes=(torch.float32, torch.float16)) ->
         "static clip": (lambda: ThresholdedDenoiser(Denoiser(eps_network), dynamic_ratio=None,
                                                     clip=1.0), {}),
     }
-    solvers = [n for n in SOLVERS if n not in ("dpm_fast", "dpm_adaptive")]
-    for name in solvers:
+    for name in SOLVERS:  # every entry (dpm_adaptive, data-dependent steps, has none)
         flow = SOLVERS[name].param == "flow"
         sigmas = (torch.linspace(1, 0, 5, dtype=torch.float64) if flow
                   else get_sigmas_karras(4, 0.03, 14.6))

@@ -7,7 +7,7 @@ numbers; `Sampler(model, entry, sigmas, backend=..., **options)` must equal
 float64 and 1e-5 in float32 (the tolerances of tests/test_sampler.py) on the plan's reference
 backend, the C++ kernels and Triton (its interpreter on CPU), with the same noise. The CFG++
 names run on a guided denoiser whose halves differ, so D_u != D is read from the first guidance
-half in the kernel. dpm_fast / dpm_adaptive (adaptive step, no plan) and sa_solver /
+half in the kernel. dpm_adaptive (data-dependent steps, no plan) and sa_solver /
 sa_solver_pece (tests/test_sa_solver.py) are not here.
 """
 
@@ -73,11 +73,12 @@ PLANS = {
     "er_sde": ("er_sde", "er_sde_flow", {}),
     "seeds_2": ("seeds_2", "seeds_2_flow", {}),
     "seeds_3": ("seeds_3", "seeds_3_flow", {}),
+    "dpm_fast": ("dpm_fast", "dpm_fast", {}),  # no flow branch in ComfyUI
     "ddim": ("euler", "euler", {}),
     "uni_pc": ("unipc_bh1_3", "unipc_bh1_3", _UNIPC),
     "uni_pc_bh2": ("unipc_bh2_3", "unipc_bh2_3", _UNIPC),
 }
-NOT_HERE = {"dpm_fast", "dpm_adaptive", "sa_solver", "sa_solver_pece"}
+NOT_HERE = {"dpm_adaptive", "sa_solver", "sa_solver_pece"}
 CASES = [(n, k) for n in PLANS for k in ("ve", "flow")]
 
 

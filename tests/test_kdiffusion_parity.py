@@ -166,6 +166,63 @@ def test_parity_dpm_fast_adaptive(name, kwargs, noise):
     assert torch.allclose(out, ref, **TOL), (out - ref).abs().max()
 
 
+def _plan_backends():
+    from fastdiff.ops import unavailable_reason
+
+    cpu = torch.device("cpu")
+    return ["reference"] + [b for b in ("cpu", "triton") if not unavailable_reason(b, cpu)]
+
+
+@needs_k
+@pytest.mark.parametrize("backend", _plan_backends())
+@pytest.mark.parametrize("n", [10, 11, 12], ids=["orders-3321", "orders-3332", "orders-33321"])
+def test_dpm_fast_plan_matches_kdiffusion(n, backend):
+    """The fused plan of the registry entry "dpm_fast" on sigmas (n + 1 of them, the last 0)
+    is k-diffusion's sample_dpm_fast(sigma_min = sigmas[-2], sigma_max = sigmas[0], n): the
+    same float32 lambda grid (torch.linspace's default dtype) and per-step orders."""
+    from fastdiff.sampler import Sampler
+
+    sig = _sigmas(n=n)  # n positive sigmas and a final 0: n intervals, n model calls
+    x = _x0()
+    ref = K.sample_dpm_fast(model, x, sig[-2].clone(), sig[0].clone(), n, extra_args=EXTRA,
+                            disable=True)
+    got = Sampler(model, "dpm_fast", sig, backend=backend)(x, **EXTRA)
+    assert torch.allclose(got, ref, **TOL), (got - ref).abs().max()
+
+
+@needs_k
+@pytest.mark.parametrize("backend", _plan_backends())
+def test_dpm_fast_plan_with_eta(backend):
+    """eta > 0: the plan is fastdiff's reference (same noise requested, at the unclamped next
+    sigma, but for the last step's draw of std 0, which the plan does not make), and finite
+    where k-diffusion's is not: with float64 end points (as a plan's sigmas always are) the
+    float32 grid's last t lies above t_end, the clamp to t_end leaves
+    sigma(t_next)^2 - sigma(t_end)^2 = -1.5e-11 and k-diffusion's sqrt of it is NaN
+    (dpm_solver.DPMSolver._ancestral takes 0). With float end points fastdiff's numbers are
+    k-diffusion's (test_parity_dpm_fast_adaptive)."""
+    from fastdiff.sampler import Sampler
+
+    sig, x, n = _sigmas(n=7), _x0(), 7
+    args = (model, x, sig[-2].clone(), sig[0].clone(), n)
+    assert not torch.isfinite(K.sample_dpm_fast(*args, extra_args=EXTRA, disable=True, eta=1.0,
+                                                noise_sampler=RecordingNoise(x))).all()
+    calls = RecordingNoise(x)
+    ref = F.sample_dpm_fast(*args, extra_args=EXTRA, disable=True, eta=1.0, noise_sampler=calls)
+    sampler = Sampler(model, "dpm_fast", sig, backend=backend, noise="generator", eta=1.0)
+    sampler.noise_sampler = RecordingNoise(x)
+    got = sampler(x, **EXTRA)
+    assert torch.isfinite(ref).all() and torch.allclose(got, ref, **TOL), (got - ref).abs().max()
+    assert len(calls.calls) == n // 3 + 1  # one draw per step
+    flat = [[v for call in c.calls for v in call] for c in (sampler.noise_sampler, calls)]
+    assert flat[0] == pytest.approx(flat[1][:-2], rel=1e-12)
+
+
+def test_dpm_fast_sigmas_needs_a_positive_end():
+    sig = torch.tensor([1.0, 0.0, 0.0], dtype=DTYPE)  # no positive sigma before the final 0
+    with pytest.raises(ValueError, match="sigmas: dpm_fast ends at the last positive sigma"):
+        dpm_solver.sample_dpm_fast_sigmas(model, _x0(), sig, disable=True)
+
+
 @needs_k
 def test_brownian_tree_noise_sampler_matches_kdiffusion():
     x = _x0()

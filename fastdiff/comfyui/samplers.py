@@ -23,11 +23,12 @@ else ComfyUI's default model sampling of the kind (`percent_to_sigma`).
 
 `extra_args["seed"]` seeds the default noise sampler as ComfyUI does and is not passed to the
 model. Every name here has a registered reference solver (`fastdiff.reference.solvers.SOLVERS`,
-so `fastdiff.Sampler` runs it as a fused plan), except dpm_fast / dpm_adaptive (adaptive
-step, eager as in k-diffusion). Where ComfyUI draws random numbers it never uses (heunpp2,
-res_multistep at eta = 0, the ancestral samplers at eta = 0) nothing is drawn: global RNG
-state after a run can differ from ComfyUI's, the samples do not. README lists every difference
-from `fastdiff.k_diffusion`.
+so `fastdiff.Sampler` runs it as a fused plan), except dpm_adaptive (its steps depend on the
+data, eager as in k-diffusion); dpm_fast is the entry "dpm_fast" (ComfyUI's wrapper: n =
+len(sigmas) - 1 calls from sigmas[0] to the last positive sigma). Where ComfyUI draws random
+numbers it never uses (heunpp2, res_multistep at eta = 0, the ancestral samplers at eta = 0)
+nothing is drawn: global RNG state after a run can differ from ComfyUI's, the samples do not.
+README lists every difference from `fastdiff.k_diffusion`.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ _SPECS = {
     "dpm_2": ("euler", "sample_dpm_2", {}, False),
     "dpm_2_ancestral": ("euler", "sample_dpm_2_ancestral", {}, True),
     "lms": ("lms", "sample_lms", {"denoise_final": True}, False),
-    "dpm_fast": ("dpm_solver", "sample_dpm_fast", {}, False),
+    "dpm_fast": ("dpm_solver", "sample_dpm_fast_sigmas", {}, False),
     "dpm_adaptive": ("dpm_solver", "sample_dpm_adaptive", {}, False),
     "dpmpp_2s_ancestral": ("dpmpp", "sample_dpmpp_2s_ancestral", {}, True),
     "dpmpp_2s_ancestral_cfg_pp": ("dpmpp", "sample_dpmpp_2s_ancestral", {"cfg_pp": "comfyui"},
@@ -250,11 +251,8 @@ def _make(name: str):
         if len(sigmas) <= 1:
             return x
         checked = _CheckedModel(model)
-        if name in ("dpm_fast", "dpm_adaptive"):  # ComfyUI's wrappers in comfy/samplers.py
+        if name == "dpm_adaptive":  # ComfyUI's wrapper in comfy/samplers.py
             sigma_min = sigmas[-1] if float(sigmas[-1]) > 0 else sigmas[-2]
-            if name == "dpm_fast":
-                return fn(checked, x, sigma_min, sigmas[0], len(sigmas) - 1,
-                          extra_args=extra_args, callback=callback, disable=disable, **kwargs)
             return fn(checked, x, sigma_min, sigmas[0], extra_args=extra_args,
                       callback=callback, disable=disable, **kwargs)
         if name.startswith("uni_pc"):

@@ -14,7 +14,10 @@ and DPM-Solver-k Taylor-expands eps in lambda (h = lambda_t - lambda_s):
   code), reusing past eps values; lower orders while history builds up.
 - `sample_dpm_fast`, `sample_dpm_adaptive`: k-diffusion's DPM-Solver-fast (paper Sec. 3.4,
   orders 3,...,3,2,1 on a lambda-uniform grid) and DPM-Solver-12/23 adaptive step size
-  (paper Sec. 3.4, App. C), same signatures and numbers as k-diffusion; eager only.
+  (paper Sec. 3.4, App. C), same signatures and numbers as k-diffusion. DPM-Solver-fast's
+  steps depend only on (sigma_min, sigma_max, n), so it is linear in the model outputs and has
+  a fused plan: the registry entry "dpm_fast" is `sample_dpm_fast_sigmas`, its schedule form
+  (ComfyUI's). The adaptive solver accepts steps on the host and stays eager.
 
 Final sigma = 0 (lambda = +inf): every DPM-Solver update tends to x_next = D(x, sigma_i) as
 sigma_next -> 0 (sigma_t e^h = sigma_s stays finite, the higher-order terms carry an extra 1/h),
@@ -43,6 +46,7 @@ __all__ = [
     "sample_dpm_solver_singlestep",
     "sample_dpm_solver_multistep",
     "sample_dpm_fast",
+    "sample_dpm_fast_sigmas",
     "sample_dpm_adaptive",
     "DPMSolver",
     "PIDStepSizeController",
@@ -271,12 +275,17 @@ class DPMSolver:
         return self.dpm_solver_3_step(x, t, t_next, eps_cache=eps_cache)
 
     def _ancestral(self, t, t_next, t_end, eta):
-        """Target t_next_ of the deterministic part and std su of the added noise."""
+        """Target t_next_ of the deterministic part and std su of the added noise.
+
+        Where the clamp to t_end hits, su is the square root of sigma(t_next)^2 - sigma(t_end)^2,
+        0 up to round-off. With float64 end points and dpm_fast's float32 grid that round-off can
+        be negative, and k-diffusion's sqrt gives NaN there; it is clamped at 0 here (equal
+        numbers wherever k-diffusion's are finite)."""
         if not eta:
             return t_next, 0.0
         sd, _ = get_ancestral_step(self.sigma(t), self.sigma(t_next), eta)
         t_next_ = torch.minimum(t_end, self.t(sd))
-        return t_next_, (self.sigma(t_next) ** 2 - self.sigma(t_next_) ** 2) ** 0.5
+        return t_next_, (self.sigma(t_next) ** 2 - self.sigma(t_next_) ** 2).clamp(min=0) ** 0.5
 
     def dpm_solver_fast(self, x, t_start, t_end, nfe, eta=0.0, s_noise=1.0, noise_sampler=None):
         """DPM-Solver-fast (paper Sec. 3.4): m = floor(nfe / 3) + 1 lambda-uniform steps of
@@ -370,8 +379,10 @@ def sample_dpm_fast(model, x, sigma_min, sigma_max, n, extra_args=None, callback
                     disable=None, eta=0.0, s_noise=1.0, noise_sampler=None):
     """DPM-Solver-fast (fixed step size, `n` model calls). See arXiv:2206.00927, Sec. 3.4.
 
-    As in k-diffusion, Python-float sigma_min/sigma_max become default-dtype tensors (so the
-    lambda grid is float32 unless you pass float64 tensors)."""
+    As in k-diffusion, Python-float sigma_min/sigma_max become default-dtype tensors, and the
+    lambda grid is `torch.linspace`'s default dtype (float32) whatever their dtype. The fused
+    plan is `fastdiff.Sampler(model, "dpm_fast", sigmas)` for n + 1 sigmas from sigma_max down
+    to sigma_min (`sample_dpm_fast_sigmas`; a plan's end points are float64)."""
     _check_sigma_range(x, sigma_min, sigma_max)
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n (the number of model calls) must be a positive int, got {n!r}")
@@ -380,6 +391,26 @@ def sample_dpm_fast(model, x, sigma_min, sigma_max, n, extra_args=None, callback
         return dpm_solver.dpm_solver_fast(
             x, dpm_solver.t(torch.as_tensor(sigma_max)), dpm_solver.t(torch.as_tensor(sigma_min)),
             n, eta, s_noise, noise_sampler)
+
+
+@torch.no_grad()
+def sample_dpm_fast_sigmas(model, x, sigmas, extra_args=None, callback=None, disable=None,
+                           eta=0.0, s_noise=1.0, noise_sampler=None):
+    """DPM-Solver-fast on a sigma schedule, as ComfyUI's `dpm_fast` runs it (its wrapper in
+    comfy/samplers.py): `sample_dpm_fast` with n = len(sigmas) - 1 model calls from sigmas[0] to
+    the last positive sigma, whose sample it returns. The interior sigmas set only the count:
+    the steps are DPM-Solver-fast's own lambda-uniform grid (arXiv:2206.00927, Sec. 3.4), in
+    float32 as k-diffusion's `torch.linspace` makes it, its end points in the sigmas' dtype.
+
+    Global order 3 when n = 2 (mod 3) (orders 3, ..., 3, 2); otherwise the last step is first
+    order (orders ..., 3, 1 or ..., 2, 1) and the method second order."""
+    sig = validate_sigmas(sigmas)
+    last = len(sig) - 1 if sig[-1] > 0 else len(sig) - 2
+    if not sig[last] > 0:
+        raise ValueError("sigmas: dpm_fast ends at the last positive sigma; got none before the "
+                         f"final 0 ({sig})")
+    return sample_dpm_fast(model, x, sigmas[last], sigmas[0], len(sig) - 1, extra_args, callback,
+                           disable, eta, s_noise, noise_sampler)
 
 
 @torch.no_grad()
@@ -414,3 +445,8 @@ SOLVERS.update({
         kwargs={"order": k})
     for k in (2, 3)
 })
+# ComfyUI's `dpm_fast` (k-diffusion's sample_dpm_fast(sigma_min, sigma_max, n) on a schedule):
+# one model call per sigma interval on average, n = 2 (mod 3) for its order 3 (see the function)
+SOLVERS["dpm_fast"] = SolverInfo(
+    sample_dpm_fast_sigmas, order=3, nfe_per_step=1, stochastic=False,
+    paper=_PAPER + ", Sec. 3.4 (DPM-Solver-fast)")
