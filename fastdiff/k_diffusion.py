@@ -112,6 +112,18 @@ def reject_fixed(name: str, fixed, options) -> None:
         raise TypeError(f"sample_{name}: {sorted(bad)} fixed by the sampler's name")
 
 
+def require_uncond(name: str, model) -> None:
+    """A TypeError naming what is missing if `model` cannot give CFG++'s unconditional
+    prediction: the reference solvers would take D_u = D (`_utils.denoise_with_uncond`) and run
+    the base sampler, which a CFG++ name must not do silently."""
+    if not callable(getattr(model, "denoise_with_uncond", None)):
+        raise TypeError(
+            f"model: sample_{name} renoises with the unconditional prediction; pass a guided"
+            " denoiser (fastdiff.denoisers.CFGDenoiser) or a model with"
+            " denoise_with_uncond(x, sigma, **extra_args) -> (D, D_u), got"
+            f" {type(getattr(model, 'model', model)).__name__} without one")
+
+
 def _registry_sampler(name: str):
     """`sample_<name>` for a registry entry: its reference solver with the entry's options, those
     fixed by ComfyUI's name rejected (not in the signature), the others defaults."""
@@ -124,12 +136,8 @@ def _registry_sampler(name: str):
 
     def sample(model, x, sigmas, extra_args=None, callback=None, disable=None, **options):
         reject_fixed(name, fixed, options)
-        if needs_uncond and not callable(getattr(model, "denoise_with_uncond", None)):
-            raise TypeError(
-                f"model: sample_{name} renoises with the unconditional prediction; pass a guided"
-                " denoiser (fastdiff.denoisers.CFGDenoiser) or a model with"
-                " denoise_with_uncond(x, sigma, **extra_args) -> (D, D_u), got"
-                f" {type(getattr(model, 'model', model)).__name__} without one")
+        if needs_uncond:
+            require_uncond(name, model)
         return info.fn(model, x, sigmas, extra_args, callback, disable,
                        **{**info.kwargs, **options})
 

@@ -138,6 +138,14 @@ def _run(name, model=None, **options):
                      disable=True, **options)
 
 
+def _comfyui(name, model=None, **options):
+    from fastdiff import comfyui
+    torch = _t()
+    x = torch.randn(2, 3, generator=torch.Generator().manual_seed(0)) * 10
+    getattr(comfyui, name)(model or (lambda x, s: x * 0.5), x, torch.tensor([10.0, 5.0, 1.0, 0.0]),
+                           disable=True, **options)
+
+
 for _name, _option in [("sample_res_multistep", "eta"), ("sample_exp_heun_2_x0", "r"),
                        ("sample_exp_heun_2_x0", "noise_sampler"), ("sample_ipndm_v", "weights"),
                        ("sample_exp_heun_2_x0_sde", "r"), ("sample_sa_solver_pece", "use_pece"),
@@ -147,6 +155,9 @@ for _name, _option in [("sample_res_multistep", "eta"), ("sample_exp_heun_2_x0",
               f"['{_option}'] fixed by the sampler's name")
 cases.add("kdiffusion_euler_cfg_pp_unguided_model", lambda keep: _run("sample_euler_cfg_pp"),
           "TypeError", "model: sample_euler_cfg_pp renoises with the unconditional prediction")
+cases.add("comfyui_dpmpp_2m_cfg_pp_unguided_model",
+          lambda keep: _comfyui("sample_dpmpp_2m_cfg_pp"),
+          "TypeError", "model: sample_dpmpp_2m_cfg_pp renoises with the unconditional prediction")
 cases.add("kdiffusion_heunpp2_unknown_option", lambda keep: _run("sample_heunpp2", eta=1.0),
           "TypeError", "'eta'")
 cases.add("kdiffusion_seeds_2_bad_model_kind",

@@ -40,6 +40,21 @@ def constant(x, sigma, **kw):
     return C.expand_as(x).clone()
 
 
+class Guided:
+    """`inner` as a guided denoiser whose unconditional half is D - shift (CFG++ reads D_u:
+    fastdiff.comfyui refuses a model without it); shift 0: halves equal, CFG++ is its base."""
+
+    def __init__(self, inner, shift=0.0):
+        self.inner, self.shift = inner, shift
+
+    def __call__(self, x, sigma, **kw):
+        return self.denoise_with_uncond(x, sigma, **kw)[0]
+
+    def denoise_with_uncond(self, x, sigma, **kw):
+        d = self.inner(x, sigma, **kw)
+        return d, d - self.shift
+
+
 def problem(kind, steps=6):
     g = torch.Generator().manual_seed(0)
     if kind == "flow":
@@ -62,6 +77,8 @@ def test_names_are_comfyuis_in_comfyuis_order():
 @pytest.mark.parametrize("name", comfyui.SAMPLER_NAMES)
 def test_every_sampler_runs_on_both_kinds(name, kind):
     model, x, sigmas = problem(kind)
+    if "cfg_pp" in name:
+        model = Guided(model, 0.1)
     fn = getattr(comfyui, f"sample_{name}")
     kw = {"noise_sampler": default_noise_sampler(x, torch.Generator().manual_seed(1))} \
         if "ancestral" in name or "sde" in name or name in ("ddpm", "lcm", "seeds_2", "seeds_3")\
@@ -69,6 +86,20 @@ def test_every_sampler_runs_on_both_kinds(name, kind):
     before = x.clone()
     out = fn(model, x, sigmas, disable=True, model_kind=kind, **kw)
     assert torch.equal(x, before) and out.shape == x.shape and bool(out.isfinite().all())
+
+
+@pytest.mark.parametrize("name", [n for n in comfyui.SAMPLER_NAMES if "cfg_pp" in n])
+def test_cfg_pp_names_refuse_a_model_without_its_unconditional_output(name):
+    """Without D_u the reference takes D_u = D, i.e. the base sampler: fastdiff.comfyui must not
+    do that silently under a CFG++ name (the fastdiff.k_diffusion adapter refuses too)."""
+    model, x, sigmas = problem("ve")
+    fn = getattr(comfyui, f"sample_{name}")
+    with pytest.raises(TypeError, match=f"model: sample_{name} renoises with the unconditional "
+                       r"prediction; .*denoise_with_uncond.*got GaussianMixture without one"):
+        fn(model, x, sigmas, disable=True)
+    guided = fn(Guided(model, 0.1), x, sigmas, disable=True, extra_args={"seed": 1})
+    base = fn(Guided(model), x, sigmas, disable=True, extra_args={"seed": 1})  # the base sampler
+    assert bool(guided.isfinite().all()) and not torch.allclose(guided, base)
 
 
 def test_model_kind_resolution():
@@ -97,10 +128,11 @@ def test_flow_ancestral_steps_keep_the_flow_marginal():
     for name in ("euler_ancestral", "dpm_2_ancestral", "dpmpp_2s_ancestral",
                  "euler_ancestral_cfg_pp"):
         fn = getattr(comfyui, f"sample_{name}")
+        model = Guided(constant) if "cfg_pp" in name else constant  # D_u = D = c
         for eta in (0.5, 1.0):
-            quiet = fn(constant, x, sigmas, disable=True, eta=eta, model_kind="flow",
+            quiet = fn(model, x, sigmas, disable=True, eta=eta, model_kind="flow",
                        noise_sampler=lambda a, b: torch.zeros_like(x))
-            noisy = fn(constant, x, sigmas, disable=True, eta=eta, model_kind="flow",
+            noisy = fn(model, x, sigmas, disable=True, eta=eta, model_kind="flow",
                        noise_sampler=lambda a, b: z)
             a = ((quiet - (1 - s1) * C) / e).flatten()
             b = ((noisy - quiet) / z).flatten()
@@ -190,6 +222,8 @@ def test_the_fused_plan_gives_comfyuis_numbers(name, kind):
     model, x, sigmas = problem(kind)
     if kind == "flow" and name in ("res_multistep", "gradient_estimation", "heunpp2"):
         sigmas = torch.linspace(0.98, 0, 7, dtype=F64)  # kind-independent: VE sigmas < 1 too
+    if "cfg_pp" in name:  # halves equal (differing ones: tests/test_comfyui_backends.py)
+        model = Guided(model)
     noise = lambda: default_noise_sampler(x, torch.Generator().manual_seed(2))  # noqa: E731
     want = getattr(comfyui, f"sample_{name}")(model, x, sigmas, disable=True, model_kind=kind,
                                               **({"noise_sampler": noise()} if "sde" in name

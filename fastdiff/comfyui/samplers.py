@@ -21,6 +21,11 @@ as ComfyUI does: tau = `eta` (1) from `percent_to_sigma(sde_start_percent)` (0.2
 `tau_func`; the model's own `model_sampling.percent_to_sigma`, a fastdiff schedule there, or
 else ComfyUI's default model sampling of the kind (`percent_to_sigma`).
 
+The CFG++ names (`*_cfg_pp`) need the unconditional prediction: a guided denoiser
+(`fastdiff.denoisers.CFGDenoiser`) or a model with `denoise_with_uncond(x, sigma,
+**extra_args) -> (D, D_u)`; any other model is a TypeError naming what is missing (ComfyUI reads
+D_u from its CFG function).
+
 `extra_args["seed"]` seeds the default noise sampler as ComfyUI does and is not passed to the
 model. Every name here has a registered reference solver (`fastdiff.reference.solvers.SOLVERS`,
 so `fastdiff.Sampler` runs it as a fused plan), except dpm_adaptive (its steps depend on the
@@ -240,12 +245,14 @@ def _make(name: str):
                model_kind=None, **options):
         import importlib
 
-        from fastdiff.k_diffusion import _CheckedModel, reject_fixed
+        from fastdiff.k_diffusion import _CheckedModel, reject_fixed, require_uncond
 
         fn = getattr(importlib.import_module(f"{_S}.{module}"), fn_name)
         kind = resolve_model_kind(model, model_kind)
         extra_args = dict(extra_args or {})
         reject_fixed(name, fixed, options)
+        if "cfg_pp" in fixed:  # never the base sampler in disguise (D_u = D)
+            require_uncond(name, model)
         kwargs = _comfy_defaults(name, fn, kind if kind_dependent is True else None, model, x,
                                  sigmas, extra_args, {**fixed, **options})
         if len(sigmas) <= 1:
