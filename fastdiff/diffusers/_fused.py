@@ -86,6 +86,9 @@ class FusedStepMixin:
     _fd_step_timesteps: tuple = ()
     _fd_batched_timestep = False  # the pipeline passes t.expand(batch) (DDPMWuerstchen)
     _fd_index_nearest = False  # the step index is the nearest timestep's (FlowMapEuler)
+    # (twin, timestep, kwargs) -> the StepPlan tracing would give, read from the schedule, or
+    # None: trace it (_direct.py)
+    _fd_direct = None
     # (kind, t_value of this step, upcoming=(value, position) of the next, schedule=the host
     # schedule) -> (tensor arguments present, ((name, kind, value), ...)) of the next step as
     # the class's pipelines call it, so tracing can look ahead
@@ -167,10 +170,11 @@ class FusedStepMixin:
         except ValueError:
             return value, None
 
-    def _fd_lookup(self, timestep) -> int:
+    def _fd_lookup(self, timestep, value=None) -> int:
         """diffusers' index_for_timestep (the second match when the timestep repeats), on the
-        host copy of the schedule."""
-        value, _ = self._fd_host_timestep(timestep)
+        host copy of the schedule (`value`: the timestep's, when already read)."""
+        if value is None:
+            value, _ = self._fd_host_timestep(timestep)
         schedule = self._fd_schedule()
         if self._fd_index_nearest:
             return _arguments.nearest_index(schedule, self.timesteps.dtype, value)
@@ -182,9 +186,9 @@ class FusedStepMixin:
                 self, torch.tensor(value), torch.tensor(schedule))
         return matches[1] if len(matches) > 1 else matches[0]
 
-    def _fd_init_step_index(self, timestep) -> None:
+    def _fd_init_step_index(self, timestep, value=None) -> None:
         if self.__dict__.get("_begin_index") is None:  # (the inverse DPM-Solver has none)
-            self._step_index = self._fd_lookup(timestep)
+            self._step_index = self._fd_lookup(timestep, value)
         else:
             self._step_index = self._begin_index
 
@@ -249,14 +253,19 @@ class FusedStepMixin:
                    else "a timestep tensor with several elements")
             self._fd_unfused(None, shared, why)
             return FALLBACK, None
-        if shared.index_based and self.__dict__.get("_step_index") is None:
-            self._init_step_index(timestep)  # as diffusers' step would, from the host schedule
         if batched is not None:  # one value for the batch: traced at shape [1]
             value, position = batched
             kind = ("tensor", timestep.dtype, (1,))
         else:
             value, position = self._fd_host_timestep(timestep)
             kind = _arguments.kind(timestep)
+        if shared.index_based and self.__dict__.get("_step_index") is None:
+            # as diffusers' step would, from the host schedule (ours: with the value just read)
+            init = self._init_step_index
+            if getattr(init, "__func__", None) is FusedStepMixin._fd_init_step_index:
+                init(timestep, None if batched is not None else value)
+            else:
+                init(timestep)
         options, trace_kwargs = freeze(extra), dict(extra)
         if inputs is not None:
             options, trace_kwargs = _arguments.named_options(self, extra, inputs, times)
@@ -282,6 +291,7 @@ class FusedStepMixin:
         if "generator" in _signature(self._fd_base.step).parameters:
             kwargs["generator"] = None
         plans, next_key = [], None
+        direct = self._fd_direct if tensor_args is None else None
         with host_only():
             shared.overlay(self.__dict__, state.host_values)
             make = functools.partial(_arguments.twin_timestep, kind)
@@ -293,17 +303,21 @@ class FusedStepMixin:
             set_named()
             t, k = make(value), key
             while True:  # up to `size` steps
-                before = shared.snapshot()
-                try:
-                    plan = trace_step(shared.twin, t, kwargs, tensor_args)
-                except Exception as error:  # diffusers' step runs instead (and raises its own)
-                    if not plans:
-                        state.trace_error = f"this step ({error})"
-                        return None
-                    break
-                plan.timestep = t
-                if not all(map(math.isfinite, _values(plan))):
-                    plan = limit_plan(self, shared, before, t, kwargs, plan)
+                plan = direct(shared.twin, t, kwargs) if direct is not None else None
+                if plan is None:
+                    before = shared.snapshot()
+                    try:
+                        plan = trace_step(shared.twin, t, kwargs, tensor_args)
+                    except Exception as error:  # diffusers' step runs instead (and raises)
+                        if not plans:
+                            state.trace_error = f"this step ({error})"
+                            return None
+                        break
+                    plan.timestep = t
+                    if not all(map(math.isfinite, _values(plan))):
+                        plan = limit_plan(self, shared, before, t, kwargs, plan)
+                else:  # (finite: _direct.py checks)
+                    plan.timestep = t
                 if _learned.mode(self) in ("ddpm", "unclip"):
                     _learned.retarget_noise(self, shared.twin, plan, t, kwargs)
                 shared.store(k, plan)

@@ -109,6 +109,7 @@ def run(self, plan: StepPlan, model_output, timestep, sample, generator, varianc
         return tuple(result)
     return plan.out_cls(**dict(zip(plan.out_fields, result)))
 
+
 def clip_bounds(self, clip: Clip, inputs, coef) -> torch.Tensor:
     """Per-sample (bound, divisor) of the kernel's clip: clip_sample's fixed range, or
     dynamic thresholding's s from the fused quantile reduction (no host sync)."""
@@ -130,10 +131,15 @@ def clip_bounds(self, clip: Clip, inputs, coef) -> torch.Tensor:
 _BACKENDS: dict = {}
 
 
-def is_fake(t: torch.Tensor) -> bool:
-    from torch._subclasses.fake_tensor import FakeTensor
+_FAKE: list = []  # FakeTensor, imported at the first launch
 
-    return isinstance(t, FakeTensor)
+
+def is_fake(t: torch.Tensor) -> bool:
+    if not _FAKE:
+        from torch._subclasses.fake_tensor import FakeTensor
+
+        _FAKE.append(FakeTensor)
+    return isinstance(t, _FAKE[0])
 
 
 def launch(inputs: list[torch.Tensor], coef: torch.Tensor, backend: str = "auto",

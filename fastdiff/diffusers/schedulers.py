@@ -17,7 +17,7 @@ import functools
 
 import diffusers as _d
 
-from fastdiff.diffusers import _noise
+from fastdiff.diffusers import _direct, _noise
 from fastdiff.diffusers._fused import FusedStepMixin
 
 _SIGMA = {"_fd_noise_formula": _noise.SIGMA}
@@ -67,6 +67,7 @@ EulerAncestralDiscreteScheduler = fused_class(_d.EulerAncestralDiscreteScheduler
 LCMScheduler = fused_class(_d.LCMScheduler)
 FlowMatchEulerDiscreteScheduler = fused_class(
     _d.FlowMatchEulerDiscreteScheduler, **_FLOW, _fd_noise_f32=True,
+    _fd_direct=staticmethod(_direct.flow_match_euler),
     doc="stochastic_sampling draws float32 noise like diffusers.")
 HeunDiscreteScheduler = fused_class(_d.HeunDiscreteScheduler, **_SIGMA)
 LMSDiscreteScheduler = fused_class(_d.LMSDiscreteScheduler, **_SIGMA)
