@@ -5,11 +5,14 @@ one step (tracing is incremental, fastdiff/diffusers/_fused.py), so it must cost
 diffusers' loop at every step count (issue 15 item 6; issue 14's drop-in line at 1000 steps).
 
 SD-sized latents (1x4x64x64, fp32) on the benchmark's device; each group holds both rows and
-extra_info has the ratio's pieces. In CI's quick mode (--benchmark-disable) the 1000-step rows
+extra_info has the ratio's pieces (FIRST_STEP_ROUNDS=101 in the environment: 101 rounds a row,
+for a tighter median). In CI's quick mode (--benchmark-disable) the 1000-step rows
 are skipped (diffusers' LMS loop alone takes ~30 s there); the 10- and 50-step rows run once.
 """
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -22,6 +25,8 @@ HAS_CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if HAS_CUDA else "cpu")
 SHAPE = (1, 4, 64, 64)
 STEPS = [10, 50, 1000]
+# rounds per row (diffusers' 1000-step loops: 1); more for a tighter median of a borderline row
+ROUNDS = int(os.environ.get("FIRST_STEP_ROUNDS", "15"))
 
 
 def _sync():
@@ -62,5 +67,5 @@ def bench_first_step(benchmark, impl, name, steps):
     # one untimed warm-up round: one-time costs of the process (imports, the first call of
     # each code path) are not the first call of a loop; every timed round starts untraced
     long = steps == 1000 and impl == "diffusers-loop"
-    benchmark.pedantic(first_call, setup=fresh, rounds=1 if long else 15,
+    benchmark.pedantic(first_call, setup=fresh, rounds=1 if long else ROUNDS,
                        warmup_rounds=0 if long else 1)
