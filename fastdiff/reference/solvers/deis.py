@@ -23,6 +23,7 @@ eps is nearly constant, so it shows only for very many steps. Coefficients: host
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -73,6 +74,62 @@ def deis_coefficients(sigma: float, sigma_next: float, past: list[float]) -> lis
     return [sigma * c_j for c_j in c]
 
 
+# torch splits elementwise ops of more than 32768 elements over its threads, and exp / sqrt of
+# more than ~100; on a busy 2-core machine each such call can wait ~1 ms for a descheduled thread
+# (the per-step quadrature took 3 s at 1000 steps under load 3, any chunking 0.8 s at load 6).
+# The quadrature is tiny ops on 3 steps at a time, so it runs on one thread (`_one_thread`); its
+# values do not depend on that (tests/test_deis_tab.py checks 1 against 2 threads).
+_BLOCK_ELEMENTS = 32768
+
+
+@contextlib.contextmanager
+def _one_thread():
+    """torch's intra-op threads set to 1 for the block, then restored. (Another Python thread's
+    torch ops in the meantime also get one thread: slower, never different.)"""
+    saved = torch.get_num_threads()
+    if saved > 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if saved > 1:
+            torch.set_num_threads(saved)
+
+
+def _tab_block(taus, prev, dt, beta_0, beta_d, work):
+    """diff-sampler's rectangle rule for a block of steps of one order: taus [R, n_quad] the
+    quadrature points, prev [R, order] the nodes t_i, t_{i-1}, ..., dt [R] the point spacing,
+    work [order + 3, R', n_quad] scratch (R' >= R); weights [R, order]. Every element goes
+    through the operations of the per-step formula
+    alpha = exp(-beta_d tau^2 / 2 - beta_0 tau),
+    integrand = -(-beta_d tau - beta_0) / (2 sqrt(alpha (1 - alpha))),
+    weight_j = sum(integrand * prod_k (tau - t_k) / (t_j - t_k)) dt,
+    in the same order, so the weights are bitwise those of one step at a time (tested): -0.5
+    times a float is exact, so -0.5 tau^2 beta_d = tau^2 (-0.5 beta_d) bit for bit, and the
+    product starts from ones, 1 * v = v."""
+    order = prev.shape[1]
+    alpha, integrand, poly, *diffs = work[:, :len(taus)].unbind()
+    torch.mul(taus, taus, out=alpha).mul_(-0.5 * beta_d).sub_(torch.mul(taus, beta_0, out=poly))
+    alpha.exp_()
+    torch.mul(taus, -beta_d, out=integrand).sub_(beta_0).mul_(-0.5)
+    integrand.div_(torch.neg(alpha, out=poly).add_(1).mul_(alpha).sqrt_())
+    for k in range(order):
+        torch.sub(taus, prev[:, k, None], out=diffs[k])
+    weights = []
+    for j in range(order):
+        first = True
+        for k in range(order):
+            if k != j:
+                scale = (prev[:, j] - prev[:, k])[:, None]
+                if first:
+                    torch.div(diffs[k], scale, out=poly)
+                    first = False
+                else:
+                    poly.mul_(diffs[k]).div_(scale)
+        weights.append(poly.mul_(integrand).sum(dim=1) * dt)
+    return torch.stack(weights, dim=1)
+
+
 def tab_coefficients(sig: list[float], max_order: int, n_quad: int = 10000,
                      sigma_min: float = 0.002, sigma_max: float = 80.0, eps_s: float = 1e-3
                      ) -> list[list[float]]:
@@ -82,30 +139,33 @@ def tab_coefficients(sig: list[float], max_order: int, n_quad: int = 10000,
     extrapolated by the Lagrange polynomial in t and integrated against
     -d log(alpha)/dt / (2 sqrt(alpha (1 - alpha))) by diff-sampler's rectangle rule on n_quad
     points (its numbers, not an exact integral). Row i: weights of eps_i, eps_{i-1}, ...; empty
-    for a first-order (Euler in sigma) step."""
+    for a first-order (Euler in sigma) step. Computed a block of steps at a time (`_tab_block`,
+    bit for bit the per-step numbers; 1000 steps are 10^7 quadrature points)."""
     t = torch.tensor(sig, dtype=torch.float64)
     lo, hi = math.log(sigma_min**2 + 1), math.log(sigma_max**2 + 1)
     beta_d = 2 * (lo / eps_s - hi) / (eps_s - 1)
     beta_0 = hi - 0.5 * beta_d
     t = ((beta_0**2 + 2 * beta_d * (t**2 + 1).log()).sqrt() - beta_0) / beta_d
-    rows = []
-    for i in range(len(sig) - 1):
-        order = min(i + 1, max_order)
-        if order == 1:
-            rows.append([])
-            continue
-        taus = torch.linspace(float(t[i]), float(t[i + 1]), n_quad, dtype=torch.float64)
-        alpha = torch.exp(-0.5 * taus**2 * beta_d - taus * beta_0)
-        integrand = -0.5 * (-taus * beta_d - beta_0) / torch.sqrt(alpha * (1 - alpha))
-        prev = [float(t[i - k]) for k in range(order)]
-        row = []
-        for j in range(order):
-            poly = torch.ones_like(taus)
-            for k in range(order):
-                if k != j:
-                    poly = poly * (taus - prev[k]) / (prev[j] - prev[k])
-            row.append(float((integrand * poly).sum() * ((t[i + 1] - t[i]) / n_quad)))
-        rows.append(row)
+    t_host = t.tolist()
+    n = len(sig) - 1
+    rows: list[list[float]] = [[] for _ in range(n)]
+    block = max(1, _BLOCK_ELEMENTS // n_quad)
+    taus = torch.empty(block, n_quad, dtype=torch.float64)
+    work = torch.empty(max_order + 3, block, n_quad, dtype=torch.float64)
+    with _one_thread():
+        for order in range(2, max_order + 1):
+            steps = [i for i in range(n) if min(i + 1, max_order) == order]
+            for start in range(0, len(steps), block):
+                idx = steps[start:start + block]
+                for r, i in enumerate(idx):
+                    torch.linspace(t_host[i], t_host[i + 1], n_quad, dtype=torch.float64,
+                                   out=taus[r])
+                ii = torch.tensor(idx)
+                prev = torch.stack([t[ii - k] for k in range(order)], dim=1)
+                dt = (t[ii + 1] - t[ii]) / n_quad
+                weights = _tab_block(taus[:len(idx)], prev, dt, beta_0, beta_d, work)
+                for i, row in zip(idx, weights.tolist(), strict=True):
+                    rows[i] = row
     return rows
 
 
