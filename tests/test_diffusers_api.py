@@ -174,6 +174,38 @@ def test_loop_started_mid_schedule(name, start):
     assert rel_err(outs[1], outs[0]) <= RTOL
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_step_wrapped_on_the_instance(name):
+    """A user's wrapper put on the instance (`sched.step = logged(sched.step)`, before
+    set_timesteps) is called, and the loop is still fused and diffusers': the twin that is
+    traced runs diffusers' class's step, not the wrapper it copied (that recursed, or ran the
+    fused step on the trace's symbols)."""
+    ref, ours = both(name)
+    outs, calls = [], []
+    for s in (ref, ours):
+        torch.manual_seed(0)  # (DPMSolverSDE's Brownian seed)
+        real = s.step
+
+        def logged(*args, _real=real, **kwargs):
+            calls.append(1)
+            return _real(*args, **kwargs)
+
+        s.step = logged
+        s.set_timesteps(10)
+        x, kwargs = torch.randn(SHAPE, generator=torch.Generator().manual_seed(2)), step_kwargs(s)
+        step = Stepper(s)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message="fastdiff")  # nothing falls back
+            for t in loop_timesteps(s):
+                inp = s.scale_model_input(x, t) if hasattr(s, "scale_model_input") else x
+                x = step(fake_model(inp, t), t, x, **kwargs).prev_sample
+        outs.append(x)
+    assert len(calls) == 2 * len(loop_timesteps(ref))
+    plans = list(ours._fd_state().shared.plans.values())
+    assert plans and all(hasattr(p, "chunks") for p in plans)
+    assert rel_err(outs[1], outs[0]) <= RTOL
+
+
 def test_pndm_step_from_the_timestep_given():
     """The issue's minimal case: SD's PNDM config, one step at timesteps[4] (0.76 before)."""
     config = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,

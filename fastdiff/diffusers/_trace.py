@@ -278,11 +278,14 @@ def trace_step(tracer, timestep, kwargs: dict, tensor_args=None) -> StepPlan:
     reads: set = set()
     try:
         _record = [reads, set()]
+        # diffusers' class's step, never an instance attribute `step` copied from the caller
+        # (a user's wrapper around the fused step would run it on the symbols)
+        step = functools.partial(type(tracer).step, tracer)
         if tensor_args is not None:
             kwargs = dict(kwargs, model_output=model_output, timestep=timestep, sample=sample)
-            call = functools.partial(tracer.step, return_dict=True, **kwargs)
+            call = functools.partial(step, return_dict=True, **kwargs)
         else:
-            call = functools.partial(tracer.step, model_output, timestep, sample,
+            call = functools.partial(step, model_output, timestep, sample,
                                      return_dict=True, **kwargs)
         if clipping:
             with _Intercept(clip_symbol):
