@@ -134,35 +134,52 @@ def sample_dpmpp_sde(model, x, sigmas, extra_args=None, callback=None, disable=N
         return _dpmpp_sde_flow(model, x, sigmas, sig, extra_args, s_in, callback, disable, eta,
                                s_noise, noise_sampler, r, first_sigma)
     fac = 1 / (2 * r)  # Algorithm 1: D = (1 - 1/(2r)) D(x, t) + 1/(2r) D(u, s)
+    q = _sde_schedule(sigmas, r, eta)
     for i in trange(len(sig) - 1, disable=disable):
         denoised = model(x, sigmas[i] * s_in, **extra_args)
         _callback(callback, x, i, sigmas[i], denoised)
         if sig[i + 1] == 0:
             x = x + to_d(x, sigmas[i], denoised) * (sigmas[i + 1] - sigmas[i])
             continue
-        t, t_next = _t_fn(sigmas[i]), _t_fn(sigmas[i + 1])
-        h = t_next - t
-        s = t + h * r
-        # The sigmas below are exp(-(-log sigma)) as in k-diffusion: the Brownian tree is then
-        # queried at bit-identical times, so seeded runs match k-diffusion's.
-        sigma_t, sigma_s = _sigma_fn(t), _sigma_fn(s)
-
         # Sub-step 1: ancestral first-order step t -> s.
-        sd, su = get_ancestral_step(sigma_t, sigma_s, eta)
-        s_ = _t_fn(sd)
-        x_2 = (_sigma_fn(s_) / sigma_t) * x - (t - s_).expm1() * denoised
+        x_2 = q["scale_1"][i] * x - q["expm1_1"][i] * denoised
         if eta:
-            x_2 = x_2 + noise_sampler(sigma_t, sigma_s) * s_noise * su
-        denoised_2 = model(x_2, sigma_s * s_in, **extra_args)
+            x_2 = x_2 + noise_sampler(q["sigma_t"][i], q["sigma_s"][i]) * s_noise * q["up_1"][i]
+        denoised_2 = model(x_2, q["sigma_s"][i] * s_in, **extra_args)
 
         # Sub-step 2: ancestral step t -> t_next with the 2S combination of the two denoisings.
-        sd, su = get_ancestral_step(sigma_t, _sigma_fn(t_next), eta)
-        t_next_ = _t_fn(sd)
         denoised_d = (1 - fac) * denoised + fac * denoised_2
-        x = (_sigma_fn(t_next_) / sigma_t) * x - (t - t_next_).expm1() * denoised_d
+        x = q["scale_2"][i] * x - q["expm1_2"][i] * denoised_d
         if eta:
-            x = x + noise_sampler(sigma_t, _sigma_fn(t_next)) * s_noise * su
+            x = x + noise_sampler(q["sigma_t"][i], q["sigma_next"][i]) * s_noise * q["up_2"][i]
     return x
+
+
+def _sde_schedule(sigmas, r, eta):
+    """`sample_dpmpp_sde`'s per-step numbers for the whole schedule at once (k-diffusion
+    computes them per step on 0-d tensors; these vectorised ops give the same bits, tested):
+    lambda t = -log sigma, s = t + r h, the sigmas exp(-(-log sigma)) as in k-diffusion (the
+    Brownian tree is then queried at bit-identical times, so seeded runs match k-diffusion's),
+    and per sub-step the ancestral split's sigma_up and the weights of x and D. Row i is step i
+    (the entries of a step into sigma = 0 are not used)."""
+    t = _t_fn(sigmas[:-1])
+    t_next = _t_fn(sigmas[1:])
+    h = t_next - t
+    s = t + h * r
+    sigma_t, sigma_s, sigma_next = _sigma_fn(t), _sigma_fn(s), _sigma_fn(t_next)
+    sd, up_1 = get_ancestral_step(sigma_t, sigma_s, eta)
+    s_ = _t_fn(sd)
+    sd, up_2 = get_ancestral_step(sigma_t, sigma_next, eta)
+    t_next_ = _t_fn(sd)
+    return {"sigma_t": sigma_t, "sigma_s": sigma_s, "sigma_next": sigma_next,
+            "scale_1": (_sigma_fn(s_) / sigma_t).tolist(), "expm1_1": (t - s_).expm1().tolist(),
+            "up_1": _host(up_1), "scale_2": (_sigma_fn(t_next_) / sigma_t).tolist(),
+            "expm1_2": (t - t_next_).expm1().tolist(), "up_2": _host(up_2)}
+
+
+def _host(v):
+    """A per-step tensor as host floats (get_ancestral_step's 0.0 for eta = 0 stays a number)."""
+    return v.tolist() if isinstance(v, torch.Tensor) else v
 
 
 def _dpmpp_sde_flow(model, x, sigmas, sig, extra_args, s_in, callback, disable, eta, s_noise,
@@ -171,31 +188,47 @@ def _dpmpp_sde_flow(model, x, sigmas, sig, extra_args, s_in, callback, disable, 
     the ancestral split are exp(-lambda))."""
     sigmas, sig = offset_first_sigma(sigmas, sig, "flow", first_sigma)
     fac = 1 / (2 * r)
+    q = _sde_flow_schedule(sigmas, r, eta)
+    noisy = eta > 0 and s_noise > 0
     for i in trange(len(sig) - 1, disable=disable):
         denoised = model(x, sigmas[i] * s_in, **extra_args)
         _callback(callback, x, i, sigmas[i], denoised)
         if sig[i + 1] == 0:
             x = denoised
             continue
-        lam_s, lam_t = half_log_snr(sigmas[i], "flow"), half_log_snr(sigmas[i + 1], "flow")
-        h = lam_t - lam_s
-        lam_1 = lam_s + r * h
-        sigma_1 = half_log_snr_to_sigma(lam_1, "flow")
-        alpha_s, alpha_1 = sigmas[i] * lam_s.exp(), sigma_1 * lam_1.exp()
-        alpha_t = sigmas[i + 1] * lam_t.exp()
-        sd, su = get_ancestral_step(lam_s.neg().exp(), lam_1.neg().exp(), eta)
-        h_ = sd.log().neg() - lam_s
-        x_2 = (alpha_1 / alpha_s) * (-h_).exp() * x - alpha_1 * (-h_).expm1() * denoised
-        if eta > 0 and s_noise > 0:
-            x_2 = x_2 + alpha_1 * noise_sampler(sigmas[i], sigma_1) * s_noise * su
+        sigma_1 = q["sigma_1"][i]
+        x_2 = q["scale_1"][i] * x - q["weight_1"][i] * denoised
+        if noisy:
+            x_2 = x_2 + q["alpha_1"][i] * noise_sampler(sigmas[i], sigma_1) * s_noise \
+                * q["up_1"][i]
         denoised_2 = model(x_2, sigma_1 * s_in, **extra_args)
-        sd, su = get_ancestral_step(lam_s.neg().exp(), lam_t.neg().exp(), eta)
-        h_ = sd.log().neg() - lam_s
         denoised_d = (1 - fac) * denoised + fac * denoised_2
-        x = (alpha_t / alpha_s) * (-h_).exp() * x - alpha_t * (-h_).expm1() * denoised_d
-        if eta > 0 and s_noise > 0:
-            x = x + alpha_t * noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise * su
+        x = q["scale_2"][i] * x - q["weight_2"][i] * denoised_d
+        if noisy:
+            x = x + q["alpha_t"][i] * noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise \
+                * q["up_2"][i]
     return x
+
+
+def _sde_flow_schedule(sigmas, r, eta):
+    """`_dpmpp_sde_flow`'s per-step numbers for the whole schedule at once, bit for bit those of
+    ComfyUI's per-step 0-d arithmetic (tested) -- but the midpoint's sigmoid, whose vectorised
+    kernel rounds differently, which stays per step. Row i is step i."""
+    lam_s = half_log_snr(sigmas[:-1], "flow")
+    lam_t = half_log_snr(sigmas[1:], "flow")
+    h = lam_t - lam_s
+    lam_1 = lam_s + r * h
+    sigma_1 = torch.stack([half_log_snr_to_sigma(v, "flow") for v in lam_1.unbind()])
+    alpha_s, alpha_1 = sigmas[:-1] * lam_s.exp(), sigma_1 * lam_1.exp()
+    alpha_t = sigmas[1:] * lam_t.exp()
+    out = {"sigma_1": sigma_1, "alpha_1": alpha_1.tolist(), "alpha_t": alpha_t.tolist()}
+    for k, lam, alpha in ((1, lam_1, alpha_1), (2, lam_t, alpha_t)):
+        sd, su = get_ancestral_step(lam_s.neg().exp(), lam.neg().exp(), eta)
+        h_ = sd.log().neg() - lam_s
+        out[f"scale_{k}"] = ((alpha / alpha_s) * (-h_).exp()).tolist()
+        out[f"weight_{k}"] = (alpha * (-h_).expm1()).tolist()
+        out[f"up_{k}"] = _host(su)
+    return out
 
 
 @torch.no_grad()

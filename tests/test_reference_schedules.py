@@ -1,0 +1,98 @@
+"""Reference solvers compute their per-step host numbers for the whole schedule at once (issue
+14: at 1000 steps the per-step 0-d tensor arithmetic was half of a plan's build time). Plans and
+seeded samples must not change, so each vectorised table is checked here bit for bit against
+the per-step 0-d arithmetic it replaces (k-diffusion's / ComfyUI's, written out as they read),
+on several schedules and step counts up to 1000."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastdiff.reference.solvers import dpmpp_singlestep as single
+from fastdiff.reference.solvers._utils import get_ancestral_step, offset_first_sigma
+from fastdiff.spacings import get_sigmas_exponential, get_sigmas_karras
+
+STEPS = [10, 50, 1000]
+
+
+def ve_schedules(n):
+    return {"karras": get_sigmas_karras(n, 0.03, 14.6, dtype=torch.float64),
+            "exponential": get_sigmas_exponential(n, 0.0292, 80.0, dtype=torch.float64),
+            "karras wide, no final 0": get_sigmas_karras(n, 0.002, 80.0,
+                                                         dtype=torch.float64)[:-1]}
+
+
+def flow_schedules(n):
+    lin = torch.linspace(1, 0, n + 1, dtype=torch.float64)
+    first, _ = offset_first_sigma(lin, lin.tolist(), "flow", 1 - 1e-4)
+    return {"linear from 1 (moved)": first, "shift 3": (3 * lin / (1 + 2 * lin))[1:],
+            "0.9 to 0.05": lin[:-1] * 0.85 + 0.05}
+
+
+def bits(values):
+    """host floats -> their exact bits (NaN-safe equality)."""
+    return torch.tensor([float(v) for v in values], dtype=torch.float64).view(torch.int64)
+
+
+def assert_table(table, per_step, steps):
+    for key, values in per_step.items():
+        got = table[key]
+        got = [got[i] for i in steps] if not isinstance(got, float) else [got] * len(steps)
+        assert torch.equal(bits(got), bits(values)), key
+
+
+@pytest.mark.parametrize("n", STEPS)
+@pytest.mark.parametrize("schedule", ["karras", "exponential", "karras wide, no final 0"])
+@pytest.mark.parametrize("r,eta", [(0.5, 1.0), (0.3, 0.5), (0.5, 0.0)])
+def test_dpmpp_sde(n, schedule, r, eta):
+    sigmas = ve_schedules(n)[schedule]
+    steps = [i for i in range(len(sigmas) - 1) if sigmas[i + 1] > 0]
+    per_step = {k: [] for k in ("sigma_t", "sigma_s", "sigma_next", "scale_1", "expm1_1",
+                                "up_1", "scale_2", "expm1_2", "up_2")}
+    for i in steps:  # k-diffusion's sample_dpmpp_sde
+        t, t_next = sigmas[i].log().neg(), sigmas[i + 1].log().neg()
+        h = t_next - t
+        s = t + h * r
+        sigma_t, sigma_s = t.neg().exp(), s.neg().exp()
+        sd, su = get_ancestral_step(sigma_t, sigma_s, eta)
+        s_ = sd.log().neg()
+        per_step["scale_1"].append(s_.neg().exp() / sigma_t)
+        per_step["expm1_1"].append((t - s_).expm1())
+        per_step["up_1"].append(su)
+        sd, su = get_ancestral_step(sigma_t, t_next.neg().exp(), eta)
+        t_next_ = sd.log().neg()
+        per_step["scale_2"].append(t_next_.neg().exp() / sigma_t)
+        per_step["expm1_2"].append((t - t_next_).expm1())
+        per_step["up_2"].append(su)
+        per_step["sigma_t"].append(sigma_t)
+        per_step["sigma_s"].append(sigma_s)
+        per_step["sigma_next"].append(t_next.neg().exp())
+    assert_table(single._sde_schedule(sigmas, r, eta), per_step, steps)
+
+
+@pytest.mark.parametrize("n", STEPS)
+@pytest.mark.parametrize("schedule", ["linear from 1 (moved)", "shift 3", "0.9 to 0.05"])
+@pytest.mark.parametrize("r,eta", [(0.5, 1.0), (0.3, 0.5), (0.5, 0.0)])
+def test_dpmpp_sde_flow(n, schedule, r, eta):
+    sigmas = flow_schedules(n)[schedule]
+    steps = [i for i in range(len(sigmas) - 1) if sigmas[i + 1] > 0]
+    per_step = {k: [] for k in ("sigma_1", "alpha_1", "alpha_t", "scale_1", "weight_1", "up_1",
+                                "scale_2", "weight_2", "up_2")}
+    for i in steps:  # ComfyUI's sample_dpmpp_sde, CONST branch
+        lam_s, lam_t = sigmas[i].logit().neg(), sigmas[i + 1].logit().neg()
+        h = lam_t - lam_s
+        lam_1 = lam_s + r * h
+        sigma_1 = lam_1.neg().sigmoid()
+        alpha_s, alpha_1 = sigmas[i] * lam_s.exp(), sigma_1 * lam_1.exp()
+        alpha_t = sigmas[i + 1] * lam_t.exp()
+        for k, lam, alpha in ((1, lam_1, alpha_1), (2, lam_t, alpha_t)):
+            sd, su = get_ancestral_step(lam_s.neg().exp(), lam.neg().exp(), eta)
+            h_ = sd.log().neg() - lam_s
+            per_step[f"scale_{k}"].append((alpha / alpha_s) * (-h_).exp())
+            per_step[f"weight_{k}"].append(alpha * (-h_).expm1())
+            per_step[f"up_{k}"].append(su)
+        per_step["sigma_1"].append(sigma_1)
+        per_step["alpha_1"].append(alpha_1)
+        per_step["alpha_t"].append(alpha_t)
+    assert_table(single._sde_flow_schedule(sigmas, r, eta), per_step, steps)
