@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fastdiff.reference.solvers import dpmpp_multistep as multi
 from fastdiff.reference.solvers import dpmpp_singlestep as single
 from fastdiff.reference.solvers._utils import get_ancestral_step, offset_first_sigma
 from fastdiff.spacings import get_sigmas_exponential, get_sigmas_karras
@@ -96,3 +97,37 @@ def test_dpmpp_sde_flow(n, schedule, r, eta):
         per_step["alpha_1"].append(alpha_1)
         per_step["alpha_t"].append(alpha_t)
     assert_table(single._sde_flow_schedule(sigmas, r, eta), per_step, steps)
+
+
+@pytest.mark.parametrize("n", STEPS)
+@pytest.mark.parametrize("kind,schedule", [("ve", "karras"), ("ve", "exponential"),
+                                           ("ve", "karras wide, no final 0"),
+                                           ("flow", "linear from 1 (moved)"), ("flow", "shift 3"),
+                                           ("flow", "0.9 to 0.05")])
+@pytest.mark.parametrize("eta", [1.0, 0.5, 0.0])
+def test_dpmpp_3m_sde(n, kind, schedule, eta):
+    sigmas = (ve_schedules if kind == "ve" else flow_schedules)(n)[schedule]
+    steps = [i for i in range(len(sigmas) - 1) if sigmas[i + 1] > 0]
+    per_step = {k: [] for k in ("decay", "w_0", "w_phi_2", "w_phi_3", "r0", "r1", "noise")}
+    h_1 = h_2 = None
+    for i in steps:  # k-diffusion's / ComfyUI's sample_dpmpp_3m_sde
+        lam = (lambda v: v.log().neg()) if kind == "ve" else (lambda v: v.logit().neg())
+        t, s = lam(sigmas[i]), lam(sigmas[i + 1])
+        h = s - t
+        h_eta = h * (eta + 1)
+        if kind == "ve":
+            alpha_t, decay = 1.0, torch.exp(-h_eta)
+        else:
+            alpha_t = sigmas[i + 1] * s.exp()
+            decay = sigmas[i + 1] / sigmas[i] * (-h * eta).exp()
+        phi_2 = h_eta.neg().expm1() / h_eta + 1
+        phi_3 = phi_2 / h_eta - 0.5
+        per_step["decay"].append(decay)
+        per_step["w_0"].append(alpha_t * (-h_eta).expm1().neg())
+        per_step["w_phi_2"].append(alpha_t * phi_2)
+        per_step["w_phi_3"].append(alpha_t * phi_3)
+        per_step["r0"].append(h_1 / h if h_1 is not None else float("nan"))
+        per_step["r1"].append(h_2 / h if h_2 is not None else float("nan"))
+        per_step["noise"].append((-2 * h * eta).expm1().neg().sqrt())
+        h_1, h_2 = h, h_1
+    assert_table(multi._3m_sde_schedule(sigmas, eta, kind), per_step, steps)

@@ -134,43 +134,54 @@ def sample_dpmpp_3m_sde(model, x, sigmas, extra_args=None, callback=None, disabl
     sig, extra_args, s_in = _setup(x, sigmas, extra_args)
     noise_sampler = _brownian_sampler(x, sigmas, eta, noise_sampler)
     sigmas, sig = offset_first_sigma(sigmas, sig, check_model_kind(model_kind), first_sigma)
+    q = _3m_sde_schedule(sigmas, eta, model_kind)
     denoised_1, denoised_2 = None, None
-    h_1, h_2 = None, None
     for i in trange(len(sig) - 1, disable=disable):
         denoised = model(x, sigmas[i] * s_in, **extra_args)
         _callback(callback, x, i, sigmas[i], denoised)
         if sig[i + 1] == 0:
             x = denoised  # denoising step
         else:
-            t, s = half_log_snr(sigmas[i], model_kind), half_log_snr(sigmas[i + 1], model_kind)
-            h = s - t
-            h_eta = h * (eta + 1)
-            if model_kind == "ve":
-                alpha_t, decay = 1.0, torch.exp(-h_eta)
-            else:  # flow (ComfyUI's CONST): alpha = 1 - s, and s_t / s_s replaces e^-h
-                alpha_t = sigmas[i + 1] * s.exp()
-                decay = sigmas[i + 1] / sigmas[i] * (-h * eta).exp()
-            x = decay * x + alpha_t * (-h_eta).expm1().neg() * denoised
-            if h_2 is not None:
-                r0, r1 = h_1 / h, h_2 / h
+            x = q["decay"][i] * x + q["w_0"][i] * denoised
+            if denoised_2 is not None:
+                r0, r1 = q["r0"][i], q["r1"][i]
                 d1_0 = (denoised - denoised_1) / r0
                 d1_1 = (denoised_1 - denoised_2) / r1
                 d1 = d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1)
                 d2 = (d1_0 - d1_1) / (r0 + r1)
-                phi_2 = h_eta.neg().expm1() / h_eta + 1
-                phi_3 = phi_2 / h_eta - 0.5
-                x = x + (alpha_t * phi_2) * d1 - (alpha_t * phi_3) * d2
-            elif h_1 is not None:
-                r = h_1 / h
-                d = (denoised - denoised_1) / r
-                phi_2 = h_eta.neg().expm1() / h_eta + 1
-                x = x + (alpha_t * phi_2) * d
+                x = x + q["w_phi_2"][i] * d1 - q["w_phi_3"][i] * d2
+            elif denoised_1 is not None:
+                d = (denoised - denoised_1) / q["r0"][i]
+                x = x + q["w_phi_2"][i] * d
             if eta:
                 x = x + noise_sampler(sigmas[i], sigmas[i + 1]) * sigmas[i + 1] \
-                    * (-2 * h * eta).expm1().neg().sqrt() * s_noise
-            h_1, h_2 = h, h_1
+                    * q["noise"][i] * s_noise
         denoised_1, denoised_2 = denoised, denoised_1
     return x
+
+
+def _3m_sde_schedule(sigmas, eta, model_kind):
+    """`sample_dpmpp_3m_sde`'s per-step numbers for the whole schedule at once, bit for bit
+    k-diffusion's / ComfyUI's per-step 0-d arithmetic (tested): with lambda t -> s over step i,
+    h = s - t, H = (1 + eta) h, the weights of x (decay) and D (w_0 = alpha_t (1 - e^-H)),
+    alpha_t phi_2, alpha_t phi_3, the step ratios r0 = h_{i-1} / h_i, r1 = h_{i-2} / h_i (NaN
+    where they do not exist) and the noise factor sqrt(1 - e^(-2 eta h)). Row i is step i."""
+    t, s = half_log_snr(sigmas[:-1], model_kind), half_log_snr(sigmas[1:], model_kind)
+    h = s - t
+    h_eta = h * (eta + 1)
+    if model_kind == "ve":
+        alpha_t, decay = 1.0, torch.exp(-h_eta)
+    else:  # flow (ComfyUI's CONST): alpha = 1 - s, and s_t / s_s replaces e^-h
+        alpha_t = sigmas[1:] * s.exp()
+        decay = sigmas[1:] / sigmas[:-1] * (-h * eta).exp()
+    phi_2 = h_eta.neg().expm1() / h_eta + 1
+    phi_3 = phi_2 / h_eta - 0.5
+    nan = h.new_full([2], math.nan)
+    return {"decay": decay.tolist(), "w_0": (alpha_t * (-h_eta).expm1().neg()).tolist(),
+            "w_phi_2": (alpha_t * phi_2).tolist(), "w_phi_3": (alpha_t * phi_3).tolist(),
+            "r0": (torch.cat([nan[:1], h[:-1]]) / h).tolist(),
+            "r1": (torch.cat([nan, h[:-2]]) / h).tolist(),
+            "noise": (-2 * h * eta).expm1().neg().sqrt().tolist()}
 
 
 def _multistep_order(i, n, max_order, lower_order_final, euler_at_final):
