@@ -132,3 +132,9 @@ def test_bad_options_are_clear_errors():
         SOLVERS["seeds_2"].fn(point_mass, x, sigmas, disable=True, solver_type="phi_3")
     with pytest.raises(ValueError, match="flow times"):
         SOLVERS["seeds_3_flow"].fn(point_mass, x, sigmas * 2, disable=True, model_kind="flow")
+    # s = 1 is moved to first_sigma = 1 - 1e-4, which must still lie above the next time
+    close = torch.tensor([1.0, 0.99995, 0.5, 0.0], dtype=torch.float64)
+    with pytest.raises(ValueError, match="strictly decreasing"):
+        SOLVERS["seeds_3_flow"].fn(point_mass, x, close, disable=True, model_kind="flow")
+    with pytest.raises(ValueError, match="eta"):
+        SOLVERS["seeds_3"].fn(point_mass, x, sigmas, disable=True, eta=-0.5)

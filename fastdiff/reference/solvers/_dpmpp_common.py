@@ -25,12 +25,18 @@ def _t_fn(sigma):
 
 
 def _setup(x, sigmas, extra_args):
+    """Checked inputs of the exponential-integrator samplers here and in `sde`: host sigmas
+    (strictly decreasing, so every lambda step h > 0), extra_args and s_in."""
     validate_x(x)
     sig = validate_sigmas(sigmas)
-    if any(sig[k + 1] >= sig[k] for k in range(len(sig) - 1)):
-        raise ValueError("sigmas: expected a strictly decreasing schedule (lambda steps h > 0)")
+    _check_decreasing(sig)
     extra_args = {} if extra_args is None else extra_args
     return sig, extra_args, x.new_ones([x.shape[0]])
+
+
+def _check_decreasing(sig):
+    if any(sig[k + 1] >= sig[k] for k in range(len(sig) - 1)):
+        raise ValueError("sigmas: expected a strictly decreasing schedule (lambda steps h > 0)")
 
 
 def _check_eta(eta):

@@ -21,13 +21,12 @@ import math
 import torch
 from tqdm.auto import trange
 
+from . import _dpmpp_common
 from ._utils import (
     SolverInfo,
     check_model_kind,
     default_noise_sampler,
     offset_first_sigma,
-    validate_sigmas,
-    validate_x,
 )
 from .exponential import sample_seeds_2
 
@@ -52,18 +51,16 @@ def sigma_of_half_log_snr(lam: float, model_kind: str) -> float:
 
 
 def _setup(x, sigmas, extra_args, model_kind, first_sigma):
-    """Host sigmas (a first flow time >= 1 moved, as ComfyUI), the sigmas tensor the model is
-    called with, extra_args and s_in."""
-    validate_x(x)
-    sig = validate_sigmas(sigmas)
+    """`_dpmpp_common._setup`'s checked inputs with a first flow time >= 1 moved (as ComfyUI);
+    also the sigmas tensor the model is called with."""
+    sig, extra_args, s_in = _dpmpp_common._setup(x, sigmas, extra_args)
     check_model_kind(model_kind)
     if model_kind == "flow" and sig[0] > 1:
         raise ValueError(f"sigmas: flow times must lie in [0, 1], got first value {sig[0]}")
-    sigmas, sig = offset_first_sigma(sigmas, sig, model_kind, first_sigma)
-    if any(sig[k + 1] >= sig[k] for k in range(len(sig) - 1)):
-        raise ValueError("sigmas: expected a strictly decreasing schedule (lambda steps h > 0)")
-    extra_args = {} if extra_args is None else extra_args
-    return sig, sigmas, extra_args, x.new_ones([x.shape[0]])
+    sigmas, moved = offset_first_sigma(sigmas, sig, model_kind, first_sigma)
+    if moved is not sig:
+        _dpmpp_common._check_decreasing(moved)  # the moved time must stay above the next one
+    return moved, sigmas, extra_args, s_in
 
 
 def _callback(callback, x, i, sigma, denoised):
@@ -232,8 +229,7 @@ def sample_seeds_3(model, x, sigmas, extra_args=None, callback=None, disable=Non
     """
     if not 0 < r_1 < r_2 < 1:
         raise ValueError(f"r_1, r_2: expected 0 < r_1 < r_2 < 1, got r_1={r_1}, r_2={r_2}")
-    if eta < 0:
-        raise ValueError(f"eta: expected a value >= 0, got {eta}")
+    _dpmpp_common._check_eta(eta)
     sig, sigmas, extra_args, s_in = _setup(x, sigmas, extra_args, model_kind, first_sigma)
     noise_sampler = default_noise_sampler(x) if noise_sampler is None else noise_sampler
     inject = eta > 0 and s_noise > 0
