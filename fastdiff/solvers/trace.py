@@ -136,7 +136,6 @@ class _Tracer:
         self.trace = trace
         self.epoch = 0  # eliminations so far; a form records the epoch it is reduced to
         self.pivots: tuple[dict, dict] = ({}, {})  # eliminated register -> its expression
-        self.state: set[int] = set()  # registers that are solver state (x_T, F_k)
         self.alive = [True, True]  # per representation: can it still give a plan?
         self.prune = prune  # drop a representation dominated by the other (see settle)
         self.dominated = [False, False]
@@ -147,15 +146,13 @@ class _Tracer:
         self.trace.registers.append((kind, index))
         return len(self.trace.registers) - 1
 
-    def symbol(self, kind: str, index: int, state: bool = False) -> Form:
+    def symbol(self, kind: str, index: int) -> Form:
         i = self.register(kind, index)
-        if state:
-            self.state.add(i)
         return _form(self, self.pair({i: 1.0}, {i: 1.0}), self.epoch)
 
     def initial(self) -> Form:
         """x_T, as a tensor (the reference checks it is one)."""
-        return _tensor_form(self, self.symbol("x", 0, state=True).t, self.epoch)
+        return _tensor_form(self, self.symbol("x", 0).t, self.epoch)
 
     def pair(self, d: dict, e: dict) -> list:
         return [d if self.alive[0] else {}, e if self.alive[1] else {}]
@@ -175,24 +172,27 @@ class _Tracer:
         f.t = [self.reduced(t[0], 0) if alive[0] else {}, self.reduced(t[1], 1) if alive[1] else {}]
         f.epoch = self.epoch
 
-    def settle(self, forms: list, k: int) -> None:
+    def settle(self, forms: list, k: int) -> list:
         """Checks that the stage after call k can read `forms` (one per representation). A
         representation whose form cannot be read, or is too wide for one launch, can give no
         plan of its history kind and is no longer traced; so is one whose form is wider than
         every form of the other so far by DOMINATED terms (the Sampler keeps the narrower plan)
-        -- unless the other then fails, which restarts the trace without that shortcut."""
-        regs, widths = self.trace.registers, [None, None]
-        for r in range(2):
-            if not self.alive[r]:
+        -- unless the other then fails, which restarts the trace without that shortcut.
+        Returns per representation the form's state terms (x_T, F: what a model call on it
+        eliminates one of), None for one no longer traced."""
+        regs, widths, states = self.trace.registers, [None, None], [None, None]
+        alive = self.alive
+        for r in (0, 1):
+            if not alive[r]:
                 continue
             v, hist = forms[r], REPS[r]
             cut = TOL * (max(map(abs, v.values()), default=0.0) + 1.0)
-            width, ok = 0, True
+            width, ok, state = 0, True, []
             for i, c in v.items():  # readable() and the width, inlined (once per model call)
-                if -cut <= c <= cut:
-                    continue
                 kind, m = regs[i]
-                if kind == "z":
+                if kind == "F" or kind == "x":
+                    state.append((i, c))
+                if -cut <= c <= cut or kind == "z":
                     continue
                 width += 1
                 if kind == "F":
@@ -204,20 +204,26 @@ class _Tracer:
                 if not ok:
                     break
             if ok and width <= MAX_TERMS:
-                widths[r] = width
+                widths[r], states[r] = width, state
                 continue
-            self.alive[r] = False
+            alive[r] = False
             self.trace.dead[r] = k
             if self.dominated[1 - r]:
                 raise _Retrace
-        if self.prune and None not in widths:
-            for r in range(2):
-                self.widest[r] = max(self.widest[r], widths[r])
-            for r in range(2):
-                if widths[r] > self.widest[1 - r] + DOMINATED:
-                    self.alive[r], self.dominated[r] = False, True
+        w0, w1 = widths
+        if self.prune and w0 is not None and w1 is not None:
+            widest = self.widest
+            if w0 > widest[0]:
+                widest[0] = w0
+            if w1 > widest[1]:
+                widest[1] = w1
+            for r, w in ((0, w0), (1, w1)):
+                if w > widest[1 - r] + DOMINATED:
+                    alive[r], self.dominated[r] = False, True
                     self.trace.dead[r] = k
+                    states[r] = None
                     break
+        return states
 
     def reduced(self, terms: dict, r: int) -> dict:
         pivots = self.pivots[r]
@@ -244,28 +250,23 @@ class _Tracer:
         f = len(regs)
         d, e = f + 1, f + 2
         regs += (("F", k), ("D", k), ("E", k))
-        states = self.state
-        states.add(f)
         trace.f_ids.append(f)
         trace.outputs.append(d)
         trace.e_ids.append(e)
         trace.u_ids.append(None)
         trace.v_ids.append(None)
-        self.settle(t, k - 1)
-        for r in range(2):
+        states = self.settle(t, k - 1)
+        for r in (0, 1):
             v = t[r]
             trace.inputs[r].append(v)
-            if not self.alive[r]:
-                trace.pivots[r].append(None)
-                continue
-            state = [(i, c) for i, c in v.items() if i in states]
+            state = states[r]
             pivot = None
             if state:
                 if len(state) == 1:
                     p, cp = state[0]
                 else:
-                    cut = _PIVOT * max(abs(c) for _, c in state)
-                    p, cp = min((i, c) for i, c in state if abs(c) >= cut)
+                    cut = _PIVOT * max([abs(c) for _, c in state])
+                    p, cp = min([(i, c) for i, c in state if abs(c) >= cut])
                 # p = (F_k - sum_{i != p} v_i i) / v_p
                 inv = -1.0 / cp
                 expr = {i: c * inv for i, c in v.items() if i != p}
