@@ -15,8 +15,10 @@ The second table is schedule x NFE for euler and dpmpp_2m: ComfyUI's schedulers
 them (`NODE_SCHEDULES`): Align Your Steps (its SD1.5 table) and GITS (coeff 1.2, SD1.5) start
 at sigma 14.6, below this model's sigma_max 157 (their published tables, log-linearly
 interpolated to other step counts as ComfyUI does); laplace (mu 0, beta 0.5) gets the
-model's range, vp (the continuous VP SDE) its own defaults. OptimalSteps (flow-model tables)
-and sd_turbo (a distilled model's timesteps, <= 10 steps) are left out.
+model's range, vp (the continuous VP SDE) its own defaults; OptimalSteps' FLUX table (flow
+times in [0, 1]: ComfyUI's node does not rescale them, so on this model sampling starts at
+sigma 1) and sd_turbo (timesteps 999, 899, ... read through the model's table; at most 10
+steps, n/a above) as the nodes give them.
 
     python benchmarks/quality.py --only schedules --samples-per-class 30
     python benchmarks/quality.py --quick     # CI: euler and dpmpp_2m, NFE 5, 3 schedules
@@ -40,8 +42,13 @@ SOLVERS = ["euler", "heun", "dpm_2", "ddim", "lms", "ipndm", "deis_3", "dpmpp_2m
 # issue 16's samplers (ComfyUI's): ODE ones, then stochastic ones
 NEW_SOLVERS = ["ipndm_v", "res_multistep", "gradient_estimation", "exp_heun_2_x0", "heunpp2",
                "sa_solver eta=0", "seeds_2", "er_sde", "res_multistep_ancestral", "sa_solver",
-               "sa_solver comfyui-tau"]
-SOLVERS += NEW_SOLVERS
+               "sa_solver comfyui-tau", "seeds_3", "sa_solver_pece"]
+# CFG++ (the renoising with the unconditional prediction): the table's guidance scale too,
+# above the [0, 1] that CFG++ is meant for (README)
+CFG_PP_SOLVERS = ["euler_cfg_pp", "euler_ancestral_cfg_pp", "dpmpp_2m_cfg_pp",
+                  "dpmpp_2s_ancestral_cfg_pp", "res_multistep_cfg_pp",
+                  "res_multistep_ancestral_cfg_pp", "gradient_estimation_cfg_pp"]
+SOLVERS += NEW_SOLVERS + CFG_PP_SOLVERS
 
 
 def _comfyui_tau(model) -> dict:
@@ -74,10 +81,12 @@ def _node_schedules() -> dict:
         "gits_1.2": lambda ms, n: c.gits_scheduler(1.20, n),
         "laplace": lambda ms, n: c.laplace_scheduler(n + 1, ms.sigma_max, ms.sigma_min),
         "vp": lambda ms, n: c.vp_scheduler(n),
+        "optimal_steps_flux": lambda ms, n: c.optimal_steps_scheduler("FLUX", n),
+        "sd_turbo": lambda ms, n: c.sd_turbo_scheduler(ms, n) if n <= 10 else None,
     }
 
 
-NODE_SCHEDULES = ["ays_sd1", "gits_1.2", "laplace", "vp"]
+NODE_SCHEDULES = ["ays_sd1", "gits_1.2", "laplace", "vp", "optimal_steps_flux", "sd_turbo"]
 SCHEDULE_NFES = [5, 10, 20]
 
 
@@ -141,6 +150,10 @@ def evaluate_schedules(solvers, schedules, nfes, samples_per_class: int, guidanc
                 n = max(nfe // per_step, 1)
                 sigmas = nodes[schedule](model.schedule, n) if schedule in nodes else \
                     calculate_sigmas(model.schedule, schedule, n)
+                if sigmas is None:  # the node has no schedule of this length (sd_turbo)
+                    rows.append(dict(solver=f"{solver} / {schedule}", nfe=nfe, steps=0,
+                                     fd=math.nan, accuracy=math.nan))
+                    continue
                 steps = len(sigmas) - 1
                 start = time.perf_counter()
                 x = sample_digits(model, labels, solver=solver, guidance=guidance, seed=seed,
