@@ -29,6 +29,7 @@ from fastdiff.ops import unavailable_reason
 from fastdiff.reference.solvers import SOLVERS
 from fastdiff.reference.solvers._utils import default_noise_sampler
 from fastdiff.reference.solvers.sa_solver import (
+    _moments,
     sa_weights,
     sample_sa_solver,
     sample_sa_solver_pece,
@@ -90,6 +91,43 @@ def test_weights_equal_quadrature_of_the_lagrange_basis(shape, tau, h):
     scale = max(map(abs, want))
     assert max(abs(a - b) for a, b in zip(got, want)) <= 1e-11 * scale, (got, want)
     assert sum(got) == pytest.approx(-math.expm1(-(1 + tau * tau) * h), rel=1e-12)
+
+
+def _schoolbook_weights(nodes, lam_s, lam_t, tau):
+    """sa_weights with the general polynomial product (out[i + j] += a_i b_j): the numbers the
+    plans were built from before the product was specialised to linear factors (issue 14)."""
+    h = lam_t - lam_s
+    u = [(lam_t - lam) / h for lam in nodes]
+    moments = _moments((1.0 + tau * tau) * h, len(u))
+    weights = []
+    for j, uj in enumerate(u):
+        basis = [1.0]
+        for m, um in enumerate(u):
+            if m != j:
+                factor = [-um / (uj - um), 1.0 / (uj - um)]
+                out = [0.0] * (len(basis) + 1)
+                for i, a in enumerate(basis):
+                    for k, b in enumerate(factor):
+                        out[i + k] += a * b
+                basis = out
+        weights.append(sum(b * mp for b, mp in zip(basis, moments)))
+    return weights
+
+
+def test_weights_are_bitwise_the_general_polynomial_product():
+    rng = np.random.default_rng(0)
+    for _ in range(2000):
+        k = int(rng.integers(1, 7))
+        lam_s, h = float(rng.uniform(-5, 5)), float(10 ** rng.uniform(-4, 1))
+        lam_t = lam_s + h
+        nodes = [lam_s - h * (j + float(rng.uniform(0, 0.5))) for j in range(k - 1, -1, -1)]
+        if rng.random() < 0.5:  # a corrector: lambda_t is a node (u = 0, zero coefficients)
+            nodes[-1] = lam_t
+        tau = float(rng.choice([0.0, 1.0, rng.random()]))
+        got, want = sa_weights(nodes, lam_s, lam_t, tau), _schoolbook_weights(nodes, lam_s,
+                                                                             lam_t, tau)
+        assert [math.copysign(1, w) for w in got] == [math.copysign(1, w) for w in want]
+        assert got == want
 
 
 # --- ODE orders ---------------------------------------------------------------------------------

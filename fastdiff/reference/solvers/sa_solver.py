@@ -63,11 +63,14 @@ def _moments(x_h: float, order: int) -> list[float]:
     return out
 
 
-def _poly_mul(a: list[float], b: list[float]) -> list[float]:
-    out = [0.0] * (len(a) + len(b) - 1)
-    for i, u in enumerate(a):
-        for j, v in enumerate(b):
-            out[i + j] += u * v
+def _times_linear(a: list[float], c0: float, c1: float) -> list[float]:
+    """Monomial coefficients (lowest first) of a(u) (c0 + c1 u): the schoolbook product, each
+    coefficient summed from 0.0 in the order i + j = k with i ascending (so the signs of zero
+    coefficients too are those of the general product)."""
+    out = [0.0 + a[0] * c0]
+    for k in range(1, len(a)):
+        out.append((0.0 + a[k - 1] * c1) + a[k] * c0)
+    out.append(0.0 + a[-1] * c1)
     return out
 
 
@@ -86,8 +89,9 @@ def sa_weights(nodes: list[float], lam_s: float, lam_t: float, tau: float) -> li
         basis = [1.0]  # monomial coefficients of L_j(u), lowest first
         for m, um in enumerate(u):
             if m != j:
-                basis = _poly_mul(basis, [-um / (uj - um), 1.0 / (uj - um)])
-        weights.append(sum(b * mp for b, mp in zip(basis, moments)))
+                d = uj - um
+                basis = _times_linear(basis, -um / d, 1.0 / d)
+        weights.append(sum([b * mp for b, mp in zip(basis, moments, strict=True)]))
     return weights
 
 
