@@ -130,7 +130,7 @@ def lower(plan: Plan | PlanBuilder, sc: Scalings, in_kernel_noise: bool = False,
         else:  # (a stage's first combination holds most of its inputs)
             refs = tuple(dict.fromkeys(chain.from_iterable(combos)) if len(combos) > 1
                          else combos[0])
-        noise = tuple(r for r in refs if r.kind == "z") if in_kernel_noise else ()
+        noise = tuple([r for r in refs if r[0] == "z"]) if in_kernel_noise else ()
         tensors = tuple(r for r in refs if r not in noise) if noise else refs
         if len(tensors) > MAX_INPUTS and not clipped:
             combos = split(combos, tensors, call)
@@ -144,8 +144,8 @@ def lower(plan: Plan | PlanBuilder, sc: Scalings, in_kernel_noise: bool = False,
             raise NotNarrower
         arity = (len(outputs), len(tensors) + len(noise), clipped)
         table = rows.setdefault(arity, [])
-        launches.append(Launch(tensors, outputs, len(table), call, tuple(r.index for r in noise),
-                               clipped))
+        launches.append(Launch(tensors, outputs, len(table), call,
+                               tuple([r[1] for r in noise]) if noise else (), clipped))
         columns = tensors + noise + ((Ref("y", call),) if clipped else ())
         table.append([[combo.get(r, 0.0) for r in columns] for combo in combos])
 

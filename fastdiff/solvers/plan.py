@@ -185,7 +185,7 @@ def _register_tables(trace: Trace) -> tuple[dict, list, list]:
     tables = getattr(trace, "_register_tables", None)
     if tables is None or len(tables[1]) != len(trace.registers):
         f_call = {f: k for k, f in enumerate(trace.f_ids)}
-        refs = [Ref(kind, m) for kind, m in trace.registers]
+        refs = list(map(Ref._make, trace.registers))
         order = [(_ORDER[kind], -m if kind == "F" else m) for kind, m in trace.registers]
         tables = trace._register_tables = (f_call, refs, order)
     return tables
@@ -236,12 +236,12 @@ class PlanBuilder:
                 raise RuntimeError(f"{self.solver}: no exact stage after call {k} within the"
                                    f" register windows (F: {F_WINDOW}, history: {H_WINDOW})")
             compiled.append(Stage(k, self.trace.sigmas[k], "out" if last else "F", terms))
-            for r, _ in terms:
-                if r.index != k:
-                    if r.kind == kind:
-                        self.history.add(r.index)
-                    elif r.kind in ("U", "V"):
-                        self.uncond_history.add(r.index)
+            for (rk, m), _ in terms:
+                if m != k:
+                    if rk == kind:
+                        self.history.add(m)
+                    elif rk == "U" or rk == "V":
+                        self.uncond_history.add(m)
 
     @property
     def stages(self):
