@@ -131,3 +131,63 @@ def test_dpmpp_3m_sde(n, kind, schedule, eta):
         per_step["noise"].append((-2 * h * eta).expm1().neg().sqrt())
         h_1, h_2 = h, h_1
     assert_table(multi._3m_sde_schedule(sigmas, eta, kind), per_step, steps)
+
+
+@pytest.mark.parametrize("n", STEPS)
+@pytest.mark.parametrize("schedule", ["karras", "exponential", "karras wide, no final 0"])
+@pytest.mark.parametrize("eta", [1.0, 0.5, 0.0])
+def test_dpmpp_2s_ancestral(n, schedule, eta):
+    sigmas = ve_schedules(n)[schedule]
+    per_step = {k: [] for k in ("dt", "sigma_s", "scale_1", "w_1", "scale_2", "w_2", "up")}
+    steps = []
+    for i in range(len(sigmas) - 1):  # k-diffusion's sample_dpmpp_2s_ancestral
+        sigma_down, sigma_up = get_ancestral_step(sigmas[i], sigmas[i + 1], eta=eta)
+        per_step["dt"].append(sigma_down - sigmas[i])
+        per_step["up"].append(sigma_up)
+        if sigma_down == 0:
+            for k in ("sigma_s", "scale_1", "w_1", "scale_2", "w_2"):
+                per_step[k].append(float("nan"))  # not compared: Euler's step
+            continue
+        steps.append(i)
+        t, t_next = sigmas[i].log().neg(), sigma_down.log().neg()
+        h = t_next - t
+        s = t + h / 2
+        per_step["sigma_s"].append(s.neg().exp())
+        per_step["scale_1"].append(s.neg().exp() / t.neg().exp())
+        per_step["w_1"].append((-h / 2).expm1())
+        per_step["scale_2"].append(t_next.neg().exp() / t.neg().exp())
+        per_step["w_2"].append((-h).expm1())
+    table = single._2s_ancestral_schedule(sigmas, eta)
+    everywhere = list(range(len(sigmas) - 1))
+    assert_table({k: table[k] for k in ("dt", "up")},
+                 {k: per_step[k] for k in ("dt", "up")}, everywhere)
+    assert_table({k: table[k] for k in ("sigma_s", "scale_1", "w_1", "scale_2", "w_2")},
+                 {k: [per_step[k][i] for i in steps]
+                  for k in ("sigma_s", "scale_1", "w_1", "scale_2", "w_2")}, steps)
+
+
+@pytest.mark.parametrize("n", STEPS)
+@pytest.mark.parametrize("schedule", ["linear from 1 (moved)", "shift 3", "0.9 to 0.05"])
+@pytest.mark.parametrize("eta", [1.0, 0.5, 0.0])
+def test_dpmpp_2s_ancestral_rf(n, schedule, eta):
+    sigmas = flow_schedules(n)[schedule]
+    if schedule == "linear from 1 (moved)":  # ComfyUI's _RF sampler starts at s = 1 itself
+        sigmas = torch.linspace(1, 0, n + 1, dtype=torch.float64)
+    steps = [i for i in range(len(sigmas) - 1) if sigmas[i + 1] > 0]
+    per_step = {k: [] for k in ("sigma_s", "ratio_s", "ratio_down", "scale", "renoise")}
+    for i in steps:  # ComfyUI's sample_dpmpp_2s_ancestral_RF, euler._rf_step written out
+        sigma_down = sigmas[i + 1] * (1 + (sigmas[i + 1] / sigmas[i] - 1) * eta)
+        alpha_ip1, alpha_down = 1 - sigmas[i + 1], 1 - sigma_down
+        renoise = (sigmas[i + 1] ** 2 - sigma_down**2 * alpha_ip1**2 / alpha_down**2) ** 0.5
+        t_i, t_down = sigmas[i].logit().neg(), sigma_down.logit().neg()
+        sigma_s = (t_i + (t_down - t_i) / 2).neg().sigmoid()
+        per_step["sigma_s"].append(sigma_s)
+        per_step["ratio_s"].append((0.9999 if sigmas[i] == 1 else sigma_s) / sigmas[i])
+        per_step["ratio_down"].append(sigma_down / sigmas[i])
+        per_step["scale"].append(alpha_ip1 / alpha_down)
+        per_step["renoise"].append(renoise)
+    table = single._2s_ancestral_rf_schedule(sigmas, sigmas.tolist(), eta)
+    mid = [k for k, i in enumerate(steps) if sigmas[i] != 1]  # at s = 1 it is 0.9999 instead
+    sigma_s = per_step.pop("sigma_s")
+    assert_table(table, {"sigma_s": [sigma_s[k] for k in mid]}, [steps[k] for k in mid])
+    assert_table(table, per_step, steps)

@@ -59,55 +59,85 @@ def sample_dpmpp_2s_ancestral(model, x, sigmas, extra_args=None, callback=None, 
                                       s_noise, noise_sampler)
     sig, extra_args, s_in = _setup(x, sigmas, extra_args)
     noise_sampler = default_noise_sampler(x) if noise_sampler is None else noise_sampler
+    q = _2s_ancestral_schedule(sigmas, eta)
     for i in trange(len(sig) - 1, disable=disable):
         denoised, uncond = _denoise(model, x, sigmas[i] * s_in, extra_args, cfg_pp)
-        sigma_down, sigma_up = get_ancestral_step(sigmas[i], sigmas[i + 1], eta=eta)
         _callback(callback, x, i, sigmas[i], denoised)
         if cfg_pp:
             x = x + (denoised - uncond)
         if get_ancestral_step(sig[i], sig[i + 1], eta=eta)[0] == 0:
-            x = x + to_d(x, sigmas[i], denoised) * (sigma_down - sigmas[i])
+            x = x + to_d(x, sigmas[i], denoised) * q["dt"][i]
         else:
             # Algorithm 1: u = first-order step to the midpoint s (in lambda), then a full step
             # with D(u, s) (for r = 1/2 the weight of D(x, t) is 1 - 1/(2r) = 0).
-            t, t_next = _t_fn(sigmas[i]), _t_fn(sigma_down)
-            h = t_next - t
-            s = t + h / 2
-            x_2 = (_sigma_fn(s) / _sigma_fn(t)) * x - (-h / 2).expm1() * denoised
-            denoised_2, uncond_2 = _denoise(model, x_2, _sigma_fn(s) * s_in, extra_args, cfg_pp)
+            x_2 = q["scale_1"][i] * x - q["w_1"][i] * denoised
+            denoised_2, uncond_2 = _denoise(model, x_2, q["sigma_s"][i] * s_in, extra_args,
+                                            cfg_pp)
             if cfg_pp == "comfyui":  # ComfyUI's final update corrects with the midpoint's D_u
                 x = x + (uncond - uncond_2)
-            x = (_sigma_fn(t_next) / _sigma_fn(t)) * x - (-h).expm1() * denoised_2
+            x = q["scale_2"][i] * x - q["w_2"][i] * denoised_2
         if eta and sig[i + 1] > 0:
-            x = x + noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise * sigma_up
+            x = x + noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise * q["up"][i]
     return x
+
+
+def _2s_ancestral_schedule(sigmas, eta):
+    """`sample_dpmpp_2s_ancestral`'s per-step numbers for the whole schedule at once, bit for bit
+    k-diffusion's per-step 0-d arithmetic (tested): the ancestral split (sigma_down, sigma_up),
+    lambda t = -log sigma_i, t_next = -log sigma_down, h = t_next - t, the midpoint s = t + h/2
+    and the weights of x and D of both sub-steps (dt: Euler's sigma_down - sigma_i). Row i is
+    step i (unused entries where sigma_down = 0 are NaN or inf)."""
+    sigma_down, sigma_up = get_ancestral_step(sigmas[:-1], sigmas[1:], eta=eta)
+    t, t_next = _t_fn(sigmas[:-1]), _t_fn(sigma_down)
+    h = t_next - t
+    s = t + h / 2
+    sigma_s = _sigma_fn(s)
+    return {"dt": (sigma_down - sigmas[:-1]).tolist(), "sigma_s": sigma_s,
+            "scale_1": (sigma_s / _sigma_fn(t)).tolist(), "w_1": (-h / 2).expm1().tolist(),
+            "scale_2": (_sigma_fn(t_next) / _sigma_fn(t)).tolist(), "w_2": (-h).expm1().tolist(),
+            "up": _host(sigma_up)}
 
 
 def _dpmpp_2s_ancestral_rf(model, x, sigmas, extra_args, callback, disable, eta, s_noise,
                            noise_sampler):
-    from .euler import _rf_step
-
     sig, extra_args, s_in = _setup(x, sigmas, extra_args)
     noise_sampler = default_noise_sampler(x) if noise_sampler is None else noise_sampler
+    q = _2s_ancestral_rf_schedule(sigmas, sig, eta)
     for i in trange(len(sig) - 1, disable=disable):
         denoised = model(x, sigmas[i] * s_in, **extra_args)
-        sigma_down, scale, renoise = _rf_step(sigmas, i, eta)
         _callback(callback, x, i, sigmas[i], denoised)
         if sig[i + 1] == 0:
-            x = x + to_d(x, sigmas[i], denoised) * (sigma_down - sigmas[i])
+            x = x + to_d(x, sigmas[i], denoised) * q["dt"][i]
             continue
-        if sig[i] == 1.0:
-            sigma_s = 0.9999  # ComfyUI's: lambda(1) = -inf
-        else:
-            t_i, t_down = half_log_snr(sigmas[i], "flow"), half_log_snr(sigma_down, "flow")
-            sigma_s = half_log_snr_to_sigma(t_i + (t_down - t_i) / 2, "flow")
-        ratio = sigma_s / sigmas[i]
+        sigma_s = 0.9999 if sig[i] == 1.0 else q["sigma_s"][i]  # ComfyUI's: lambda(1) = -inf
+        ratio = q["ratio_s"][i]
         denoised_2 = model(ratio * x + (1 - ratio) * denoised, sigma_s * s_in, **extra_args)
-        ratio = sigma_down / sigmas[i]
+        ratio = q["ratio_down"][i]
         x = ratio * x + (1 - ratio) * denoised_2
         if eta > 0:
-            x = scale * x + noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise * renoise
+            x = q["scale"][i] * x + noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise \
+                * q["renoise"][i]
     return x
+
+
+def _2s_ancestral_rf_schedule(sigmas, sig, eta):
+    """`_dpmpp_2s_ancestral_rf`'s per-step numbers for the whole schedule at once, bit for bit
+    ComfyUI's per-step 0-d arithmetic (tested) -- but the midpoint's sigmoid (its vectorised
+    kernel rounds differently), which stays per step: the flow split of `euler._rf_step`
+    (s_down, rescale, renoise std), the midpoint s in lambda = log((1 - s)/s) and the ratios
+    s/s_i, s_down/s_i. Row i is step i."""
+    from .euler import _rf_step
+
+    # _rf_step(sigmas, i, eta) reads sigmas[i] and sigmas[i + 1]: rows 0 and 1 here, all steps
+    sigma_down, scale, renoise = _rf_step(torch.stack([sigmas[:-1], sigmas[1:]]), 0, eta)
+    t_i, t_down = half_log_snr(sigmas[:-1], "flow"), half_log_snr(sigma_down, "flow")
+    mid = t_i + (t_down - t_i) / 2
+    sigma_s = torch.stack([half_log_snr_to_sigma(v, "flow") for v in mid.unbind()])
+    first = torch.tensor([v == 1.0 for v in sig[:-1]])
+    ratio_s = torch.where(first, 0.9999, sigma_s) / sigmas[:-1]
+    return {"dt": (sigma_down - sigmas[:-1]).tolist(), "sigma_s": sigma_s,
+            "ratio_s": ratio_s.tolist(), "ratio_down": (sigma_down / sigmas[:-1]).tolist(),
+            "scale": scale.tolist(), "renoise": renoise.tolist()}
 
 
 @torch.no_grad()
