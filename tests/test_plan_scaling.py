@@ -73,7 +73,26 @@ def _direct_randn(model, x, sigmas, extra_args=None, callback=None, disable=None
     return model(x, sigmas[0]) + torch.randn(x.shape) * 0.5
 
 
+def _builtin_abs(model, x, sigmas, extra_args=None, callback=None, disable=None):
+    return abs(model(x, sigmas[0]))
+
+
+def _compared(model, x, sigmas, extra_args=None, callback=None, disable=None):
+    d = model(x, sigmas[0])
+    return d if d > 0 else x
+
+
+def _truth(model, x, sigmas, extra_args=None, callback=None, disable=None):
+    d = model(x, sigmas[0])
+    return d if d else x
+
+
+# Forms are tensor-like objects, not tensors (forms.py): operators Python would otherwise
+# answer itself (truth, comparisons, abs) must still reach the tracer and be refused.
 @pytest.mark.parametrize("fn,match", [(_nonlinear, "cannot apply abs"),
+                                      (_builtin_abs, "cannot apply abs"),
+                                      (_compared, "cannot apply __gt__"),
+                                      (_truth, "cannot apply __bool__"),
                                       (_constant, "constant offset"),
                                       (_direct_randn, "direct torch.randn")])
 def test_a_non_linear_reference_is_a_clear_error(monkeypatch, fn, match):
