@@ -147,6 +147,19 @@ def test_solver_options(model):
         assert (run(solver="euler_ancestral") - euler).abs().max() > 0.1
 
 
+def test_cfg_pp_at_guidance_one_reads_the_unconditional_prediction(model):
+    """At guidance 1 the conditional model alone serves every solver but CFG++, which renoises
+    with D_u: it must still get the unconditional half, not run as its base solver (D_u = D),
+    and the fused engine must agree with the reference."""
+    pytest.importorskip("fastdiff.sampler")
+    labels = [2, 7]
+    run = functools.partial(digits.sample_digits, model, labels, steps=5, seed=5, guidance=1.0)
+    ref = run(solver="euler_cfg_pp")
+    assert (ref - run(solver="euler")).abs().max() > 0.1
+    torch.testing.assert_close(run(solver="euler_cfg_pp", backend="auto"), ref, atol=1e-4,
+                               rtol=0)
+
+
 def test_train_smoke_and_deterministic(tmp_path):
     from fastdiff.train import train_classifier, train_digits
 

@@ -194,13 +194,14 @@ def sample_digits(model: EpsDenoiser, labels: Sequence[int] | Tensor, steps: int
     param = next(model.parameters())
     device, dtype = param.device, param.dtype
     fused = backend is not None or graph
+    options = dict(options or {})
+    plain = _unguided(solver, guidance, options)
     if sigmas is not None:
         if hasattr(sigmas, "check_model"):  # a TunedPlan
-            sigmas.check_model(model if guidance == 1.0 else guided(model, guidance), solver)
+            sigmas.check_model(model if plain else guided(model, guidance), solver)
             sigmas = sigmas.sigmas
         sigmas = torch.as_tensor(sigmas, dtype=torch.float64).cpu()
         steps, spacing = len(sigmas) - 1, tuple(sigmas.tolist())  # the cache key
-    options = dict(options or {})
     engine, sigma_max = _prepared(model, solver, steps, spacing, float(guidance),
                                   (backend or "auto") if fused else None, graph, options)
     # The initial noise and the labels are made on the host, then moved: nothing the host
@@ -210,7 +211,7 @@ def sample_digits(model: EpsDenoiser, labels: Sequence[int] | Tensor, steps: int
     x = (noise * sigma_max).to(device=device, dtype=dtype)
     cond = torch.tensor(labels, dtype=torch.long, device=device)
     extra = {"cond": cond}
-    if guidance != 1.0:
+    if not plain:
         extra["uncond"] = torch.full_like(cond, NULL_LABEL)
     with torch.no_grad():
         if fused:  # the solver's noise: in-kernel Philox, seeded from seed + 1
@@ -223,7 +224,7 @@ def sample_digits(model: EpsDenoiser, labels: Sequence[int] | Tensor, steps: int
                 device, torch.promote_types(dtype, torch.float32))
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 torch.manual_seed(seed + 1)
-                out = info.fn(model if guidance == 1.0 else guided(model, guidance), x, sigmas,
+                out = info.fn(model if plain else guided(model, guidance), x, sigmas,
                               extra_args=extra, callback=callback, disable=disable,
                               **{**info.kwargs, **options})
     return out.clamp(-1, 1)
@@ -244,6 +245,15 @@ def _checked_labels(labels) -> list[int]:
     return values
 
 
+def _unguided(solver: str, guidance: float, options: dict) -> bool:
+    """Whether the conditional model alone serves: guidance 1, unless the solver is CFG++, which
+    renoises with the unconditional prediction at every scale (without it, D_u = D and CFG++
+    would silently be its base solver)."""
+    from fastdiff.reference.solvers import SOLVERS
+
+    return guidance == 1.0 and not {**SOLVERS[solver].kwargs, **options}.get("cfg_pp")
+
+
 def _prepared(model: EpsDenoiser, solver: str, steps: int, spacing: str, guidance: float,
               backend: str | None, graph: bool, options: dict):
     """(fused engine or None, sigma_max) for these settings, built once and kept with the model
@@ -257,7 +267,8 @@ def _prepared(model: EpsDenoiser, solver: str, steps: int, spacing: str, guidanc
         if backend is not None:
             from fastdiff.sampler import Sampler
 
-            denoiser = model if guidance == 1.0 else guided(model, guidance)
+            denoiser = model if _unguided(solver, guidance, options) else \
+                guided(model, guidance)
             engine = Sampler(denoiser, solver, sigmas, backend=backend, graph=graph, **options)
         cache[key] = (engine, float(sigmas[0]))
     return cache[key]
