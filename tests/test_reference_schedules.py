@@ -191,3 +191,58 @@ def test_dpmpp_2s_ancestral_rf(n, schedule, eta):
     sigma_s = per_step.pop("sigma_s")
     assert_table(table, {"sigma_s": [sigma_s[k] for k in mid]}, [steps[k] for k in mid])
     assert_table(table, per_step, steps)
+
+
+@pytest.mark.parametrize("n", STEPS)
+@pytest.mark.parametrize("schedule", ["karras", "exponential", "karras wide, no final 0"])
+def test_dpmpp_2m(n, schedule):
+    sigmas = ve_schedules(n)[schedule]
+    steps = [i for i in range(len(sigmas) - 1) if sigmas[i + 1] > 0]
+    per_step = {k: [] for k in ("w_new", "w_old", "scale", "expm1")}
+    for i in steps:  # k-diffusion's sample_dpmpp_2m
+        t, t_next = sigmas[i].log().neg(), sigmas[i + 1].log().neg()
+        h = t_next - t
+        if i > 0:
+            r = (t - sigmas[i - 1].log().neg()) / h
+            per_step["w_new"].append(1 + 1 / (2 * r))
+            per_step["w_old"].append(1 / (2 * r))
+        else:
+            per_step["w_new"].append(float("nan"))
+            per_step["w_old"].append(float("nan"))
+        per_step["scale"].append(t_next.neg().exp() / t.neg().exp())
+        per_step["expm1"].append((-h).expm1())
+    assert_table(multi._2m_schedule(sigmas), per_step, steps)
+
+
+@pytest.mark.parametrize("n", STEPS)
+@pytest.mark.parametrize("kind,schedule", [("ve", "karras"), ("ve", "exponential"),
+                                           ("ve", "karras wide, no final 0"),
+                                           ("flow", "linear from 1 (moved)"), ("flow", "shift 3"),
+                                           ("flow", "0.9 to 0.05")])
+@pytest.mark.parametrize("eta", [1.0, 0.5, 0.0])
+@pytest.mark.parametrize("solver_type", ["midpoint", "heun"])
+def test_dpmpp_2m_sde(n, kind, schedule, eta, solver_type):
+    sigmas = (ve_schedules if kind == "ve" else flow_schedules)(n)[schedule]
+    steps = [i for i in range(len(sigmas) - 1) if sigmas[i + 1] > 0]
+    per_step = {k: [] for k in ("decay", "w_0", "w_1", "noise")}
+    h_last = None
+    for i in steps:  # k-diffusion's / ComfyUI's sample_dpmpp_2m_sde
+        lam = (lambda v: v.log().neg()) if kind == "ve" else (lambda v: v.logit().neg())
+        t, s = lam(sigmas[i]), lam(sigmas[i + 1])
+        h = s - t
+        eta_h = eta * h
+        alpha_t = 1.0 if kind == "ve" else sigmas[i + 1] * s.exp()
+        per_step["decay"].append(sigmas[i + 1] / sigmas[i] * (-eta_h).exp())
+        per_step["w_0"].append(alpha_t * (-h - eta_h).expm1().neg())
+        if h_last is None:
+            per_step["w_1"].append(float("nan"))
+        else:
+            r = h_last / h
+            if solver_type == "heun":
+                w = (-h - eta_h).expm1().neg() / (-h - eta_h) + 1
+            else:
+                w = 0.5 * (-h - eta_h).expm1().neg()
+            per_step["w_1"].append(alpha_t * w * (1 / r))
+        per_step["noise"].append((-2 * eta_h).expm1().neg().sqrt())
+        h_last = h
+    assert_table(multi._2m_sde_schedule(sigmas, eta, solver_type, kind), per_step, steps)

@@ -43,6 +43,7 @@ def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=No
     D_u = D gives the base sampler.
     """
     sig, extra_args, s_in = _setup(x, sigmas, extra_args)
+    q = _2m_schedule(sigmas)
     old_denoised = None
     for i in trange(len(sig) - 1, disable=disable):
         denoised, uncond = _denoise(model, x, sigmas[i] * s_in, extra_args, cfg_pp)
@@ -52,16 +53,26 @@ def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=No
         else:
             if cfg_pp:
                 x = x + (denoised - uncond)
-            t, t_next = _t_fn(sigmas[i]), _t_fn(sigmas[i + 1])
-            h = t_next - t
             if old_denoised is None:
                 denoised_d = denoised
             else:
-                r = (t - _t_fn(sigmas[i - 1])) / h
-                denoised_d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
-            x = (_sigma_fn(t_next) / _sigma_fn(t)) * x - (-h).expm1() * denoised_d
+                denoised_d = q["w_new"][i] * denoised - q["w_old"][i] * old_denoised
+            x = q["scale"][i] * x - q["expm1"][i] * denoised_d
         old_denoised = uncond
     return x
+
+
+def _2m_schedule(sigmas):
+    """`sample_dpmpp_2m`'s per-step numbers for the whole schedule at once, bit for bit
+    k-diffusion's per-step 0-d arithmetic (tested): lambda t = -log sigma, h = t_next - t,
+    r = (t - t_prev) / h, the 2M weights 1 + 1/(2r), 1/(2r) (NaN at step 0) and the weights of
+    x and D. Row i is step i."""
+    t_all = _t_fn(sigmas)
+    t, t_next = t_all[:-1], t_all[1:]
+    h = t_next - t
+    r = (t - torch.cat([t.new_full([1], math.nan), t[:-1]])) / h
+    return {"w_new": (1 + 1 / (2 * r)).tolist(), "w_old": (1 / (2 * r)).tolist(),
+            "scale": (_sigma_fn(t_next) / _sigma_fn(t)).tolist(), "expm1": (-h).expm1().tolist()}
 
 
 @torch.no_grad()
@@ -87,33 +98,43 @@ def sample_dpmpp_2m_sde(model, x, sigmas, extra_args=None, callback=None, disabl
     sig, extra_args, s_in = _setup(x, sigmas, extra_args)
     noise_sampler = _brownian_sampler(x, sigmas, eta, noise_sampler)
     sigmas, sig = offset_first_sigma(sigmas, sig, check_model_kind(model_kind), first_sigma)
+    q = _2m_sde_schedule(sigmas, eta, solver_type, model_kind)
     old_denoised = None
-    h_last = None
     for i in trange(len(sig) - 1, disable=disable):
         denoised = model(x, sigmas[i] * s_in, **extra_args)
         _callback(callback, x, i, sigmas[i], denoised)
         if sig[i + 1] == 0:
             x = denoised  # denoising step
         else:
-            t, s = half_log_snr(sigmas[i], model_kind), half_log_snr(sigmas[i + 1], model_kind)
-            h = s - t
-            eta_h = eta * h
-            alpha_t = 1.0 if model_kind == "ve" else sigmas[i + 1] * s.exp()  # 1 - s (flow)
-            x = sigmas[i + 1] / sigmas[i] * (-eta_h).exp() * x \
-                + alpha_t * (-h - eta_h).expm1().neg() * denoised
+            x = q["decay"][i] * x + q["w_0"][i] * denoised
             if old_denoised is not None:
-                r = h_last / h
-                if solver_type == "heun":
-                    w = (-h - eta_h).expm1().neg() / (-h - eta_h) + 1
-                else:
-                    w = 0.5 * (-h - eta_h).expm1().neg()
-                x = x + alpha_t * w * (1 / r) * (denoised - old_denoised)
+                x = x + q["w_1"][i] * (denoised - old_denoised)
             if eta:
                 x = x + noise_sampler(sigmas[i], sigmas[i + 1]) * sigmas[i + 1] \
-                    * (-2 * eta_h).expm1().neg().sqrt() * s_noise
-            h_last = h
+                    * q["noise"][i] * s_noise
         old_denoised = denoised
     return x
+
+
+def _2m_sde_schedule(sigmas, eta, solver_type, model_kind):
+    """`sample_dpmpp_2m_sde`'s per-step numbers for the whole schedule at once, bit for bit
+    k-diffusion's / ComfyUI's per-step 0-d arithmetic (tested): with lambda t -> s over step i,
+    h = s - t, the weights of x (decay), D (w_0) and D - D_prev (w_1 = alpha_t w / r,
+    r = h_{i-1} / h_i; NaN at step 0) and the noise factor sqrt(1 - e^(-2 eta h)). Row i is
+    step i."""
+    t, s = half_log_snr(sigmas[:-1], model_kind), half_log_snr(sigmas[1:], model_kind)
+    h = s - t
+    eta_h = eta * h
+    alpha_t = 1.0 if model_kind == "ve" else sigmas[1:] * s.exp()  # 1 - s (flow)
+    r = torch.cat([h.new_full([1], math.nan), h[:-1]]) / h
+    if solver_type == "heun":
+        w = (-h - eta_h).expm1().neg() / (-h - eta_h) + 1
+    else:
+        w = 0.5 * (-h - eta_h).expm1().neg()
+    return {"decay": (sigmas[1:] / sigmas[:-1] * (-eta_h).exp()).tolist(),
+            "w_0": (alpha_t * (-h - eta_h).expm1().neg()).tolist(),
+            "w_1": (alpha_t * w * (1 / r)).tolist(),
+            "noise": (-2 * eta_h).expm1().neg().sqrt().tolist()}
 
 
 @torch.no_grad()
