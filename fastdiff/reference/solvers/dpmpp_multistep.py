@@ -15,6 +15,7 @@ from ._dpmpp_common import (
     _callback,
     _check_eta,
     _denoise,
+    _half_log_snrs,
     _phis,
     _setup,
     _sigma_fn,
@@ -22,7 +23,6 @@ from ._dpmpp_common import (
 )
 from ._utils import (
     check_model_kind,
-    half_log_snr,
     offset_first_sigma,
 )
 
@@ -122,7 +122,8 @@ def _2m_sde_schedule(sigmas, eta, solver_type, model_kind):
     h = s - t, the weights of x (decay), D (w_0) and D - D_prev (w_1 = alpha_t w / r,
     r = h_{i-1} / h_i; NaN at step 0) and the noise factor sqrt(1 - e^(-2 eta h)). Row i is
     step i."""
-    t, s = half_log_snr(sigmas[:-1], model_kind), half_log_snr(sigmas[1:], model_kind)
+    lam = _half_log_snrs(sigmas, model_kind)
+    t, s = lam[:-1], lam[1:]
     h = s - t
     eta_h = eta * h
     alpha_t = 1.0 if model_kind == "ve" else sigmas[1:] * s.exp()  # 1 - s (flow)
@@ -187,7 +188,8 @@ def _3m_sde_schedule(sigmas, eta, model_kind):
     h = s - t, H = (1 + eta) h, the weights of x (decay) and D (w_0 = alpha_t (1 - e^-H)),
     alpha_t phi_2, alpha_t phi_3, the step ratios r0 = h_{i-1} / h_i, r1 = h_{i-2} / h_i (NaN
     where they do not exist) and the noise factor sqrt(1 - e^(-2 eta h)). Row i is step i."""
-    t, s = half_log_snr(sigmas[:-1], model_kind), half_log_snr(sigmas[1:], model_kind)
+    lam = _half_log_snrs(sigmas, model_kind)
+    t, s = lam[:-1], lam[1:]
     h = s - t
     h_eta = h * (eta + 1)
     if model_kind == "ve":

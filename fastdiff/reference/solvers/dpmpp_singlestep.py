@@ -15,6 +15,7 @@ from ._dpmpp_common import (
     _callback,
     _check_eta,
     _denoise,
+    _half_log_snrs,
     _phis,
     _setup,
     _sigma_fn,
@@ -24,7 +25,6 @@ from ._utils import (
     check_model_kind,
     default_noise_sampler,
     get_ancestral_step,
-    half_log_snr,
     half_log_snr_to_sigma,
     offset_first_sigma,
     to_d,
@@ -130,7 +130,7 @@ def _2s_ancestral_rf_schedule(sigmas, sig, eta):
 
     # _rf_step(sigmas, i, eta) reads sigmas[i] and sigmas[i + 1]: rows 0 and 1 here, all steps
     sigma_down, scale, renoise = _rf_step(torch.stack([sigmas[:-1], sigmas[1:]]), 0, eta)
-    t_i, t_down = half_log_snr(sigmas[:-1], "flow"), half_log_snr(sigma_down, "flow")
+    t_i, t_down = _half_log_snrs(sigmas[:-1], "flow"), _half_log_snrs(sigma_down, "flow")
     mid = t_i + (t_down - t_i) / 2
     sigma_s = torch.stack([half_log_snr_to_sigma(v, "flow") for v in mid.unbind()])
     first = torch.tensor([v == 1.0 for v in sig[:-1]])
@@ -244,8 +244,8 @@ def _sde_flow_schedule(sigmas, r, eta):
     """`_dpmpp_sde_flow`'s per-step numbers for the whole schedule at once, bit for bit those of
     ComfyUI's per-step 0-d arithmetic (tested) -- but the midpoint's sigmoid, whose vectorised
     kernel rounds differently, which stays per step. Row i is step i."""
-    lam_s = half_log_snr(sigmas[:-1], "flow")
-    lam_t = half_log_snr(sigmas[1:], "flow")
+    lam = _half_log_snrs(sigmas, "flow")
+    lam_s, lam_t = lam[:-1], lam[1:]
     h = lam_t - lam_s
     lam_1 = lam_s + r * h
     sigma_1 = torch.stack([half_log_snr_to_sigma(v, "flow") for v in lam_1.unbind()])
