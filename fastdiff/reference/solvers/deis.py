@@ -96,38 +96,35 @@ def _one_thread():
             torch.set_num_threads(saved)
 
 
-def _tab_block(taus, prev, dt, beta_0, beta_d, work):
+def _tab_block(taus, nodes, scales, dt, beta_0, beta_d, work, out):
     """diff-sampler's rectangle rule for a block of steps of one order: taus [R, n_quad] the
-    quadrature points, prev [R, order] the nodes t_i, t_{i-1}, ..., dt [R] the point spacing,
-    work [order + 3, R', n_quad] scratch (R' >= R); weights [R, order]. Every element goes
-    through the operations of the per-step formula
+    quadrature points, nodes[k] [R, 1] the node t_{i-k}, scales[j][k] [R, 1] t_{i-j} - t_{i-k},
+    dt [R] the point spacing, work [order + 3, R', n_quad] scratch (R' >= R); the weights into
+    out [R, order]. Every element goes through the operations of the per-step formula
     alpha = exp(-beta_d tau^2 / 2 - beta_0 tau),
     integrand = -(-beta_d tau - beta_0) / (2 sqrt(alpha (1 - alpha))),
     weight_j = sum(integrand * prod_k (tau - t_k) / (t_j - t_k)) dt,
     in the same order, so the weights are bitwise those of one step at a time (tested): -0.5
     times a float is exact, so -0.5 tau^2 beta_d = tau^2 (-0.5 beta_d) bit for bit, and the
     product starts from ones, 1 * v = v."""
-    order = prev.shape[1]
+    order = len(nodes)
     alpha, integrand, poly, *diffs = work[:, :len(taus)].unbind()
     torch.mul(taus, taus, out=alpha).mul_(-0.5 * beta_d).sub_(torch.mul(taus, beta_0, out=poly))
     alpha.exp_()
     torch.mul(taus, -beta_d, out=integrand).sub_(beta_0).mul_(-0.5)
     integrand.div_(torch.neg(alpha, out=poly).add_(1).mul_(alpha).sqrt_())
     for k in range(order):
-        torch.sub(taus, prev[:, k, None], out=diffs[k])
-    weights = []
+        torch.sub(taus, nodes[k], out=diffs[k])
     for j in range(order):
         first = True
         for k in range(order):
             if k != j:
-                scale = (prev[:, j] - prev[:, k])[:, None]
                 if first:
-                    torch.div(diffs[k], scale, out=poly)
+                    torch.div(diffs[k], scales[j][k], out=poly)
                     first = False
                 else:
-                    poly.mul_(diffs[k]).div_(scale)
-        weights.append(poly.mul_(integrand).sum(dim=1) * dt)
-    return torch.stack(weights, dim=1)
+                    poly.mul_(diffs[k]).div_(scales[j][k])
+        torch.sum(poly.mul_(integrand), dim=1, out=out[:, j]).mul_(dt)
 
 
 def tab_coefficients(sig: list[float], max_order: int, n_quad: int = 10000,
@@ -155,17 +152,24 @@ def tab_coefficients(sig: list[float], max_order: int, n_quad: int = 10000,
     with _one_thread():
         for order in range(2, max_order + 1):
             steps = [i for i in range(n) if min(i + 1, max_order) == order]
+            if not steps:
+                continue
+            ii = torch.tensor(steps)
+            nodes = [t[ii - k][:, None] for k in range(order)]
+            scales = [[(t[ii - j] - t[ii - k])[:, None] for k in range(order)]
+                      for j in range(order)]
+            dt = (t[ii + 1] - t[ii]) / n_quad
+            weights = torch.empty(len(steps), order, dtype=torch.float64)
             for start in range(0, len(steps), block):
-                idx = steps[start:start + block]
-                for r, i in enumerate(idx):
+                part = slice(start, start + block)
+                for r, i in enumerate(steps[part]):
                     torch.linspace(t_host[i], t_host[i + 1], n_quad, dtype=torch.float64,
                                    out=taus[r])
-                ii = torch.tensor(idx)
-                prev = torch.stack([t[ii - k] for k in range(order)], dim=1)
-                dt = (t[ii + 1] - t[ii]) / n_quad
-                weights = _tab_block(taus[:len(idx)], prev, dt, beta_0, beta_d, work)
-                for i, row in zip(idx, weights.tolist(), strict=True):
-                    rows[i] = row
+                _tab_block(taus[:len(steps[part])], [v[part] for v in nodes],
+                           [[v[part] for v in row] for row in scales], dt[part], beta_0,
+                           beta_d, work, weights[part])
+            for i, row in zip(steps, weights.tolist(), strict=True):
+                rows[i] = row
     return rows
 
 
