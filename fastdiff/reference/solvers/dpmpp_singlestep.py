@@ -133,7 +133,7 @@ def _2s_ancestral_rf_schedule(sigmas, sig, eta):
     t_i, t_down = _half_log_snrs(sigmas[:-1], "flow"), _half_log_snrs(sigma_down, "flow")
     mid = t_i + (t_down - t_i) / 2
     sigma_s = torch.stack([half_log_snr_to_sigma(v, "flow") for v in mid.unbind()])
-    first = torch.tensor([v == 1.0 for v in sig[:-1]])
+    first = torch.tensor([v == 1.0 for v in sig[:-1]], device=sigmas.device)
     ratio_s = torch.where(first, 0.9999, sigma_s) / sigmas[:-1]
     return {"dt": (sigma_down - sigmas[:-1]).tolist(), "sigma_s": sigma_s,
             "ratio_s": ratio_s.tolist(), "ratio_down": (sigma_down / sigmas[:-1]).tolist(),
