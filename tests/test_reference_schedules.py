@@ -246,3 +246,47 @@ def test_dpmpp_2m_sde(n, kind, schedule, eta, solver_type):
         per_step["noise"].append((-2 * eta_h).expm1().neg().sqrt())
         h_last = h
     assert_table(multi._2m_sde_schedule(sigmas, eta, solver_type, kind), per_step, steps)
+
+
+@pytest.mark.parametrize("n", [2, 3] + STEPS)
+@pytest.mark.parametrize("schedule", ["karras", "exponential", "karras wide, no final 0"])
+@pytest.mark.parametrize("churn", [{}, {"s_churn": 1.0}])
+def test_heunpp2_is_the_per_step_arithmetic(n, schedule, churn):
+    """sample_heunpp2's weights come from the whole schedule at once; its result is bit for bit
+    that of ComfyUI's per-step 0-d arithmetic, written out here (float32 and float64 states)."""
+    from fastdiff.reference.solvers._utils import to_d
+    from fastdiff.reference.solvers.euler import _churn, sample_heunpp2
+
+    def model(x, sigma, **kwargs):
+        return torch.tanh(x) / (1 + sigma[:, None] ** 2) + 0.1 * x.sin()
+
+    def per_step(x, sigmas):
+        sig = sigmas.tolist()
+        s_in, s_end = x.new_ones([x.shape[0]]), sig[-1]
+        for i in range(len(sig) - 1):
+            x, sigma_hat = _churn(x, sigmas, sig, i, churn.get("s_churn", 0.0), 0.0,
+                                  float("inf"), 1.0)
+            d = to_d(x, sigma_hat, model(x, sigma_hat * s_in))
+            dt = sigmas[i + 1] - sigma_hat
+            if sig[i + 1] == s_end:
+                x = x + d * dt
+                continue
+            x_2 = x + d * dt
+            d_2 = to_d(x_2, sigmas[i + 1], model(x_2, sigmas[i + 1] * s_in))
+            if sig[i + 2] == s_end:
+                w2 = sigmas[i + 1] / (2 * sigmas[0])
+                x = x + (d * (1 - w2) + d_2 * w2) * dt
+                continue
+            x_3 = x_2 + d_2 * (sigmas[i + 2] - sigmas[i + 1])
+            d_3 = to_d(x_3, sigmas[i + 2], model(x_3, sigmas[i + 2] * s_in))
+            w2, w3 = sigmas[i + 1] / (3 * sigmas[0]), sigmas[i + 2] / (3 * sigmas[0])
+            x = x + ((1 - w2 - w3) * d + w2 * d_2 + w3 * d_3) * dt
+        return x
+
+    sigmas = ve_schedules(n)[schedule]
+    for dtype in (torch.float32, torch.float64):
+        x = torch.randn(2, 3, generator=torch.Generator().manual_seed(n), dtype=dtype) * 10
+        torch.manual_seed(0)
+        got = sample_heunpp2(model, x, sigmas.to(dtype), disable=True, **churn)
+        torch.manual_seed(0)
+        assert torch.equal(got, per_step(x, sigmas.to(dtype)))

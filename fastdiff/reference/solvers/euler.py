@@ -313,6 +313,12 @@ def sample_heunpp2(model, x, sigmas, extra_args=None, callback=None, disable=Non
     """
     sig, extra_args, s_in = _setup(x, sigmas, extra_args)
     s_end = sig[-1]
+    # The per-step numbers for the whole schedule at once: bit for bit the per-step 0-d
+    # arithmetic (tests/test_reference_schedules.py); dt only without churn (sigma_hat = sigma_i).
+    step = (sigmas[1:] - sigmas[:-1]).tolist()
+    w2_heun = (sigmas[1:] / (2 * sigmas[0])).tolist()
+    w2, w3 = sigmas[1:-1] / (3 * sigmas[0]), sigmas[2:] / (3 * sigmas[0])
+    w1, w2, w3 = (1 - w2 - w3).tolist(), w2.tolist(), w3.tolist()
     for i in trange(len(sig) - 1, disable=disable):
         x, sigma_hat = _churn(x, sigmas, sig, i, s_churn, s_tmin, s_tmax, s_noise)
         denoised = model(x, sigma_hat * s_in, **extra_args)
@@ -320,20 +326,18 @@ def sample_heunpp2(model, x, sigmas, extra_args=None, callback=None, disable=Non
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigma_hat,
                       "denoised": denoised})
-        dt = sigmas[i + 1] - sigma_hat
+        dt = step[i] if s_churn <= 0 else sigmas[i + 1] - sigma_hat
         if sig[i + 1] == s_end:
             x = x + d * dt
             continue
         x_2 = x + d * dt
         d_2 = to_d(x_2, sigmas[i + 1], model(x_2, sigmas[i + 1] * s_in, **extra_args))
         if sig[i + 2] == s_end:
-            w2 = sigmas[i + 1] / (2 * sigmas[0])
-            x = x + (d * (1 - w2) + d_2 * w2) * dt
+            x = x + (d * (1 - w2_heun[i]) + d_2 * w2_heun[i]) * dt
             continue
-        x_3 = x_2 + d_2 * (sigmas[i + 2] - sigmas[i + 1])
+        x_3 = x_2 + d_2 * step[i + 1]
         d_3 = to_d(x_3, sigmas[i + 2], model(x_3, sigmas[i + 2] * s_in, **extra_args))
-        w2, w3 = sigmas[i + 1] / (3 * sigmas[0]), sigmas[i + 2] / (3 * sigmas[0])
-        x = x + ((1 - w2 - w3) * d + w2 * d_2 + w3 * d_3) * dt
+        x = x + (w1[i] * d + w2[i] * d_2 + w3[i] * d_3) * dt
     return x
 
 
