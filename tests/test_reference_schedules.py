@@ -290,3 +290,32 @@ def test_heunpp2_is_the_per_step_arithmetic(n, schedule, churn):
         got = sample_heunpp2(model, x, sigmas.to(dtype), disable=True, **churn)
         torch.manual_seed(0)
         assert torch.equal(got, per_step(x, sigmas.to(dtype)))
+
+
+@pytest.mark.parametrize("n", STEPS)
+@pytest.mark.parametrize("kind,schedule", [("ve", "karras"), ("ve", "exponential"),
+                                           ("ve", "karras wide, no final 0"),
+                                           ("flow", "shift 3"), ("flow", "0.9 to 0.05")])
+@pytest.mark.parametrize("eta", [1.0, 0.5, 0.0])
+def test_dpm_2_ancestral_midpoints(n, kind, schedule, eta):
+    """euler._dpm_2_mid on the whole schedule's (sigma_i, sigma_down) against k-diffusion's
+    per-step 0-d midpoint, with the ancestral / flow split per step too."""
+    from fastdiff.reference.solvers.euler import _dpm_2_mid, _rf_step
+
+    sigmas = (ve_schedules if kind == "ve" else flow_schedules)(n)[schedule]
+    if kind == "flow":
+        down = _rf_step(torch.stack([sigmas[:-1], sigmas[1:]]), 0, eta)[0]
+    else:
+        down = get_ancestral_step(sigmas[:-1], sigmas[1:], eta=eta)[0]
+    table = [v.tolist() for v in _dpm_2_mid(sigmas[:-1], down)]
+    steps = [i for i in range(len(sigmas) - 1) if float(down[i]) > 0]
+    per_step = {0: [], 1: [], 2: []}
+    for i in steps:
+        if kind == "flow":
+            sigma_down = _rf_step(sigmas, i, eta)[0]
+        else:
+            sigma_down = get_ancestral_step(sigmas[i], sigmas[i + 1], eta=eta)[0]
+        sigma_mid = sigmas[i].log().lerp(sigma_down.log(), 0.5).exp()
+        for k, v in enumerate((sigma_mid, sigma_mid - sigmas[i], sigma_down - sigmas[i])):
+            per_step[k].append(v)
+    assert_table(dict(enumerate(table)), per_step, steps)

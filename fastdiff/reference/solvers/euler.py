@@ -225,15 +225,22 @@ def sample_heun(model, x, sigmas, extra_args=None, callback=None, disable=None, 
     return x
 
 
-def _dpm_2_step(model, x, d, sigma, sigma_next, s_in, extra_args):
+def _dpm_2_mid(sigma, sigma_next):
+    """The midpoint of `_dpm_2_step` in log sigma and its two step sizes, (sigma_mid,
+    sigma_mid - sigma, sigma_next - sigma): on 0-d tensors, or elementwise on a schedule's (the
+    vectorised kernels give the per-step bits: tests/test_reference_schedules.py)."""
+    sigma_mid = sigma.log().lerp(sigma_next.log(), 0.5).exp()
+    return sigma_mid, sigma_mid - sigma, sigma_next - sigma
+
+
+def _dpm_2_step(model, x, d, sigma_mid, to_mid, to_next, s_in, extra_args):
     """Midpoint step in log sigma (DPM-Solver-2 with r = 1/2, Lu et al. 2022, arXiv:2206.00927,
     written on the Karras ODE as in k-diffusion): Euler to the geometric mean of the two sigmas,
-    then a full step with the slope found there."""
-    sigma_mid = sigma.log().lerp(sigma_next.log(), 0.5).exp()
-    x_2 = x + d * (sigma_mid - sigma)
+    then a full step with the slope found there (`_dpm_2_mid`'s numbers)."""
+    x_2 = x + d * to_mid
     denoised_2 = model(x_2, sigma_mid * s_in, **extra_args)
     d_2 = to_d(x_2, sigma_mid, denoised_2)
-    return x + d_2 * (sigma_next - sigma)
+    return x + d_2 * to_next
 
 
 @torch.no_grad()
@@ -242,6 +249,8 @@ def sample_dpm_2(model, x, sigmas, extra_args=None, callback=None, disable=None,
     """A sampler inspired by DPM-Solver-2 (Lu et al. 2022, arXiv:2206.00927) and Algorithm 2
     from Karras et al. (2022): midpoint steps in log sigma, Euler into sigma = 0."""
     sig, extra_args, s_in = _setup(x, sigmas, extra_args)
+    sigma_mid, to_mid, to_next = _dpm_2_mid(sigmas[:-1], sigmas[1:])  # without churn
+    to_mid, to_next = to_mid.tolist(), to_next.tolist()
     for i in trange(len(sig) - 1, disable=disable):
         x, sigma_hat = _churn(x, sigmas, sig, i, s_churn, s_tmin, s_tmax, s_noise)
         denoised = model(x, sigma_hat * s_in, **extra_args)
@@ -251,8 +260,11 @@ def sample_dpm_2(model, x, sigmas, extra_args=None, callback=None, disable=None,
                       "denoised": denoised})
         if sig[i + 1] == 0:
             x = x + d * (sigmas[i + 1] - sigma_hat)  # log(0) is undefined: Euler step
+        elif s_churn > 0:
+            x = _dpm_2_step(model, x, d, *_dpm_2_mid(sigma_hat, sigmas[i + 1]), s_in,
+                            extra_args)
         else:
-            x = _dpm_2_step(model, x, d, sigma_hat, sigmas[i + 1], s_in, extra_args)
+            x = _dpm_2_step(model, x, d, sigma_mid[i], to_mid[i], to_next[i], s_in, extra_args)
     return x
 
 
@@ -274,26 +286,35 @@ def sample_dpm_2_ancestral(model, x, sigmas, extra_args=None, callback=None, dis
     sig, extra_args, s_in = _setup(x, sigmas, extra_args)
     noise_sampler = default_noise_sampler(x) if noise_sampler is None else noise_sampler
     flow = model_kind == "flow"
+    # The per-step numbers for the whole schedule at once (bit for bit the per-step 0-d
+    # arithmetic: tests/test_reference_schedules.py); row i is step i.
+    if flow:  # _rf_step reads sigmas[i] and sigmas[i + 1]: rows 0 and 1 here, all steps
+        sigma_down, scale, renoise = _rf_step(torch.stack([sigmas[:-1], sigmas[1:]]), 0, eta)
+        scale, renoise = scale.tolist(), renoise.tolist()
+    else:
+        sigma_down, sigma_up = get_ancestral_step(sigmas[:-1], sigmas[1:], eta=eta)
+        sigma_up = sigma_up.tolist() if isinstance(sigma_up, torch.Tensor) else None
+    sigma_mid, to_mid, to_down = _dpm_2_mid(sigmas[:-1], sigma_down)
+    to_mid, to_down = to_mid.tolist(), to_down.tolist()
     for i in trange(len(sig) - 1, disable=disable):
         denoised = model(x, sigmas[i] * s_in, **extra_args)
         if flow:
-            sigma_down, scale, renoise = _rf_step(sigmas, i, eta)
             sigma_down_host = _rf_down_host(sig, i, eta)
         else:
-            sigma_down, sigma_up = get_ancestral_step(sigmas[i], sigmas[i + 1], eta=eta)
             sigma_down_host = get_ancestral_step(sig[i], sig[i + 1], eta=eta)[0]
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i],
                       "denoised": denoised})
         d = to_d(x, sigmas[i], denoised)
         if sigma_down_host == 0:
-            x = x + d * (sigma_down - sigmas[i])  # log(0) is undefined: Euler step
+            x = x + d * to_down[i]  # log(0) is undefined: Euler step
         else:
-            x = _dpm_2_step(model, x, d, sigmas[i], sigma_down, s_in, extra_args)
+            x = _dpm_2_step(model, x, d, sigma_mid[i], to_mid[i], to_down[i], s_in, extra_args)
             if flow and eta > 0:
-                x = scale * x + noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise * renoise
+                x = scale[i] * x + noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise \
+                    * renoise[i]
         if not flow and eta and sig[i + 1] > 0:
-            x = x + noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise * sigma_up
+            x = x + noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise * sigma_up[i]
     return x
 
 
