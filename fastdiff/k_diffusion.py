@@ -27,9 +27,11 @@ called with extra_args={"cond": ..., "uncond": ...}) or any model with
 (`*_gpu`: a Brownian tree on the device, here `BrownianTreeNoiseSampler(..., cpu=False)` as
 noise_sampler; `dpmpp_2m_sde_heun`: `sample_dpmpp_2m_sde(solver_type="heun")`; `uni_pc`,
 `uni_pc_bh2`: ComfyUI's own order lowering and final sigma, here `sample_unipc(variant=...)`)
-and `log_likelihood` (needs torchdiffeq; use k-diffusion's). Attributes are resolved lazily on
-first access, so importing this module costs nothing and does not need scipy, torchsde or
-k-diffusion.
+and `log_likelihood` (needs torchdiffeq; use k-diffusion's). `sample_dpm_adaptive` (steps
+accepted on the host from an error norm, so no plan) runs every attempted step as fused kernel
+launches (`fastdiff.adaptive`; keyword `backend`, "auto" as in `fastdiff.Sampler`). Attributes
+are resolved lazily on first access, so importing this module costs nothing and does not need
+scipy, torchsde or k-diffusion.
 """
 
 from __future__ import annotations
@@ -53,8 +55,9 @@ _WHERE = {
          "sample_dpm_2_ancestral"), f"{_SOLVERS}.euler"),
     **dict.fromkeys(("sample_lms", "linear_multistep_coeff"), f"{_SOLVERS}.lms"),
     **dict.fromkeys(
-        ("sample_dpm_fast", "sample_dpm_adaptive", "DPMSolver", "PIDStepSizeController"),
-        f"{_SOLVERS}.dpm_solver"),
+        ("sample_dpm_fast", "DPMSolver", "PIDStepSizeController"), f"{_SOLVERS}.dpm_solver"),
+    # data-dependent steps, no plan: each attempted step as fused lincomb launches
+    "sample_dpm_adaptive": "fastdiff.adaptive",
     **dict.fromkeys(
         ("sample_dpmpp_2s_ancestral", "sample_dpmpp_sde", "sample_dpmpp_2m",
          "sample_dpmpp_2m_sde", "sample_dpmpp_3m_sde", "sample_dpmpp_3m"), f"{_SOLVERS}.dpmpp"),

@@ -7,8 +7,8 @@ numbers; `Sampler(model, entry, sigmas, backend=..., **options)` must equal
 float64 and 1e-5 in float32 (the tolerances of tests/test_sampler.py) on the plan's reference
 backend, the C++ kernels and Triton (its interpreter on CPU), with the same noise. The CFG++
 names run on a guided denoiser whose halves differ, so D_u != D is read from the first guidance
-half in the kernel. dpm_adaptive (data-dependent steps, no plan) and sa_solver /
-sa_solver_pece (tests/test_sa_solver.py) are not here.
+half in the kernel. dpm_adaptive (data-dependent steps, no plan: its fused launches are in
+tests/test_adaptive.py) and sa_solver / sa_solver_pece (tests/test_sa_solver.py) are not here.
 """
 
 from __future__ import annotations

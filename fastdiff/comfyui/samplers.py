@@ -28,11 +28,13 @@ D_u from its CFG function).
 
 `extra_args["seed"]` seeds the default noise sampler as ComfyUI does and is not passed to the
 model. Every name here has a registered reference solver (`fastdiff.reference.solvers.SOLVERS`,
-so `fastdiff.Sampler` runs it as a fused plan), except dpm_adaptive (its steps depend on the
-data, eager as in k-diffusion); dpm_fast is the entry "dpm_fast" (ComfyUI's wrapper: n =
-len(sigmas) - 1 calls from sigmas[0] to the last positive sigma). Where ComfyUI draws random
-numbers it never uses (heunpp2, res_multistep at eta = 0, the ancestral samplers at eta = 0)
-nothing is drawn: global RNG state after a run can differ from ComfyUI's, the samples do not.
+so `fastdiff.Sampler` runs it as a fused plan), except dpm_adaptive: its steps depend on the
+data, so it has no plan, and `fastdiff.adaptive.sample_dpm_adaptive` runs each attempted step as
+fused kernel launches (option `backend`, "auto" as in `fastdiff.Sampler`); dpm_fast is the
+entry "dpm_fast" (ComfyUI's wrapper: n = len(sigmas) - 1 calls from sigmas[0] to the last
+positive sigma). Where ComfyUI draws random numbers it never uses (heunpp2, res_multistep at
+eta = 0, the ancestral samplers at eta = 0) nothing is drawn: global RNG state after a run can
+differ from ComfyUI's, the samples do not.
 README lists every difference from `fastdiff.k_diffusion`.
 """
 
@@ -63,7 +65,7 @@ _SPECS = {
     "dpm_2_ancestral": ("euler", "sample_dpm_2_ancestral", {}, True),
     "lms": ("lms", "sample_lms", {"denoise_final": True}, False),
     "dpm_fast": ("dpm_solver", "sample_dpm_fast_sigmas", {}, False),
-    "dpm_adaptive": ("dpm_solver", "sample_dpm_adaptive", {}, False),
+    "dpm_adaptive": ("fastdiff.adaptive", "sample_dpm_adaptive", {}, False),
     "dpmpp_2s_ancestral": ("dpmpp", "sample_dpmpp_2s_ancestral", {}, True),
     "dpmpp_2s_ancestral_cfg_pp": ("dpmpp", "sample_dpmpp_2s_ancestral", {"cfg_pp": "comfyui"},
                                   False),
@@ -247,7 +249,8 @@ def _make(name: str):
 
         from fastdiff.k_diffusion import _CheckedModel, reject_fixed, require_uncond
 
-        fn = getattr(importlib.import_module(f"{_S}.{module}"), fn_name)
+        fn = getattr(importlib.import_module(module if "." in module else f"{_S}.{module}"),
+                     fn_name)
         kind = resolve_model_kind(model, model_kind)
         extra_args = dict(extra_args or {})
         reject_fixed(name, fixed, options)
