@@ -172,3 +172,20 @@ def test_non_finite_error_estimate_raises():
     with pytest.raises(NonFiniteError, match="error estimate"):
         adaptive.sample_dpm_adaptive(broken, _x(torch.float64), 0.03, 20.0, disable=True,
                                      backend="reference")
+
+
+@needs_k
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("order", [2, 3])
+def test_reverse_direction_matches_kdiffusion(order, backend):
+    """sigma_min > sigma_max integrates the ODE towards noise (k-diffusion's `forward` False:
+    negative step sizes, lambdas decreasing); eta > 0 is refused there, naming eta."""
+    x = _x(torch.float64) / 40
+    want, want_info = K.sample_dpm_adaptive(GMM, x, 10.0, 0.1, order=order, disable=True,
+                                            return_info=True)
+    got, got_info = adaptive.sample_dpm_adaptive(GMM, x, 10.0, 0.1, order=order, disable=True,
+                                                 return_info=True, backend=backend)
+    assert got_info == want_info and want_info["n_accept"] > 2
+    assert _rel(got, want) <= 1e-10, _rel(got, want)
+    with pytest.raises(ValueError, match="eta"):
+        adaptive.sample_dpm_adaptive(GMM, x, 10.0, 0.1, eta=0.5, disable=True, backend=backend)
