@@ -85,10 +85,14 @@ class Form:
         return _scaled(_lin(self, other, -1.0, "subtract"), -1.0)
 
     def __mul__(self, other):
-        c = _scalar(other)
+        c = other if type(other) is float else _scalar(other)  # the common case inline
         if c is None:
             raise Untraceable(f"multiplying the traced state by {_what(other)}: not linear")
-        return _scaled(self, c)
+        if c == 0.0 or self.c != 1.0 or self.epoch != self.tracer.epoch:
+            return _scaled(self, c)
+        f = _new_form(_Form)  # _scaled inline: a current, expanded form times c
+        f.t, f.tracer, f.epoch, f.c = self.t, self.tracer, self.epoch, c
+        return f
 
     __rmul__ = __mul__
 
@@ -117,11 +121,11 @@ class Form:
         return self._assign(self / other)
 
     def _assign(self, value: Form) -> Form:
-        self.t, self.epoch = value.t, value.epoch
+        self.t, self.epoch, self.c = value.t, value.epoch, value.c
         return self
 
     def __repr__(self):
-        return f"Form({self.t[0]})"
+        return f"Form({ {k: self.c * v for k, v in self.t[0].items()} })"
 
     def __hash__(self):
         return id(self)
@@ -152,13 +156,13 @@ class Form:
 
 
 class _Form(Form):
-    __slots__ = ("t", "tracer", "epoch")
+    __slots__ = ("t", "tracer", "epoch", "c")
 
 
 class _TensorForm(Form, torch.Tensor):
     """x_T: a form that is a torch.Tensor, as the reference's validate_x asks."""
 
-    __slots__ = ("t", "tracer", "epoch")
+    __slots__ = ("t", "tracer", "epoch", "c")
 
 
 def _as_tensor_would(name: str):
@@ -189,31 +193,49 @@ def _what(v) -> str:
 _new_form = object.__new__
 
 
-def _form(tracer, terms: list, epoch: int) -> Form:
+def _form(tracer, terms: list, epoch: int, c: float = 1.0) -> Form:
     f = _new_form(_Form)
-    f.t, f.tracer, f.epoch = terms, tracer, epoch
+    f.t, f.tracer, f.epoch, f.c = terms, tracer, epoch, c
     return f
 
 
 def _tensor_form(tracer, terms: list, epoch: int) -> Form:
     f = torch.Tensor._make_subclass(_TensorForm, _BASE)
-    f.t, f.tracer, f.epoch = terms, tracer, epoch
+    f.t, f.tracer, f.epoch, f.c = terms, tracer, epoch, 1.0
     return f
 
 
+# A scalar multiple c * a is held unexpanded (f.c = c over a's dicts) until it is read: a sum
+# reading it (`_lin`, the common case: x' = c1 x - c2 D) multiplies while it combines, so the
+# scaled dicts are never built on their own. The values are those of expanding at once: each
+# coefficient is c * v either way, and the sum's -1 * (c * v) = (-c) * v exactly.
+
+def _expand(f: Form) -> None:
+    c, t = f.c, f.t
+    f.t, f.c = [{k: c * v for k, v in t[0].items()}, {k: c * v for k, v in t[1].items()}], 1.0
+
+
 def _fresh(f: Form) -> list:
+    """f's dicts, expanded and reduced to the tracer's epoch."""
+    if f.c != 1.0:
+        _expand(f)
     if f.epoch != f.tracer.epoch:
         f.tracer.reduce(f)
     return f.t
 
 
 def _lin(a: Form, b, cb: float, verb: str) -> Form:
-    """a + cb * b."""
+    """a + cb * b (cb = +-1)."""
     if isinstance(b, Form):
-        ta, tb = _fresh(a), _fresh(b)
-        return _form(a.tracer, [_combine(ta[0], 1.0, tb[0], cb) if ta[0] or tb[0] else {},
-                                _combine(ta[1], 1.0, tb[1], cb) if ta[1] or tb[1] else {}],
-                     a.tracer.epoch)
+        epoch = a.tracer.epoch
+        if a.epoch != epoch:
+            _fresh(a)
+        if b.epoch != epoch:
+            _fresh(b)
+        ta, ca, tb, cb = a.t, a.c, b.t, cb * b.c
+        return _form(a.tracer, [_combine(ta[0], ca, tb[0], cb) if ta[0] or tb[0] else {},
+                                _combine(ta[1], ca, tb[1], cb) if ta[1] or tb[1] else {}],
+                     epoch)
     if _scalar(b) == 0.0:  # sum() starts from 0
         return _scaled(a, 1.0)
     raise Untraceable(f"cannot {verb} {_what(b)} and the traced state: a constant offset is"
@@ -224,10 +246,8 @@ def _scaled(a: Form, c: float) -> Form:
     t = _fresh(a)
     if c == 0.0:
         return _form(a.tracer, [{}, {}], a.tracer.epoch)
-    if c == 1.0:  # a copy: forms' dicts are never modified in place, so they can be shared
-        return _form(a.tracer, [t[0], t[1]], a.tracer.epoch)
-    return _form(a.tracer, [{k: c * v for k, v in t[0].items()},
-                            {k: c * v for k, v in t[1].items()}], a.tracer.epoch)
+    # c = 1: a copy (forms' dicts are never modified in place, so they can be shared)
+    return _form(a.tracer, [t[0], t[1]], a.tracer.epoch, c)
 
 
 def _binary(sign: float, verb: str):

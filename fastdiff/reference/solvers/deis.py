@@ -80,6 +80,7 @@ def deis_coefficients(sigma: float, sigma_next: float, past: list[float]) -> lis
 # The quadrature is tiny ops on 3 steps at a time, so it runs on one thread (`_one_thread`); its
 # values do not depend on that (tests/test_deis_tab.py checks 1 against 2 threads).
 _BLOCK_ELEMENTS = 32768
+_ONE = torch.tensor(1.0, dtype=torch.float64)
 
 
 @contextlib.contextmanager
@@ -105,14 +106,17 @@ def _tab_block(taus, nodes, scales, dt, beta_0, beta_d, work, out):
     integrand = -(-beta_d tau - beta_0) / (2 sqrt(alpha (1 - alpha))),
     weight_j = sum(integrand * prod_k (tau - t_k) / (t_j - t_k)) dt,
     in the same order, so the weights are bitwise those of one step at a time (tested): -0.5
-    times a float is exact, so -0.5 tau^2 beta_d = tau^2 (-0.5 beta_d) bit for bit, and the
+    times a float is exact, so -0.5 tau^2 beta_d = tau^2 (-0.5 beta_d) bit for bit, and it
+    commutes exactly with the division, product and sum, so the integrand's -0.5 is taken into
+    dt (one pass less); 1 - alpha is one subtraction (= 1 + (-alpha) exactly), and the
     product starts from ones, 1 * v = v."""
     order = len(nodes)
     alpha, integrand, poly, *diffs = work[:, :len(taus)].unbind()
     torch.mul(taus, taus, out=alpha).mul_(-0.5 * beta_d).sub_(torch.mul(taus, beta_0, out=poly))
     alpha.exp_()
-    torch.mul(taus, -beta_d, out=integrand).sub_(beta_0).mul_(-0.5)
-    integrand.div_(torch.neg(alpha, out=poly).add_(1).mul_(alpha).sqrt_())
+    torch.mul(taus, -beta_d, out=integrand).sub_(beta_0)
+    integrand.div_(torch.sub(_ONE, alpha, out=poly).mul_(alpha).sqrt_())
+    dt = dt * -0.5
     for k in range(order):
         torch.sub(taus, nodes[k], out=diffs[k])
     for j in range(order):
