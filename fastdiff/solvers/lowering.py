@@ -178,24 +178,29 @@ def lower(plan: Plan | PlanBuilder, sc: Scalings, in_kernel_noise: bool = False,
             out[j][t] = 1.0
         return out
 
-    first = _expand(plan, plan.prologue, -1, sc, sc.c_in[0])
-    if first != {Ref("x"): 1.0}:  # F[0] is not simply the user's noise
-        add(("F",), [first], -1)
-    for stage in plan.stages:
-        k = stage.call
-        scale = 1.0 if stage.target == "out" else sc.c_in[k + 1]
-        combos = [_expand(plan, stage.terms, k, sc, scale)]
-        outputs = (stage.target,)
-        # A later stage reads this call's history entry: write it, unless it is the plain
-        # model's own output (history D of a denoiser model).
-        if k in plan.history and not (sc.plain and plan.history_kind == "D"):
-            combos.append(_expand(plan, [(Ref(plan.history_kind, k), 1.0)], k, sc, 1.0))
-            outputs += ("H",)
-        if k in plan.uncond_history and not (sc.plain and plan.history_kind == "D"):
-            # CFG++: U_k (or V_k = F_k - U_k with E history) kept for a later stage
-            ukind = "U" if plan.history_kind == "D" else "V"
-            combos.append(_expand(plan, [(Ref(ukind, k), 1.0)], k, sc, 1.0))
-            outputs += ("HU",)
-        add(outputs, combos, k)
+    try:
+        first = _expand(plan, plan.prologue, -1, sc, sc.c_in[0])
+        if first != {Ref("x"): 1.0}:  # F[0] is not simply the user's noise
+            add(("F",), [first], -1)
+        for stage in plan.stages:
+            k = stage.call
+            scale = 1.0 if stage.target == "out" else sc.c_in[k + 1]
+            combos = [_expand(plan, stage.terms, k, sc, scale)]
+            outputs = (stage.target,)
+            # A later stage reads this call's history entry: write it, unless it is the plain
+            # model's own output (history D of a denoiser model).
+            if k in plan.history and not (sc.plain and plan.history_kind == "D"):
+                combos.append(_expand(plan, [(Ref(plan.history_kind, k), 1.0)], k, sc, 1.0))
+                outputs += ("H",)
+            if k in plan.uncond_history and not (sc.plain and plan.history_kind == "D"):
+                # CFG++: U_k (or V_k = F_k - U_k with E history) kept for a later stage
+                ukind = "U" if plan.history_kind == "D" else "V"
+                combos.append(_expand(plan, [(Ref(ukind, k), 1.0)], k, sc, 1.0))
+                outputs += ("HU",)
+            add(outputs, combos, k)
+    finally:
+        # add and split reach each other through their closures: a reference cycle that would
+        # keep `rows` (two lists per stage) for the cyclic collector's next pass (issue 14)
+        add = split = None
     tables = {key: torch.tensor(r, dtype=torch.float64) for key, r in rows.items()}
     return launches, tables

@@ -382,8 +382,11 @@ def _run(name: str, sigmas: torch.Tensor, noise_mode: str, options: dict, prune:
             kwargs["noise_sampler"] = lambda *args: tracer.draw(tuple(float(a) for a in args))
     # Inference mode: the reference's 0-d tensor arithmetic skips autograd's bookkeeping (~20%
     # of its cost; the same kernels, so the same values), its schedule an inference tensor too.
-    with torch.inference_mode():
-        out = info.fn(model, x, sigmas.to(_F64).cpu().clone(), **kwargs)
+    try:
+        with torch.inference_mode():
+            out = info.fn(model, x, sigmas.to(_F64).cpu().clone(), **kwargs)
+    finally:  # the two closures' reference cycle would keep the tracer for the cyclic collector
+        del model.denoise_with_uncond
     if not isinstance(out, Form):
         raise Untraceable(f"{name} returned {_what(out)}, not the traced state")
     t = _fresh(out)
