@@ -35,11 +35,7 @@ from tqdm.auto import tqdm
 
 from fastdiff.ops import lincomb, resolve
 from fastdiff.reference.solvers._utils import default_noise_sampler
-from fastdiff.reference.solvers.dpm_solver import (
-    PIDStepSizeController,
-    _check_sigma_range,
-    _dpm_solver_for,
-)
+from fastdiff.reference.solvers.dpm_solver import _check_sigma_range, _dpm_solver_for
 
 __all__ = ["sample_dpm_adaptive"]
 
@@ -140,26 +136,15 @@ def sample_dpm_adaptive(model, x, sigma_min, sigma_max, extra_args=None, callbac
     with tqdm(disable=disable) as pbar:
         dpm = _dpm_solver_for(model, extra_args, pbar, callback)
         t_start, t_end = dpm.t(torch.as_tensor(sigma_max)), dpm.t(torch.as_tensor(sigma_min))
-        forward = t_end > t_start
-        if not forward and eta:
-            raise ValueError("eta must be 0 for reverse sampling")
         s_in = x.new_ones([x.shape[0]])
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32
 
         def denoise(u, t):  # the reference's DPMSolver.eps, without the division
             d = model(u, dpm.sigma(t) * s_in, **extra_args)
             pbar.update()
             return d
 
-        h_init = abs(h_init) * (1 if forward else -1)
-        atol_t, rtol_t = torch.tensor(atol), torch.tensor(rtol)
-        s = t_start
-        x_prev = x
-        pid = PIDStepSizeController(h_init, pcoeff, icoeff, dcoeff, 1.5 if eta else order,
-                                    accept_safety)
-        info = {"steps": 0, "nfe": 0, "n_accept": 0, "n_reject": 0}
-        while s < t_end - 1e-5 if forward else s > t_end + 1e-5:
-            t = torch.minimum(t_end, s + pid.h) if forward else torch.maximum(t_end, s + pid.h)
-            t_, su = dpm._ancestral(s, t, t_end, eta)
+        def attempt(x, s, t_):  # the reference's DPMSolver._adaptive_attempt as launches
             rows, stages = _attempt_coefficients(dpm, order, s, t_)
             tables = _tables(rows, x)
             d0 = denoise(x, s)
@@ -171,32 +156,24 @@ def sample_dpm_adaptive(model, x, sigma_min, sigma_max, extra_args=None, callbac
                 u2, x_low = lincomb([x, d0, u1, d1], tables[1], backend=backend)
                 d2 = denoise(u2, stages[1])
                 (x_high,) = lincomb([x, d0, u2, d2], tables[2], backend=backend)
-            delta = torch.maximum(atol_t, rtol_t * torch.maximum(x_low.abs(), x_prev.abs()))
-            error = torch.linalg.norm((x_low - x_high) / delta) / x.numel() ** 0.5
+            return x_low, x_high, d0
+
+        def add_noise(x, scale, z):
+            coef = torch.tensor([[[1.0, float(scale)]]], dtype=acc).to(x.device)
+            return lincomb([x, z.to(x.dtype)], coef, backend=backend)[0]
+
+        def check_error(error, s, info):
             if not math.isfinite(float(error)):  # the controller would reject forever
                 from fastdiff.sampler import NonFiniteError
 
                 sigma = float(dpm.sigma(s))
                 raise NonFiniteError(f"dpm_adaptive: the error estimate of the step from sigma"
                                      f" {sigma:.6g} is {float(error)}", info["steps"], sigma)
-            if pid.propose_step(error):
-                x_prev = x_low
-                x = x_high
-                if eta:
-                    z = noise_sampler(dpm.sigma(s), dpm.sigma(t))
-                    scale = float(su * s_noise)
-                    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-                    coef = torch.tensor([[[1.0, scale]]], dtype=acc).to(x.device)
-                    (x,) = lincomb([x, z.to(x.dtype)], coef, backend=backend)
-                s = t
-                info["n_accept"] += 1
-            else:
-                info["n_reject"] += 1
-            info["nfe"] += order
-            info["steps"] += 1
-            if dpm.info_callback is not None:
-                dpm.info_callback({"x": x, "i": info["steps"] - 1, "t": s, "t_up": s,
-                                   "denoised": d0, "error": error, "h": pid.h, **info})
+
+        x, info = dpm.dpm_solver_adaptive(
+            x, t_start, t_end, order, rtol, atol, h_init, pcoeff, icoeff, dcoeff, accept_safety,
+            eta, s_noise, noise_sampler, attempt=attempt, add_noise=add_noise,
+            check_error=check_error)
     if return_info:
         return x, info
     return x

@@ -29,6 +29,7 @@ called at `sigma * s_in` with sigma taken from tensors built once per run.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -311,12 +312,22 @@ class DPMSolver:
 
     def dpm_solver_adaptive(self, x, t_start, t_end, order=3, rtol=0.05, atol=0.0078,
                             h_init=0.05, pcoeff=0.0, icoeff=1.0, dcoeff=0.0, accept_safety=0.81,
-                            eta=0.0, s_noise=1.0, noise_sampler=None):
+                            eta=0.0, s_noise=1.0, noise_sampler=None, *, attempt=None,
+                            add_noise=None, check_error=None):
         """DPM-Solver-12 / 23 (paper Sec. 3.4 and App. C): embedded pairs of orders
-        (1, 2) or (2, 3) give an error estimate that a PID controller turns into the step."""
+        (1, 2) or (2, 3) give an error estimate that a PID controller turns into the step.
+
+        The controller loop is shared with the fused-kernel version (fastdiff.adaptive), which
+        replaces how one step is attempted: `attempt(x, s, t_) -> (x_low, x_high, denoised)`
+        (default `_adaptive_attempt`), `add_noise(x, scale, z)` (default x + scale * z) and
+        `check_error(error, s, info)`, called on every error estimate (default none)."""
         noise_sampler = default_noise_sampler(x) if noise_sampler is None else noise_sampler
         if order not in {2, 3}:
             raise ValueError("order should be 2 or 3")
+        if attempt is None:
+            attempt = functools.partial(self._adaptive_attempt, order)
+        if add_noise is None:
+            add_noise = lambda x, scale, z: x + scale * z  # noqa: E731
         forward = t_end > t_start
         if not forward and eta:
             raise ValueError("eta must be 0 for reverse sampling")
@@ -329,24 +340,18 @@ class DPMSolver:
                                     accept_safety)
         info = {"steps": 0, "nfe": 0, "n_accept": 0, "n_reject": 0}
         while s < t_end - 1e-5 if forward else s > t_end + 1e-5:
-            eps_cache = {}
             t = torch.minimum(t_end, s + pid.h) if forward else torch.maximum(t_end, s + pid.h)
             t_, su = self._ancestral(s, t, t_end, eta)
-            eps, eps_cache = self.eps(eps_cache, "eps", x, s)
-            denoised = x - self.sigma(s) * eps
-            if order == 2:
-                x_low, eps_cache = self.dpm_solver_1_step(x, s, t_, eps_cache=eps_cache)
-                x_high, eps_cache = self.dpm_solver_2_step(x, s, t_, eps_cache=eps_cache)
-            else:
-                x_low, eps_cache = self.dpm_solver_2_step(x, s, t_, r1=1 / 3, eps_cache=eps_cache)
-                x_high, eps_cache = self.dpm_solver_3_step(x, s, t_, eps_cache=eps_cache)
+            x_low, x_high, denoised = attempt(x, s, t_)
             delta = torch.maximum(atol, rtol * torch.maximum(x_low.abs(), x_prev.abs()))
             error = torch.linalg.norm((x_low - x_high) / delta) / x.numel() ** 0.5
+            if check_error is not None:
+                check_error(error, s, info)
             if pid.propose_step(error):
                 x_prev = x_low
                 x = x_high
                 if eta:
-                    x = x + su * s_noise * noise_sampler(self.sigma(s), self.sigma(t))
+                    x = add_noise(x, su * s_noise, noise_sampler(self.sigma(s), self.sigma(t)))
                 s = t
                 info["n_accept"] += 1
             else:
@@ -357,6 +362,20 @@ class DPMSolver:
                 self.info_callback({"x": x, "i": info["steps"] - 1, "t": s, "t_up": s,
                                     "denoised": denoised, "error": error, "h": pid.h, **info})
         return x, info
+
+    def _adaptive_attempt(self, order, x, s, t_):
+        """One attempted step from s to t_: (x_low, x_high, denoised at s), the embedded pair
+        DPM-Solver-1 / 2 (order 2) or DPM-Solver-2 (r1 = 1/3) / 3 (order 3)."""
+        eps_cache = {}
+        eps, eps_cache = self.eps(eps_cache, "eps", x, s)
+        denoised = x - self.sigma(s) * eps
+        if order == 2:
+            x_low, eps_cache = self.dpm_solver_1_step(x, s, t_, eps_cache=eps_cache)
+            x_high, eps_cache = self.dpm_solver_2_step(x, s, t_, eps_cache=eps_cache)
+        else:
+            x_low, eps_cache = self.dpm_solver_2_step(x, s, t_, r1=1 / 3, eps_cache=eps_cache)
+            x_high, eps_cache = self.dpm_solver_3_step(x, s, t_, eps_cache=eps_cache)
+        return x_low, x_high, denoised
 
 
 def _dpm_solver_for(model, extra_args, pbar, callback):
