@@ -45,10 +45,18 @@ def _scalar(v):
 
 
 def _combine(a: dict, ca: float, b: dict, cb: float) -> dict:
-    out = {k: ca * v for k, v in a.items()} if ca != 1.0 else dict(a)
-    get = out.get
+    """ca * a + cb * b, a term that cancels to exactly 0 dropped; keys in a's order, then b's
+    new ones. The hottest loop of a trace, so written for the interpreter: plain loops (a dict
+    comprehension costs a function call), `in` and subscripts rather than dict.get. A key new
+    to a gets cb * v itself, which is 0.0 + cb * v exactly."""
+    if ca == 1.0:
+        out = a.copy()
+    else:
+        out = {}
+        for k, v in a.items():
+            out[k] = ca * v
     for k, v in b.items():
-        c = get(k, 0.0) + cb * v
+        c = out[k] + cb * v if k in out else cb * v
         if c == 0.0:
             out.pop(k, None)
         else:
@@ -88,10 +96,14 @@ class Form:
         c = other if type(other) is float else _scalar(other)  # the common case inline
         if c is None:
             raise Untraceable(f"multiplying the traced state by {_what(other)}: not linear")
-        if c == 0.0 or self.c != 1.0 or self.epoch != self.tracer.epoch:
+        tracer, epoch = self.tracer, self.epoch
+        if c == 0.0 or self.c != 1.0 or epoch != tracer.epoch:
             return _scaled(self, c)
         f = _new_form(_Form)  # _scaled inline: a current, expanded form times c
-        f.t, f.tracer, f.epoch, f.c = self.t, self.tracer, self.epoch, c
+        f.t = self.t
+        f.tracer = tracer
+        f.epoch = epoch
+        f.c = c
         return f
 
     __rmul__ = __mul__
@@ -195,7 +207,10 @@ _new_form = object.__new__
 
 def _form(tracer, terms: list, epoch: int, c: float = 1.0) -> Form:
     f = _new_form(_Form)
-    f.t, f.tracer, f.epoch, f.c = terms, tracer, epoch, c
+    f.t = terms  # one store a slot: a tuple assignment would build and unpack a tuple
+    f.tracer = tracer
+    f.epoch = epoch
+    f.c = c
     return f
 
 
@@ -210,9 +225,17 @@ def _tensor_form(tracer, terms: list, epoch: int) -> Form:
 # scaled dicts are never built on their own. The values are those of expanding at once: each
 # coefficient is c * v either way, and the sum's -1 * (c * v) = (-c) * v exactly.
 
+def _times(c: float, terms: dict) -> dict:
+    out = {}
+    for k, v in terms.items():  # a plain loop: a dict comprehension costs a function call
+        out[k] = c * v
+    return out
+
+
 def _expand(f: Form) -> None:
-    c, t = f.c, f.t
-    f.t, f.c = [{k: c * v for k, v in t[0].items()}, {k: c * v for k, v in t[1].items()}], 1.0
+    c, (t0, t1) = f.c, f.t
+    f.t = [_times(c, t0) if t0 else {}, _times(c, t1) if t1 else {}]  # {}: a representation
+    f.c = 1.0  # no longer traced
 
 
 def _fresh(f: Form) -> list:
@@ -227,15 +250,21 @@ def _fresh(f: Form) -> list:
 def _lin(a: Form, b, cb: float, verb: str) -> Form:
     """a + cb * b (cb = +-1)."""
     if isinstance(b, Form):
-        epoch = a.tracer.epoch
+        tracer = a.tracer
+        epoch = tracer.epoch
         if a.epoch != epoch:
             _fresh(a)
         if b.epoch != epoch:
             _fresh(b)
-        ta, ca, tb, cb = a.t, a.c, b.t, cb * b.c
-        return _form(a.tracer, [_combine(ta[0], ca, tb[0], cb) if ta[0] or tb[0] else {},
-                                _combine(ta[1], ca, tb[1], cb) if ta[1] or tb[1] else {}],
-                     epoch)
+        (a0, a1), (b0, b1) = a.t, b.t
+        ca, cb = a.c, cb * b.c
+        f = _new_form(_Form)  # _form inline
+        f.t = [_combine(a0, ca, b0, cb) if a0 or b0 else {},
+               _combine(a1, ca, b1, cb) if a1 or b1 else {}]
+        f.tracer = tracer
+        f.epoch = epoch
+        f.c = 1.0
+        return f
     if _scalar(b) == 0.0:  # sum() starts from 0
         return _scaled(a, 1.0)
     raise Untraceable(f"cannot {verb} {_what(b)} and the traced state: a constant offset is"
@@ -244,10 +273,15 @@ def _lin(a: Form, b, cb: float, verb: str) -> Form:
 
 def _scaled(a: Form, c: float) -> Form:
     t = _fresh(a)
+    tracer = a.tracer
+    f = _new_form(_Form)  # _form inline
+    f.tracer = tracer
+    f.epoch = tracer.epoch
     if c == 0.0:
-        return _form(a.tracer, [{}, {}], a.tracer.epoch)
-    # c = 1: a copy (forms' dicts are never modified in place, so they can be shared)
-    return _form(a.tracer, [t[0], t[1]], a.tracer.epoch, c)
+        f.t, f.c = [{}, {}], 1.0
+    else:  # c = 1: a copy (forms' dicts are never modified in place, so they can be shared)
+        f.t, f.c = [t[0], t[1]], c
+    return f
 
 
 def _binary(sign: float, verb: str):

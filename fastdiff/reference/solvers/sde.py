@@ -178,30 +178,19 @@ def sample_er_sde(model, x, sigmas, extra_args=None, callback=None, disable=None
 
 # --- SEEDS --------------------------------------------------------------------------------------
 
-def _ei_phi_1(h: float) -> float:
-    """h phi_1(h) = expm1(h) (exponential-integrator weights, SEEDS' notation)."""
-    return math.expm1(h)
+def _ei_phis(h: float) -> tuple[float, float]:
+    """(h phi_1(h), h phi_2(h)) = (expm1(h), (expm1(h) - h) / h): the exponential-integrator
+    weights in SEEDS' notation, one expm1 for both."""
+    phi_1 = math.expm1(h)
+    return phi_1, (phi_1 - h) / h
 
 
-def _ei_phi_2(h: float) -> float:
-    """h phi_2(h) = (expm1(h) - h) / h."""
-    return (math.expm1(h) - h) / h
-
-
-class _Nodes:
-    """Half log-SNR nodes of one step: lambda, sigma and alpha at fractions r of h."""
-
-    def __init__(self, s: float, t: float, model_kind: str):
-        self.kind = model_kind
-        self.lam_s, self.lam_t = half_log_snr(s, model_kind), half_log_snr(t, model_kind)
-        self.h = self.lam_t - self.lam_s
-        self.sigma_s, self.sigma_t = s, t
-
-    def at(self, r: float) -> tuple[float, float]:
-        """(sigma, alpha) at lambda_s + r h (torch.lerp's formula, as ComfyUI)."""
-        lam = self.lam_s + r * (self.lam_t - self.lam_s)
-        sigma = sigma_of_half_log_snr(lam, self.kind)
-        return sigma, sigma * math.exp(lam)
+def _node(lam_s: float, h: float, r: float, model_kind: str) -> tuple[float, float]:
+    """(sigma, alpha) at lambda_s + r h of a step of h in half log-SNR (torch.lerp's formula
+    lam_s + r (lam_t - lam_s), as ComfyUI)."""
+    lam = lam_s + r * h
+    sigma = sigma_of_half_log_snr(lam, model_kind)
+    return sigma, sigma * math.exp(lam)
 
 
 def _seeds_noise(noise, factor, sigma_a, sigma_b, noise_sampler):
@@ -233,40 +222,51 @@ def sample_seeds_3(model, x, sigmas, extra_args=None, callback=None, disable=Non
     sig, sigmas, extra_args, s_in = _setup(x, sigmas, extra_args, model_kind, first_sigma)
     noise_sampler = default_noise_sampler(x) if noise_sampler is None else noise_sampler
     inject = eta > 0 and s_noise > 0
+    # Each lambda once per schedule (a step's lambda_t is the next one's lambda_s), and the
+    # step's constants once per step: the same float operations as written out per use, so the
+    # same bits (a plan traces this loop, ~20 host operations a model call).
+    lams = [half_log_snr(s, model_kind) for s in sig]
+    eta_1, r_21 = eta + 1, r_2 / r_1
     for i in trange(len(sig) - 1, disable=disable):
-        denoised = model(x, sigmas[i] * s_in, **extra_args)
-        _callback(callback, x, i, sigmas[i], denoised)
-        if sig[i + 1] == 0:
+        sigma = sigmas[i]
+        denoised = model(x, sigma * s_in, **extra_args)
+        _callback(callback, x, i, sigma, denoised)
+        sigma_s, sigma_t = sig[i], sig[i + 1]
+        if sigma_t == 0:
             x = denoised
             continue
-        nodes = _Nodes(sig[i], sig[i + 1], model_kind)
-        h = nodes.h
-        h_eta = h * (eta + 1)
-        (sigma_1, alpha_1), (sigma_2, alpha_2) = nodes.at(r_1), nodes.at(r_2)
-        alpha_t = sig[i + 1] * math.exp(nodes.lam_t)
-        x_2 = (sigma_1 / sig[i] * math.exp(-r_1 * h * eta)) * x \
-            - (alpha_1 * _ei_phi_1(-r_1 * h_eta)) * denoised
+        lam_s, lam_t = lams[i], lams[i + 1]
+        h = lam_t - lam_s
+        h_eta = h * eta_1
+        (sigma_1, alpha_1), (sigma_2, alpha_2) = (_node(lam_s, h, r_1, model_kind),
+                                                  _node(lam_s, h, r_2, model_kind))
+        alpha_t = sigma_t * math.exp(lam_t)
+        f_1 = -r_1 * h * eta  # the noise decay to node 1, e^f_1
+        x_2 = (sigma_1 / sigma_s * math.exp(f_1)) * x \
+            - (alpha_1 * math.expm1(-r_1 * h_eta)) * denoised
         noise = None
         if inject:
-            noise = _seeds_noise(None, -r_1 * h * eta, sigmas[i], sigma_1, noise_sampler)
+            noise = _seeds_noise(None, f_1, sigma, sigma_1, noise_sampler)
             x_2 = x_2 + noise * (sigma_1 * s_noise)
         denoised_2 = model(x_2, sigma_1 * s_in, **extra_args)
-        a2 = r_2 / r_1 * _ei_phi_2(-r_2 * h_eta)
-        a1 = _ei_phi_1(-r_2 * h_eta) - a2
-        x_3 = (sigma_2 / sig[i] * math.exp(-r_2 * h * eta)) * x \
+        phi_1, phi_2 = _ei_phis(-r_2 * h_eta)
+        a2 = r_21 * phi_2
+        a1 = phi_1 - a2
+        x_3 = (sigma_2 / sigma_s * math.exp(-r_2 * h * eta)) * x \
             - alpha_2 * (a1 * denoised + a2 * denoised_2)
         if inject:
             noise = _seeds_noise(noise, (r_1 - r_2) * h * eta, sigma_1, sigma_2, noise_sampler)
             x_3 = x_3 + noise * (sigma_2 * s_noise)
         denoised_3 = model(x_3, sigma_2 * s_in, **extra_args)
-        b3 = _ei_phi_2(-h_eta) / r_2
-        b1 = _ei_phi_1(-h_eta) - b3
-        x = (sig[i + 1] / sig[i] * math.exp(-h * eta)) * x \
+        phi_1, phi_2 = _ei_phis(-h_eta)
+        b3 = phi_2 / r_2
+        b1 = phi_1 - b3
+        x = (sigma_t / sigma_s * math.exp(-h * eta)) * x \
             - alpha_t * (b1 * denoised + b3 * denoised_3)
         if inject:
             noise = _seeds_noise(noise, (r_2 - 1) * h * eta, sigma_2, sigmas[i + 1],
                                  noise_sampler)
-            x = x + noise * (sig[i + 1] * s_noise)
+            x = x + noise * (sigma_t * s_noise)
     return x
 
 
