@@ -56,9 +56,9 @@ def _sigma(lam: float, model_kind: str) -> float:
     return 1 / (1 + math.exp(lam)) if model_kind == "flow" else math.exp(-lam)
 
 
-def _h_phi_2(h: float) -> float:
-    """h phi_2(h) = (e^h - 1 - h) / h (ComfyUI's ei_h_phi_2)."""
-    return (math.expm1(h) - h) / h
+def _h_phi_2(h: float, expm1_h: float) -> float:
+    """h phi_2(h) = (e^h - 1 - h) / h (ComfyUI's ei_h_phi_2), given expm1(h) = h phi_1(h)."""
+    return (expm1_h - h) / h
 
 
 def _setup(x, sigmas, extra_args):
@@ -156,15 +156,18 @@ def sample_seeds_2(model, x, sigmas, extra_args=None, callback=None, disable=Non
     if inject and noise_sampler is None:
         noise_sampler = default_noise_sampler(x)
     sigmas, sig = offset_first_sigma(sigmas, sig, model_kind, first_sigma)
+    # each lambda once per schedule (a step's lambda_t is the next one's lambda_s; the same
+    # operations, so the same bits); the final sigma = 0 has none (that step is x = D)
+    lams = [_lambda(s, model_kind) if s > 0 else math.inf for s in sig]
     for i in trange(len(sig) - 1, disable=disable):
-        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        sigma = sigmas[i]
+        denoised = model(x, sigma * s_in, **extra_args)
         if callback is not None:
-            callback({"x": x, "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i],
-                      "denoised": denoised})
+            callback({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised})
         if sig[i + 1] == 0:
             x = denoised
             continue
-        lam_s, lam_t = _lambda(sig[i], model_kind), _lambda(sig[i + 1], model_kind)
+        lam_s, lam_t = lams[i], lams[i + 1]
         h = lam_t - lam_s
         h_eta = h * (eta + 1)
         lam_1 = lam_s + r * h
@@ -173,7 +176,7 @@ def sample_seeds_2(model, x, sigmas, extra_args=None, callback=None, disable=Non
         x_2 = (sigma_1 / sig[i] * math.exp(-r * h * eta)) * x \
             - (alpha_1 * math.expm1(-r * h_eta)) * denoised
         if inject:
-            noise_1 = noise_sampler(sigmas[i], sigma_1) * math.sqrt(-math.expm1(-2 * r * h * eta))
+            noise_1 = noise_sampler(sigma, sigma_1) * math.sqrt(-math.expm1(-2 * r * h * eta))
             x_2 = x_2 + noise_1 * (sigma_1 * s_noise)
         denoised_2 = model(x_2, sigma_1 * s_in, **extra_args)
         if solver_type == "phi_1":
@@ -181,8 +184,9 @@ def sample_seeds_2(model, x, sigmas, extra_args=None, callback=None, disable=Non
             b1 = b2 = math.expm1(-h_eta)
             b1, b2 = b1 * (1 - fac), b2 * fac
         else:
-            b2 = _h_phi_2(-h_eta) / r
-            b1 = math.expm1(-h_eta) - b2
+            phi_1 = math.expm1(-h_eta)
+            b2 = _h_phi_2(-h_eta, phi_1) / r
+            b1 = phi_1 - b2
         x = (sig[i + 1] / sig[i] * math.exp(-h * eta)) * x \
             - alpha_t * (b1 * denoised + b2 * denoised_2)
         if inject:
