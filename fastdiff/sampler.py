@@ -58,6 +58,10 @@ def _number(name: str, value) -> float:
     return float(value)
 
 
+# Per (solver, model side): the history kind the last Sampler kept (see Sampler.__init__).
+_KEPT: dict[tuple, str] = {}
+
+
 class _ModelAdapter:
     """How the engine calls the model, and how its output becomes D (Scalings)."""
 
@@ -314,30 +318,40 @@ class Sampler:
                               else torch.float64)
         self.adapter = _ModelAdapter(model, guidance, info.param, cond_key)
         mode = "brownian" if noise == "philox" and solver in _BROWNIAN else "calls"
-        call_sigmas, plans = plans_for(solver, self.sigmas, noise_mode=mode, **self.options)
-        self.scalings = self.adapter.scalings(list(call_sigmas))
         # The history a stage keeps (D, or E = F - D) is chosen after lowering: the model side
         # (parameterisation, the two guidance halves) decides how many tensors a stage reads.
-        lowered, errors = [], []
-        for kind, plan in plans.items():
+        # The kind kept last time for this solver and model side is lowered in full first, the
+        # other only until it proves no narrower, so that one is traced only that far too.
+        d = self.adapter.denoiser
+        side = (solver, self.adapter.param, d.prediction if d is not None else None,
+                self.adapter.guidance is None, self.adapter.threshold is None)
+        first = _KEPT.get(side, "D")
+        call_sigmas, plans = plans_for(solver, self.sigmas, noise_mode=mode,
+                                       later="E" if first == "D" else "D", **self.options)
+        self.scalings = self.adapter.scalings(list(call_sigmas))
+        lowered, errors = [], {}
+        for kind in (first, "E" if first == "D" else "D"):
+            plan = plans[kind]
             if isinstance(plan, RuntimeError):  # no plan with this history kind
-                errors.append(f"history {kind}: {plan}")
+                errors[kind] = f"history {kind}: {plan}"
                 continue
-            # only a plan narrower than the one lowered before can replace it (ties keep the
-            # first): lowering stops once this one is not
+            # the second kind replaces the first only if narrower (D if no wider: on a tie D
+            # is kept); lowering stops once it is not
             try:
                 with no_gc():
                     launches, tables = lower(plan, self.scalings,
                                              in_kernel_noise=noise == "philox",
-                                             narrower_than=lowered[0][0] if lowered else None)
+                                             narrower_than=lowered[0][0] + (kind == "D")
+                                             if lowered else None)
             except NotNarrower:
                 continue
             except RuntimeError as e:
-                errors.append(f"history {kind}: {e}")
+                errors[kind] = f"history {kind}: {e}"
                 continue
             lowered = [(max(len(la.inputs) for la in launches), plan.plan(), launches, tables)]
         if not lowered:  # every history kind's reason (the first is often the one to fix)
-            raise RuntimeError("; ".join(errors))
+            raise RuntimeError("; ".join(errors[k] for k in sorted(errors)))
+        _KEPT[side] = lowered[0][1].history_kind
         _, self.plan, self.launches, tables = lowered[0]
         self._tables64 = tables
         self._dead_after = _lifetimes(self.launches, self.plan.history_kind)

@@ -40,30 +40,31 @@ def no_gc():
             gc.enable()
 
 
-def plans_for(solver: str, sigmas, noise_mode: str = "calls", **options
+def plans_for(solver: str, sigmas, noise_mode: str = "calls", later: str = "E", **options
               ) -> tuple[tuple[float, ...], dict[str, PlanBuilder | RuntimeError]]:
     """The noise level of every model call, and the plan for each history kind as a
     PlanBuilder (compiled on demand: `.plan()`, or lowered stage by stage) or the RuntimeError
     saying why there is none, memoised: tracing and compiling cost O(steps) on the host
     (0.1-1 ms per step), and `fastdiff.sample` or a server builds the same settings again and
-    again. Plans are shared between callers, so they must not be modified."""
+    again. Plans are shared between callers, so they must not be modified. `later`: the
+    history kind the caller expects to lose, traced only as far as it is read (trace.py)."""
     import torch
 
     key = tuple(torch.as_tensor(sigmas, dtype=torch.float64).cpu().tolist())
     try:
-        return _plans(solver, key, noise_mode, tuple(sorted(options.items())))
+        return _plans(solver, key, noise_mode, later, tuple(sorted(options.items())))
     except TypeError:  # an unhashable option value: build without the cache
-        return _plans.__wrapped__(solver, key, noise_mode, tuple(sorted(options.items())))
+        return _plans.__wrapped__(solver, key, noise_mode, later, tuple(sorted(options.items())))
 
 
 @functools.lru_cache(maxsize=64)
-def _plans(solver: str, sigmas: tuple, noise_mode: str, options: tuple):
+def _plans(solver: str, sigmas: tuple, noise_mode: str, later: str, options: tuple):
     import torch
 
     options = dict(options)
     with no_gc():
         trace = trace_solver(solver, torch.tensor(sigmas, dtype=torch.float64),
-                             noise_mode=noise_mode, **options)
+                             noise_mode=noise_mode, later=later, **options)
         plans: dict[str, PlanBuilder | RuntimeError] = {}
         for kind in HISTORY_KINDS:
             try:

@@ -216,8 +216,10 @@ class PlanBuilder:
         self.trace, self.comp, self._plan = trace, comp, None
         self.solver, self.options, self.history_kind = trace.solver, dict(options or {}), \
             history_kind
-        self.inputs, self.final = trace.inputs[comp.rep], trace.final[comp.rep]
-        self.prologue = comp.expression(self.inputs[0] if self.inputs else self.final, -1)
+        # (inputs: a list the trace may extend, trace.ensure; final: read when reached)
+        self.inputs, self.calls = trace.inputs[comp.rep], len(trace.f_ids)
+        self.prologue = comp.expression(self.inputs[0] if self.calls else
+                                        trace.final[comp.rep], -1)
         if self.prologue is None:
             raise RuntimeError(f"{trace.solver}: the first model input is not linear in x_T"
                                " and noise")
@@ -227,11 +229,17 @@ class PlanBuilder:
 
     def _compile_to(self, n: int) -> None:
         """Compiles the stages before n."""
-        comp, inputs, compiled = self.comp, self.inputs, self.compiled
+        comp, inputs, compiled, trace = self.comp, self.inputs, self.compiled, self.trace
         kind = self.history_kind
-        for k in range(len(compiled), min(n, len(inputs))):
-            last = k == len(inputs) - 1
-            terms = comp.expression(self.final if last else inputs[k + 1], k)
+        if n + 1 > len(inputs) and len(compiled) < self.calls:
+            trace.ensure(comp.rep, n + 1)  # "E" may have been traced for a prefix only
+            if trace.dead[comp.rep] is not None:
+                raise RuntimeError(f"{self.solver}: no exact stage after call"
+                                   f" {trace.dead[comp.rep]} within the register windows (F:"
+                                   f" {F_WINDOW}, history: {H_WINDOW})")
+        for k in range(len(compiled), min(n, self.calls)):
+            last = k == self.calls - 1
+            terms = comp.expression(trace.final[comp.rep] if last else inputs[k + 1], k)
             if terms is None:
                 raise RuntimeError(f"{self.solver}: no exact stage after call {k} within the"
                                    f" register windows (F: {F_WINDOW}, history: {H_WINDOW})")
@@ -245,7 +253,7 @@ class PlanBuilder:
 
     @property
     def stages(self):
-        for k in range(len(self.inputs)):
+        for k in range(self.calls):
             if k + H_WINDOW >= len(self.compiled):
                 self._compile_to(k + H_WINDOW + 1)
             yield self.compiled[k]
@@ -253,7 +261,7 @@ class PlanBuilder:
     def plan(self) -> Plan:
         """The complete plan (compiles what is left)."""
         if self._plan is None:
-            self._compile_to(len(self.inputs))
+            self._compile_to(self.calls)
             trace = self.trace
             stats = {"trace_nonzeros": trace.nonzeros, "compile_terms": self.comp.examined}
             self._plan = Plan(self.solver, self.options, self.prologue, self.compiled,

@@ -26,7 +26,14 @@ representation V = F - U, as D and E).
 Each form is kept in two representations at once, one per history kind of the plan (plan.py):
 "D", where a model output is the symbol D_k, and "E", where it is F_k - E_k with E_k the
 (scaled) noise prediction, so that noise-prediction solvers' histories (x - D) / sigma come out
-as single E symbols.
+as single E symbols. The two never mix: each is the same trace alone. So when both are still
+kept after JOINT_CALLS calls (a representation that loses is dropped within the first few), one
+is left for later (`later`: the history kind the Sampler expects to lose, "E" unless told) and
+the other traced on alone: the Sampler lowers its second history kind only until it proves no
+narrower, usually within a step, and `Trace.ensure` traces the rest of the one left (the
+reference run again, that one alone) only when a plan reads past the prefix. The result is
+the joint trace's, whichever way it is built: the pruning below sees the same widths (those of
+the one traced on, recorded on the first run).
 
 Noise is traced two ways:
   - "calls": one symbol per noise draw of the reference (its values come from a noise_sampler
@@ -39,7 +46,10 @@ Noise is traced two ways:
 from __future__ import annotations
 
 import bisect
+import functools
 import inspect
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -71,6 +81,9 @@ DOMINATED = 1
 _DROP = 1e-13  # relative size below which an elimination's round-off residue is dropped
 _PIVOT = 1e-3  # a pivot's coefficient is at least this fraction of the largest state one
 REPS = ("D", "E")
+# Model calls traced in both representations before one is left for later (module docstring):
+# a representation that loses to the other is dropped by the 12th call in every solver here.
+JOINT_CALLS = 24
 
 
 @dataclass
@@ -103,6 +116,9 @@ class Trace:
     final: tuple[dict, dict] | None = None
     noise_mode: str = "calls"
     dead: list = field(default_factory=lambda: [None, None])  # per rep: first unreadable stage
+    # the representation left for later (module docstring) and what traces the rest of it
+    later: int | None = None
+    resume: Callable[[Trace], None] | None = field(default=None, repr=False, compare=False)
 
     @property
     def nonzeros(self) -> int:
@@ -110,6 +126,12 @@ class Trace:
         count = sum(len(f) for r in range(2) for f in self.inputs[r])
         count += sum(len(p[1]) for r in range(2) for p in self.pivots[r] if p is not None)
         return count + sum(len(f) for f in (self.final or ()))
+
+    def ensure(self, r: int, n: int) -> None:
+        """Representation r traced through the definitions of its first n model inputs (and
+        the final sample if n exceeds the calls): the rest of it if it was left for later."""
+        if r == self.later and self.resume is not None and n > len(self.inputs[r]):
+            self.resume(self)
 
 
 def readable(kind: str, m: int, k: int, history: str) -> bool:
@@ -126,13 +148,19 @@ def readable(kind: str, m: int, k: int, history: str) -> bool:
     return kind == history and k - H_WINDOW <= m <= k
 
 class _Retrace(Exception):
-    pass
+    """The representation kept failed after the other was dropped: trace again unpruned."""
+
+
+class _Rejoin(Exception):
+    """The representation traced on failed with the other left behind: trace both together
+    after all (the pruning would have needed the other's widths)."""
 
 
 class _Tracer:
     """Registers, the Gaussian elimination at model calls, and the noise symbols."""
 
-    def __init__(self, trace: Trace, prune: bool = True):
+    def __init__(self, trace: Trace, prune: bool = True, suspend_at: int | None = None,
+                 later: int = 1, shadow: tuple[int, list] | None = None):
         self.trace = trace
         self.epoch = 0  # eliminations so far; a form records the epoch it is reduced to
         self.pivots: tuple[dict, dict] = ({}, {})  # eliminated register -> its expression
@@ -140,6 +168,15 @@ class _Tracer:
         self.prune = prune  # drop a representation dominated by the other (see settle)
         self.dominated = [False, False]
         self.widest = [0, 0]  # per representation: its widest form so far
+        # the call at which representation `later` is left for later if both are still kept
+        # (None: never), and per settle the width of the other's form (None: not kept)
+        self.suspend_at, self.later, self.suspended = suspend_at, later, False
+        self.widths: list = []
+        # tracing one representation alone after a first run: (the other, its widths per
+        # settle then), for the pruning between them
+        self.shadow = shadow
+        if shadow is not None:
+            self.alive[shadow[0]] = False
         trace.inputs, trace.pivots = ([], []), ([], [])
 
     def register(self, kind: str, index: int) -> int:
@@ -210,6 +247,12 @@ class _Tracer:
             self.trace.dead[r] = k
             if self.dominated[1 - r]:
                 raise _Retrace
+            if self.suspended:
+                raise _Rejoin
+        self.widths.append(widths[1 - self.later])
+        shadow = self.shadow
+        if shadow is not None and not self.dominated[shadow[0]]:  # the other as it was
+            widths[shadow[0]] = shadow[1][k + 1]
         w0, w1 = widths
         if self.prune and w0 is not None and w1 is not None:
             widest = self.widest
@@ -255,6 +298,8 @@ class _Tracer:
         trace.e_ids.append(e)
         trace.u_ids.append(None)
         trace.v_ids.append(None)
+        if k == self.suspend_at and self.alive[0] and self.alive[1]:
+            self.alive[self.later], self.suspended = False, True  # left for later (not dead)
         states = self.settle(t, k - 1)
         for r in (0, 1):
             v = t[r]
@@ -302,8 +347,8 @@ class _BrownianPath:
         self.steps: list[dict] = []  # steps[i]: W(times[i + 1]) - W(times[i])
 
     def _normal(self, scale: float) -> dict:
-        z = self.tracer.draw(())
-        return {i: scale * c for i, c in z.t[0].items()}
+        self.tracer.draw(())
+        return {self.tracer.trace.noise[-1].index: scale}
 
     def _insert(self, t: float) -> int:
         i = bisect.bisect_left(self.times, t)
@@ -341,22 +386,79 @@ class _BrownianPath:
         return self.tracer.noise_form({k: scale * v for k, v in w.items()})
 
 
-def trace_solver(name: str, sigmas: torch.Tensor, noise_mode: str = "calls", **options) -> Trace:
-    """Runs the reference solver `name` on linear forms (see the module docstring)."""
+def trace_solver(name: str, sigmas: torch.Tensor, noise_mode: str = "calls", later: str = "E",
+                 **options) -> Trace:
+    """Runs the reference solver `name` on linear forms (see the module docstring); `later`:
+    the representation to leave for later if both are kept past JOINT_CALLS calls."""
     if name not in SOLVERS:
         raise ValueError(f"solver must be one of {sorted(SOLVERS)}, got {name!r}")
     if noise_mode not in ("calls", "brownian"):
         raise ValueError(f"noise_mode must be 'calls' or 'brownian', got {noise_mode!r}")
+    if later not in REPS:
+        raise ValueError(f"later must be 'D' or 'E', got {later!r}")
+    sigmas = sigmas.to(_F64).cpu().clone()
     try:
-        return _run(name, sigmas, noise_mode, options, prune=True)
+        try:
+            return _lazy(name, sigmas, noise_mode, options, REPS.index(later))
+        except _Rejoin:  # the one traced on failed with the other left behind: both together
+            return _traced(_Tracer(Trace(name, noise_mode=noise_mode)), sigmas, options)
     except _Retrace:  # the representation kept failed after the other was dropped
-        return _run(name, sigmas, noise_mode, options, prune=False)
+        return _traced(_Tracer(Trace(name, noise_mode=noise_mode), prune=False), sigmas, options)
 
 
-def _run(name: str, sigmas: torch.Tensor, noise_mode: str, options: dict, prune: bool) -> Trace:
+def _lazy(name: str, sigmas: torch.Tensor, noise_mode: str, options: dict, later: int) -> Trace:
+    """The trace with representation `later` left for later after JOINT_CALLS calls if both
+    are still kept."""
+    tracer = _Tracer(Trace(name, noise_mode=noise_mode), suspend_at=JOINT_CALLS, later=later)
+    trace = _traced(tracer, sigmas, options)
+    if not tracer.suspended:
+        return trace
+    del trace.inputs[later][JOINT_CALLS:], trace.pivots[later][JOINT_CALLS:]  # (not traced)
+    # (a partial, not a closure over the trace: no reference cycle for the collector)
+    trace.later = later
+    trace.resume = functools.partial(_resume, sigmas=sigmas, options=options,
+                                     widths=tracer.widths, lock=threading.Lock())
+    # The one traced on can still be dominated after the prefix unless each later width is
+    # within DOMINATED of the other's widest in the prefix (which only grows): otherwise
+    # decide it now, before any plan of its kind is built.
+    if max(tracer.widths[JOINT_CALLS:]) > tracer.widest[later] + DOMINATED:
+        trace.ensure(later, len(trace.f_ids) + 1)
+    return trace
+
+
+def _resume(trace: Trace, sigmas: torch.Tensor, options: dict, widths: list,
+            lock: threading.Lock) -> None:
+    """The rest of the representation left for later: the reference run again, that one
+    alone, pruned against the other's widths as a joint trace would be."""
+    with lock:
+        if trace.resume is None:  # another thread did it
+            return
+        r, kept = trace.later, 1 - trace.later
+        rerun = _Tracer(Trace(trace.solver, noise_mode=trace.noise_mode), shadow=(kept, widths))
+        try:
+            _traced(rerun, sigmas, options)
+        except _Retrace:  # it failed after dominating the other: as unpruned, the other stands
+            pass
+        else:
+            if rerun.dominated[kept]:  # (only when the check in _lazy could not rule it out)
+                trace.dead[kept] = rerun.trace.dead[kept]
+        part = rerun.trace
+        if part.registers != trace.registers[:len(part.registers)]:
+            raise RuntimeError(f"{trace.solver}: the reference traced differently run again")
+        done = len(trace.inputs[r])
+        trace.inputs[r].extend(part.inputs[r][done:])
+        trace.pivots[r].extend(part.pivots[r][done:])
+        final = list(trace.final)
+        final[r] = part.final[r] if part.final else {}
+        trace.final = tuple(final)
+        trace.dead[r] = part.dead[r]
+        trace.resume = None
+
+
+def _traced(tracer: _Tracer, sigmas: torch.Tensor, options: dict) -> Trace:
+    trace = tracer.trace
+    name, noise_mode = trace.solver, trace.noise_mode
     info = SOLVERS[name]
-    trace = Trace(solver=name, noise_mode=noise_mode)
-    tracer = _Tracer(trace, prune)
 
     def model(x, sigma, **kwargs):
         if not isinstance(x, Form):
@@ -384,7 +486,7 @@ def _run(name: str, sigmas: torch.Tensor, noise_mode: str, options: dict, prune:
     # of its cost; the same kernels, so the same values), its schedule an inference tensor too.
     try:
         with torch.inference_mode():
-            out = info.fn(model, x, sigmas.to(_F64).cpu().clone(), **kwargs)
+            out = info.fn(model, x, sigmas.clone(), **kwargs)
     finally:  # the two closures' reference cycle would keep the tracer for the cyclic collector
         del model.denoise_with_uncond
     if not isinstance(out, Form):
