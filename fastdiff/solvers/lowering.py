@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from dataclasses import dataclass
-from itertools import chain
+from itertools import chain, repeat
 
 import torch
 
@@ -69,6 +69,10 @@ def _accumulate(acc: dict[Ref, float], ref: Ref, value: float) -> None:
     acc[ref] = acc.get(ref, 0.0) + value
 
 
+# the network output's parts (one plain, two guided), built once: _expand runs per stage
+_PARTS = tuple(Ref("part", p) for p in range(MAX_INPUTS))
+
+
 def _expand(plan: Plan, terms, call: int, sc: Scalings, scale: float) -> dict[Ref, float]:
     """scale * sum(coef * ref) over kernel-readable tensors (the loop of a plan's lowering:
     attribute lookups hoisted, each branch's arithmetic as written once)."""
@@ -87,11 +91,11 @@ def _expand(plan: Plan, terms, call: int, sc: Scalings, scale: float) -> dict[Re
             if sc.c_skip[call] != 0:
                 _accumulate(acc, Ref("F", call), c * sc.c_skip[call] / sc.c_in[call])
             for p, w in enumerate(sc.weights):
-                _accumulate(acc, Ref("part", p), c * sc.c_out[call] * w)
+                _accumulate(acc, _PARTS[p], c * sc.c_out[call] * w)
         elif kind == "U":  # CFG++: the unconditional half alone
             if sc.c_skip[call] != 0:  # (without guidance, part 0 is the output: U = D)
                 _accumulate(acc, Ref("F", call), c * sc.c_skip[call] / sc.c_in[call])
-            _accumulate(acc, Ref("part", 0), c * sc.c_out[call])
+            _accumulate(acc, _PARTS[0], c * sc.c_out[call])
         elif kind == "V":  # V_k = F_k - U_k of this call
             for r, v in _expand(plan, [(Ref("F", call), 1.0), (Ref("U", call), -1.0)], call,
                                 sc, c).items():
@@ -102,7 +106,9 @@ def _expand(plan: Plan, terms, call: int, sc: Scalings, scale: float) -> dict[Re
                 _accumulate(acc, r, v)
         else:  # x_T or a noise draw whose index is the call's
             acc[ref] = get(ref, 0.0) + c
-    return {r: c for r, c in acc.items() if c != 0.0}
+    if 0.0 in acc.values():  # (== 0.0: -0.0 too) most stages have no zero: no second dict
+        return {r: c for r, c in acc.items() if c != 0.0}
+    return acc
 
 
 class NotNarrower(Exception):
@@ -119,6 +125,7 @@ def lower(plan: Plan | PlanBuilder, sc: Scalings, in_kernel_noise: bool = False,
     more: the Sampler keeps another plan unless this one's widest launch is narrower, and
     stopping there halves its lowering work (issue 14)."""
     launches: list[Launch] = []
+    zeros = repeat(0.0)  # the default of combo.get per column (add's table rows)
     rows: dict[tuple[int, int], list[list[list[float]]]] = {}
 
     def add(outputs: tuple[str, ...], combos: list[dict[Ref, float]], call: int) -> None:
@@ -131,7 +138,7 @@ def lower(plan: Plan | PlanBuilder, sc: Scalings, in_kernel_noise: bool = False,
             refs = tuple(dict.fromkeys(chain.from_iterable(combos)) if len(combos) > 1
                          else combos[0])
         noise = tuple([r for r in refs if r[0] == "z"]) if in_kernel_noise else ()
-        tensors = tuple(r for r in refs if r not in noise) if noise else refs
+        tensors = tuple([r for r in refs if r[0] != "z"]) if noise else refs
         if len(tensors) > MAX_INPUTS and not clipped:
             combos = split(combos, tensors, call)
             refs = tuple(dict.fromkeys(r for combo in combos for r in combo))
@@ -143,11 +150,14 @@ def lower(plan: Plan | PlanBuilder, sc: Scalings, in_kernel_noise: bool = False,
         if narrower_than is not None and len(tensors) >= narrower_than:
             raise NotNarrower
         arity = (len(outputs), len(tensors) + len(noise), clipped)
-        table = rows.setdefault(arity, [])
+        table = rows.get(arity)
+        if table is None:
+            table = rows[arity] = []
         launches.append(Launch(tensors, outputs, len(table), call,
                                tuple([r[1] for r in noise]) if noise else (), clipped))
         columns = tensors + noise + ((Ref("y", call),) if clipped else ())
-        table.append([[combo.get(r, 0.0) for r in columns] for combo in combos])
+        # a combination's coefficient per column, 0.0 where it does not read that column
+        table.append([list(map(combo.get, columns, zeros)) for combo in combos])
 
     def split(combos: list[dict[Ref, float]], tensors: tuple[Ref, ...], call: int
               ) -> list[dict[Ref, float]]:

@@ -177,6 +177,7 @@ class _Compiler:
 
 
 _ORDER = {"x": 0, "F": 1, "E": 2, "D": 3, "V": 4, "U": 5, "z": 6}
+_RANK = 1 << 40  # above any register index (|index| < 2^39 keeps the kinds' ranks apart)
 
 
 def _register_tables(trace: Trace) -> tuple[dict, list, list]:
@@ -186,7 +187,9 @@ def _register_tables(trace: Trace) -> tuple[dict, list, list]:
     if tables is None or len(tables[1]) != len(trace.registers):
         f_call = {f: k for k, f in enumerate(trace.f_ids)}
         refs = list(map(Ref._make, trace.registers))
-        order = [(_ORDER[kind], -m if kind == "F" else m) for kind, m in trace.registers]
+        # one int per register (kind's rank, then index), not a tuple: refs() sorts every
+        # stage by it, and ints compare without a tuple's element-wise comparison
+        order = [_ORDER[kind] * _RANK + (-m if kind == "F" else m) for kind, m in trace.registers]
         tables = trace._register_tables = (f_call, refs, order)
     return tables
 
