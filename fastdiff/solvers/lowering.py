@@ -192,17 +192,20 @@ def lower(plan: Plan | PlanBuilder, sc: Scalings, in_kernel_noise: bool = False,
         first = _expand(plan, plan.prologue, -1, sc, sc.c_in[0])
         if first != {Ref("x"): 1.0}:  # F[0] is not simply the user's noise
             add(("F",), [first], -1)
+        # A later stage reads this call's history entry: write it, unless it is the plain
+        # model's own output (history D of a denoiser model). (The sets fill in place as a
+        # PlanBuilder compiles: read once here, not per stage.)
+        writes = not (sc.plain and plan.history_kind == "D")
+        history, uncond_history = (plan.history, plan.uncond_history) if writes else ((), ())
         for stage in plan.stages:
             k = stage.call
             scale = 1.0 if stage.target == "out" else sc.c_in[k + 1]
             combos = [_expand(plan, stage.terms, k, sc, scale)]
             outputs = (stage.target,)
-            # A later stage reads this call's history entry: write it, unless it is the plain
-            # model's own output (history D of a denoiser model).
-            if k in plan.history and not (sc.plain and plan.history_kind == "D"):
+            if k in history:
                 combos.append(_expand(plan, [(Ref(plan.history_kind, k), 1.0)], k, sc, 1.0))
                 outputs += ("H",)
-            if k in plan.uncond_history and not (sc.plain and plan.history_kind == "D"):
+            if k in uncond_history:
                 # CFG++: U_k (or V_k = F_k - U_k with E history) kept for a later stage
                 ukind = "U" if plan.history_kind == "D" else "V"
                 combos.append(_expand(plan, [(Ref(ukind, k), 1.0)], k, sc, 1.0))

@@ -112,7 +112,7 @@ class _Compiler:
         self.trace, self.kind = trace, history_kind
         self.rep = 0 if history_kind == "D" else 1
         self.regs = trace.registers
-        self.f_call, self.ref, self.order = _register_tables(trace)
+        self.ref, self.order = _register_tables(trace)
         self.examined = 0  # terms looked at: the compiler's work, O(steps)
 
     def expression(self, target: dict, k: int):
@@ -124,12 +124,16 @@ class _Compiler:
         if not self.readable(form, k):
             return None
         best = form
-        f_call = self.f_call
+        # The newest F register of a readable form is the first of F_k, F_{k-1}, ... (within
+        # the window) that it holds: register ids grow with the call, and a rewrite through
+        # F_m leaves only older ones. A few dict lookups instead of a pass over the form.
+        f_ids, m, oldest = self.trace.f_ids, k, max(k - F_WINDOW, -1)
         for _ in range(F_WINDOW - 1):
-            f = max(filter(f_call.__contains__, form), default=None)
-            if f is None:
+            while m > oldest and f_ids[m] not in form:
+                m -= 1
+            if m == oldest:
                 break
-            form = _substitute(form, f, inputs[f_call[f]])
+            form = _substitute(form, f_ids[m], inputs[m])
             self.examined += len(form)
             # Older F registers only get older: once unreadable, no later rewrite is readable;
             # a rewrite that grew did not cancel, and the next one rarely makes up for it.
@@ -180,17 +184,16 @@ _ORDER = {"x": 0, "F": 1, "E": 2, "D": 3, "V": 4, "U": 5, "z": 6}
 _RANK = 1 << 40  # above any register index (|index| < 2^39 keeps the kinds' ranks apart)
 
 
-def _register_tables(trace: Trace) -> tuple[dict, list, list]:
-    """Per trace, shared by both history kinds' compilers: the call of each F register, and per
-    register its Ref and its sort key in a stage (x, F newest first, E, D, V, U, z)."""
+def _register_tables(trace: Trace) -> tuple[list, list]:
+    """Per trace, shared by both history kinds' compilers: per register its Ref and its sort
+    key in a stage (x, F newest first, E, D, V, U, z)."""
     tables = getattr(trace, "_register_tables", None)
-    if tables is None or len(tables[1]) != len(trace.registers):
-        f_call = {f: k for k, f in enumerate(trace.f_ids)}
+    if tables is None or len(tables[0]) != len(trace.registers):
         refs = list(map(Ref._make, trace.registers))
         # one int per register (kind's rank, then index), not a tuple: refs() sorts every
         # stage by it, and ints compare without a tuple's element-wise comparison
         order = [_ORDER[kind] * _RANK + (-m if kind == "F" else m) for kind, m in trace.registers]
-        tables = trace._register_tables = (f_call, refs, order)
+        tables = trace._register_tables = (refs, order)
     return tables
 
 
