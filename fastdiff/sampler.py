@@ -326,11 +326,12 @@ class Sampler:
         side = (solver, self.adapter.param, d.prediction if d is not None else None,
                 self.adapter.guidance is None, self.adapter.threshold is None)
         first = _KEPT.get(side, "D")
-        call_sigmas, plans = plans_for(solver, self.sigmas, noise_mode=mode,
-                                       later="E" if first == "D" else "D", **self.options)
+        second = "E" if first == "D" else "D"
+        call_sigmas, plans = plans_for(solver, self.sigmas, noise_mode=mode, later=second,
+                                       **self.options)
         self.scalings = self.adapter.scalings(list(call_sigmas))
         lowered, errors = [], {}
-        for kind in (first, "E" if first == "D" else "D"):
+        for kind in (first, second):
             plan = plans[kind]
             if isinstance(plan, RuntimeError):  # no plan with this history kind
                 errors[kind] = f"history {kind}: {plan}"

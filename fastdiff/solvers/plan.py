@@ -204,6 +204,11 @@ def compile_plan(trace: Trace, options: dict | None = None, history_kind: str = 
     return PlanBuilder(trace, options, history_kind).plan()
 
 
+def _no_stage(solver: str, k: int) -> RuntimeError:
+    return RuntimeError(f"{solver}: no exact stage after call {k} within the register windows"
+                        f" (F: {F_WINDOW}, history: {H_WINDOW})")
+
+
 class PlanBuilder:
     """A plan compiled on demand, stage by stage, and the same Plan once complete: the Sampler
     lowers a second history kind only until it proves no narrower than the first
@@ -217,8 +222,7 @@ class PlanBuilder:
         comp = _Compiler(trace, history_kind)
         dead = trace.dead[comp.rep]
         if dead is not None:
-            raise RuntimeError(f"{trace.solver}: no exact stage after call {dead} within the"
-                               f" register windows (F: {F_WINDOW}, history: {H_WINDOW})")
+            raise _no_stage(trace.solver, dead)
         self.trace, self.comp, self._plan = trace, comp, None
         self.solver, self.options, self.history_kind = trace.solver, dict(options or {}), \
             history_kind
@@ -240,15 +244,12 @@ class PlanBuilder:
         if n + 1 > len(inputs) and len(compiled) < self.calls:
             trace.ensure(comp.rep, n + 1)  # "E" may have been traced for a prefix only
             if trace.dead[comp.rep] is not None:
-                raise RuntimeError(f"{self.solver}: no exact stage after call"
-                                   f" {trace.dead[comp.rep]} within the register windows (F:"
-                                   f" {F_WINDOW}, history: {H_WINDOW})")
+                raise _no_stage(self.solver, trace.dead[comp.rep])
         for k in range(len(compiled), min(n, self.calls)):
             last = k == self.calls - 1
             terms = comp.expression(trace.final[comp.rep] if last else inputs[k + 1], k)
             if terms is None:
-                raise RuntimeError(f"{self.solver}: no exact stage after call {k} within the"
-                                   f" register windows (F: {F_WINDOW}, history: {H_WINDOW})")
+                raise _no_stage(self.solver, k)
             compiled.append(Stage(k, self.trace.sigmas[k], "out" if last else "F", terms))
             for (rk, m), _ in terms:
                 if m != k:
